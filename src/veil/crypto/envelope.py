@@ -1,0 +1,137 @@
+"""Request and response envelopes (protocol `docs/protocol.md#envelopes`).
+
+The AAD binds version, model id, user id, request id and direction, so a ciphertext cannot be
+moved to another model, user or request, nor a response replayed as a request. Responses use a key
+derived from the request key and the request id, so the two directions never share a key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from veil.crypto import aead
+from veil.crypto.encoding import b64d, b64e, canonical_json
+from veil.crypto.errors import MalformedError
+from veil.crypto.kdf import derive_key
+from veil.crypto.keys import SymmetricKey
+
+VERSION = 1
+RESPONSE_LABEL = b"veil response"
+Direction = Literal["request", "response"]
+_REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+_IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_FIELDS = {"v", "model", "user", "request_id", "direction", "ct"}
+
+
+def new_request_id() -> str:
+    """128 random bits as 32 hex characters."""
+    return os.urandom(16).hex()
+
+
+def check_identifier(value: object, field: str) -> str:
+    """Model and principal ids: 1-128 characters of [A-Za-z0-9._:-], starting alphanumeric."""
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise MalformedError(field, "must be 1-128 characters of A-Z a-z 0-9 . _ : - ")
+    return value
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One encrypted message. `ct` is nonce ‖ AES-GCM ciphertext ‖ tag."""
+
+    model: str
+    user: str
+    request_id: str
+    direction: Direction
+    ct: bytes
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "model": self.model,
+            "user": self.user,
+            "request_id": self.request_id,
+            "direction": self.direction,
+        }
+
+    def aad(self) -> bytes:
+        return canonical_json(self.header())
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.header(), "ct": b64e(self.ct)}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Envelope:
+        """Parse and validate the wire form; every error names its field."""
+        if not isinstance(obj, dict):
+            raise MalformedError("envelope", "must be a JSON object")
+        missing = _FIELDS - obj.keys()
+        if missing:
+            raise MalformedError("envelope", f"missing fields {sorted(missing)}")
+        extra = obj.keys() - _FIELDS
+        if extra:
+            raise MalformedError("envelope", f"unknown fields {sorted(extra)}")
+        if obj["v"] != VERSION:
+            raise MalformedError("v", f"unsupported version {obj['v']!r}, expected {VERSION}")
+        if obj["direction"] not in ("request", "response"):
+            raise MalformedError("direction", "must be 'request' or 'response'")
+        request_id = obj["request_id"]
+        if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+            raise MalformedError("request_id", "must be 32 lowercase hex characters")
+        return cls(
+            model=check_identifier(obj["model"], "model"),
+            user=check_identifier(obj["user"], "user"),
+            request_id=request_id,
+            direction=obj["direction"],
+            ct=b64d(obj["ct"], "ct"),
+        )
+
+
+def response_key(request_key: SymmetricKey, request_id: str) -> SymmetricKey:
+    """HKDF(request key, "veil response", request id): a per-request key for the answer."""
+    return derive_key(request_key, RESPONSE_LABEL, request_id.encode())
+
+
+def _key_for(request_key: SymmetricKey, direction: Direction, request_id: str) -> SymmetricKey:
+    return request_key if direction == "request" else response_key(request_key, request_id)
+
+
+def seal(
+    request_key: SymmetricKey,
+    plaintext: bytes,
+    *,
+    model: str,
+    user: str,
+    request_id: str,
+    direction: Direction,
+) -> Envelope:
+    """Encrypt `plaintext` into an envelope for `direction` of request `request_id`."""
+    header = Envelope(model, user, request_id, direction, b"")
+    Envelope.from_json({**header.header(), "ct": ""})  # validate ids before encrypting
+    key = _key_for(request_key, direction, request_id)
+    return Envelope(model, user, request_id, direction, aead.encrypt(key, plaintext, header.aad()))
+
+
+def open_envelope(
+    request_key: SymmetricKey,
+    envelope: Envelope,
+    *,
+    model: str,
+    user: str,
+    direction: Direction,
+    request_id: str | None = None,
+) -> bytes:
+    """Decrypt an envelope after checking it is for the expected model, user and direction.
+
+    The header is also authenticated as AAD, so a forged header fails even if these checks pass.
+    """
+    for field, want in (("model", model), ("user", user), ("direction", direction)):
+        if getattr(envelope, field) != want:
+            raise MalformedError(field, f"envelope is for {getattr(envelope, field)!r}, expected {want!r}")
+    if request_id is not None and envelope.request_id != request_id:
+        raise MalformedError("request_id", "envelope answers a different request")
+    key = _key_for(request_key, direction, envelope.request_id)
+    return aead.decrypt(key, envelope.ct, envelope.aad())

@@ -1,0 +1,127 @@
+"""Principal identities: Ed25519 keys; a principal's id is hex SHA-256 of its raw public key.
+
+Every call to the KeyService is signed over method, path, body hash, timestamp and nonce
+(`docs/protocol.md#signed-requests`). SeSeMI sent a 16-byte shared secret in the clear instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from veil.crypto.encoding import b64d, b64e
+from veil.crypto.errors import IntegrityError, MalformedError
+
+SIGNING_CONTEXT = b"veil-request-v1"
+HEADER_PRINCIPAL = "x-veil-principal"
+HEADER_TIMESTAMP = "x-veil-timestamp"
+HEADER_NONCE = "x-veil-nonce"
+HEADER_SIGNATURE = "x-veil-signature"
+
+
+def principal_id(public_key: bytes) -> str:
+    """The id every party uses for a principal: hex SHA-256 of the raw Ed25519 public key."""
+    return hashlib.sha256(public_key).hexdigest()
+
+
+def signing_payload(method: str, path: str, body: bytes, timestamp: int, nonce: str) -> bytes:
+    """The exact bytes a request signature covers."""
+    return b"\n".join(
+        [
+            SIGNING_CONTEXT,
+            method.upper().encode(),
+            path.encode(),
+            hashlib.sha256(body).hexdigest().encode(),
+            str(timestamp).encode(),
+            nonce.encode(),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class SignedHeaders:
+    principal: str
+    timestamp: int
+    nonce: str
+    signature: bytes
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            HEADER_PRINCIPAL: self.principal,
+            HEADER_TIMESTAMP: str(self.timestamp),
+            HEADER_NONCE: self.nonce,
+            HEADER_SIGNATURE: b64e(self.signature),
+        }
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, str] | object) -> SignedHeaders:
+        get = headers.get  # type: ignore[attr-defined]
+        missing = [h for h in (HEADER_PRINCIPAL, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE) if not get(h)]
+        if missing:
+            raise MalformedError("headers", f"missing {', '.join(missing)}")
+        try:
+            timestamp = int(get(HEADER_TIMESTAMP))
+        except ValueError:
+            raise MalformedError(HEADER_TIMESTAMP, "must be an integer (Unix seconds)") from None
+        nonce = get(HEADER_NONCE)
+        if not 16 <= len(nonce) <= 64 or not all(c in "0123456789abcdef" for c in nonce):
+            raise MalformedError(HEADER_NONCE, "must be 16-64 lowercase hex characters")
+        return cls(get(HEADER_PRINCIPAL), timestamp, nonce, b64d(get(HEADER_SIGNATURE), HEADER_SIGNATURE))
+
+
+class Identity:
+    """A principal's private signing key. Never printed; saved only by `to_private_bytes`."""
+
+    __slots__ = ("_key", "public_key", "id")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public_key: bytes = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.id: str = principal_id(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> Identity:
+        if len(raw) != 32:
+            raise MalformedError("identity", "Ed25519 private key must be 32 bytes")
+        return cls(Ed25519PrivateKey.from_private_bytes(raw))
+
+    def to_private_bytes(self) -> bytes:
+        return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    def sign_request(
+        self, method: str, path: str, body: bytes, *, timestamp: int | None = None, nonce: str | None = None
+    ) -> SignedHeaders:
+        """Headers that authenticate one HTTP request; a fresh nonce each time."""
+        ts = int(time.time()) if timestamp is None else timestamp
+        nonce = os.urandom(16).hex() if nonce is None else nonce
+        sig = self.sign(signing_payload(method, path, body, ts, nonce))
+        return SignedHeaders(self.id, ts, nonce, sig)
+
+    def __repr__(self) -> str:
+        return f"Identity(id={self.id[:16]}…)"
+
+
+def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> None:
+    """Raise IntegrityError unless `signature` is a valid Ed25519 signature of `message`."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        raise IntegrityError("signature does not verify") from None
