@@ -27,7 +27,12 @@ class Evidence:
     collateral: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"v": VERSION, "kind": self.kind, "raw": b64e(self.raw), "report_data": b64e(self.report_data)}
+        out: dict[str, Any] = {
+            "v": VERSION,
+            "kind": self.kind,
+            "raw": b64e(self.raw),
+            "report_data": b64e(self.report_data),
+        }
         if self.collateral is not None:
             out["collateral"] = b64e(self.collateral)
         return out

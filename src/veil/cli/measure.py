@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import click
 
-from veil.attest.measurement import COMPONENTS, measure as compute
+from veil.attest.measurement import COMPONENTS
+from veil.attest.measurement import measure as compute
 
 
 @click.command("measure")
-@click.option("--component", type=click.Choice(sorted(COMPONENTS)), default="runtime", show_default=True,
-              help="Which trusted component to measure.")
+@click.option(
+    "--component",
+    type=click.Choice(sorted(COMPONENTS)),
+    default="runtime",
+    show_default=True,
+    help="Which trusted component to measure.",
+)
 def measure(component: str) -> None:
     """Print the measurement (hex SHA-256 over code and pinned dependency versions).
 

@@ -25,8 +25,6 @@ def decrypt(key: SymmetricKey, sealed: bytes, associated_data: bytes) -> bytes:
     if len(sealed) < NONCE_BYTES + TAG_BYTES:
         raise MalformedError("ciphertext", "shorter than nonce and tag")
     try:
-        return AESGCM(key.material()).decrypt(
-            sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated_data
-        )
+        return AESGCM(key.material()).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated_data)
     except InvalidTag:
         raise IntegrityError("authentication failed (wrong key, tampered data or AAD)") from None

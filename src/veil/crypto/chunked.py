@@ -39,9 +39,7 @@ def seal_stream(
     """Encrypt `source` into `sink` chunk by chunk; returns the number of bytes written."""
     if not 1 <= chunk_size <= 64 << 20:
         raise MalformedError("chunk_size", "must be between 1 byte and 64 MiB")
-    header = canonical_json(
-        {"v": VERSION, "model": model, "file_id": os.urandom(16).hex(), "chunk_size": chunk_size}
-    )
+    header = canonical_json({"v": VERSION, "model": model, "file_id": os.urandom(16).hex(), "chunk_size": chunk_size})
     header_hash = hashlib.sha256(header).digest()
     written = sink.write(MAGIC + struct.pack(">I", len(header)) + header)
     index = 0

@@ -30,9 +30,7 @@ class SymmetricKey:
         return self._material
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SymmetricKey) and hmac.compare_digest(
-            self._material, other._material
-        )
+        return isinstance(other, SymmetricKey) and hmac.compare_digest(self._material, other._material)
 
     def __hash__(self) -> int:
         return hash(("SymmetricKey", self._material[:8]))

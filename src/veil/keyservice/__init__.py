@@ -1,0 +1,1 @@
+"""The KeyService: principals, sealed keys, access policy, attestation of runtimes, key release."""

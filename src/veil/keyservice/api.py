@@ -1,0 +1,123 @@
+"""The KeyService HTTP API (FastAPI). Thin: parse, authenticate, call `KeyService`, answer JSON."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+
+from veil.attest.evidence import Evidence
+from veil.crypto.encoding import b64d, b64e
+from veil.crypto.envelope import check_identifier
+from veil.errors import BadRequest
+from veil.http import install_error_handlers, parse_json_object, read_body
+from veil.keyservice import wire
+from veil.keyservice.service import KeyService, _check_measurements, decode_field
+
+
+def _version(obj: dict) -> None:
+    if obj.get("v") != wire.VERSION:
+        raise BadRequest(f"v: unsupported version {obj.get('v')!r}, expected {wire.VERSION}", code="malformed")
+
+
+def create_app(ks: KeyService) -> FastAPI:
+    """The ASGI app serving `ks`. Every error is `{"error": {"code", "message"}}`."""
+    app = FastAPI(title="Veil KeyService", version="1")
+    install_error_handlers(app)
+
+    async def signed(request: Request, *, registering_key: bytes | None = None) -> tuple[str, dict]:
+        body = await read_body(request, wire.MAX_BODY)
+        obj = parse_json_object(body) if body else {}
+        if obj:
+            _version(obj)
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        caller = ks.authenticate(request.method, path, body, request.headers, registering_key=registering_key)
+        return caller, obj
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/evidence")
+    async def evidence(nonce: str) -> dict:
+        return ks.evidence(b64d(nonce, "nonce"))
+
+    @app.post("/v1/principals")
+    async def register(request: Request) -> dict:
+        body = await read_body(request, wire.MAX_BODY)
+        obj = parse_json_object(body)
+        _version(obj)
+        public_key = decode_field(obj, "public_key")
+        if len(public_key) != 32:
+            raise BadRequest("public_key: Ed25519 public key must be 32 bytes", code="malformed")
+        path = request.url.path
+        caller = ks.authenticate(request.method, path, body, request.headers, registering_key=public_key)
+        created = ks.register(caller, public_key)
+        return {"v": wire.VERSION, "id": caller, "created": created}
+
+    @app.put("/v1/models/{model}/key")
+    async def put_model_key(model: str, request: Request) -> dict:
+        check_identifier(model, "model")
+        caller, obj = await signed(request)
+        measurements = _check_measurements(obj["measurements"]) if "measurements" in obj else None
+        ks.put_model_key(caller, model, decode_field(obj, "sealed_model_key"), measurements)
+        return {"v": wire.VERSION, "model": model, "owner": caller}
+
+    @app.put("/v1/models/{model}/measurements")
+    async def put_measurements(model: str, request: Request) -> dict:
+        caller, obj = await signed(request)
+        ks.set_model_measurements(caller, model, _check_measurements(obj.get("measurements")))
+        return {"v": wire.VERSION, "model": model}
+
+    @app.put("/v1/models/{model}/grants/{user}")
+    async def grant(model: str, user: str, request: Request) -> dict:
+        caller, _ = await signed(request)
+        ks.set_grant(caller, model, check_identifier(user, "user"), True)
+        return {"v": wire.VERSION, "model": model, "user": user, "granted": True}
+
+    @app.delete("/v1/models/{model}/grants/{user}")
+    async def revoke(model: str, user: str, request: Request) -> dict:
+        caller, _ = await signed(request)
+        ks.set_grant(caller, model, check_identifier(user, "user"), False)
+        return {"v": wire.VERSION, "model": model, "user": user, "granted": False}
+
+    @app.put("/v1/models/{model}/request-key")
+    async def put_request_key(model: str, request: Request) -> dict:
+        check_identifier(model, "model")
+        caller, obj = await signed(request)
+        measurements = _check_measurements(obj.get("measurements"))
+        ks.put_request_key(caller, model, decode_field(obj, "sealed_request_key"), measurements)
+        return {"v": wire.VERSION, "model": model, "user": caller}
+
+    @app.delete("/v1/models/{model}/request-key")
+    async def delete_request_key(model: str, request: Request) -> dict:
+        caller, _ = await signed(request)
+        ks.delete_request_key(caller, model)
+        return {"v": wire.VERSION, "model": model, "deleted": True}
+
+    @app.post("/v1/attest/challenge")
+    async def challenge() -> dict:
+        return {"v": wire.VERSION, "challenge": b64e(ks.challenge())}
+
+    @app.post("/v1/attest")
+    async def attest(request: Request) -> dict:
+        obj = parse_json_object(await read_body(request, wire.MAX_BODY))
+        _version(obj)
+        token, session = ks.attest(
+            decode_field(obj, "challenge"), decode_field(obj, "public_key"), Evidence.from_json(obj.get("evidence"))
+        )
+        return {
+            "v": wire.VERSION,
+            "session": token,
+            "expires_at": session.expires,
+            "measurement": session.report.measurement,
+        }
+
+    @app.post("/v1/release")
+    async def release(request: Request) -> dict:
+        obj = parse_json_object(await read_body(request, wire.MAX_BODY))
+        _version(obj)
+        token = obj.get("session")
+        if not isinstance(token, str) or len(token) != 64:
+            raise BadRequest("session: must be the 64-character token from /v1/attest", code="malformed")
+        return ks.release(token, check_identifier(obj.get("model"), "model"), check_identifier(obj.get("user"), "user"))
+
+    return app
