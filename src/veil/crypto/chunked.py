@@ -25,6 +25,7 @@ from veil.crypto.keys import SymmetricKey
 MAGIC = b"VEILMDL1"
 VERSION = 1
 DEFAULT_CHUNK = 1 << 20
+MAX_CHUNK = 64 << 20
 MAX_HEADER = 4096
 _OVERHEAD = aead.NONCE_BYTES + aead.TAG_BYTES
 
@@ -37,7 +38,7 @@ def seal_stream(
     key: SymmetricKey, source: BinaryIO, sink: BinaryIO, *, model: str, chunk_size: int = DEFAULT_CHUNK
 ) -> int:
     """Encrypt `source` into `sink` chunk by chunk; returns the number of bytes written."""
-    if not 1 <= chunk_size <= 64 << 20:
+    if not 1 <= chunk_size <= MAX_CHUNK:
         raise MalformedError("chunk_size", "must be between 1 byte and 64 MiB")
     header = canonical_json({"v": VERSION, "model": model, "file_id": os.urandom(16).hex(), "chunk_size": chunk_size})
     header_hash = hashlib.sha256(header).digest()
@@ -80,10 +81,11 @@ def read_header(source: BinaryIO) -> dict:
         header = json.loads(raw)
     except ValueError:
         raise MalformedError("sealed_model", "header is not JSON") from None
-    if not isinstance(header, dict) or header.get("v") != VERSION:
+    if not isinstance(header, dict) or type(header.get("v")) is not int or header["v"] != VERSION:
         raise MalformedError("sealed_model", "unsupported header version")
-    if not isinstance(header.get("chunk_size"), int) or header["chunk_size"] < 1:
-        raise MalformedError("sealed_model", "bad chunk_size")
+    # The header is authenticated only when the first chunk opens, so bound what it may ask us to read.
+    if type(header.get("chunk_size")) is not int or not 1 <= header["chunk_size"] <= MAX_CHUNK:
+        raise MalformedError("sealed_model", f"chunk_size must be an integer in 1..{MAX_CHUNK}")
     header["_hash"] = hashlib.sha256(raw).digest()
     return header
 

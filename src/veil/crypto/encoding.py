@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Any
 
 from veil.crypto.errors import MalformedError
+
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}\Z")
 
 
 def b64e(data: bytes) -> str:
@@ -16,16 +19,25 @@ def b64e(data: bytes) -> str:
 
 
 def b64d(text: object, field: str = "value") -> bytes:
-    """Decode unpadded (or padded) base64url, naming `field` in the error when it is not."""
+    """Decode canonical base64url (unpadded, or correctly padded), naming `field` in any error.
+
+    Strict on purpose: Python's decoder silently skips foreign characters and accepts non-zero
+    trailing bits, which would give one value several encodings (malleable signatures and MACs).
+    """
     if not isinstance(text, str):
         raise MalformedError(field, "expected a base64url string")
-    if any(c in text for c in "+/ \n\r\t"):
-        raise MalformedError(field, "not base64url (found characters outside the alphabet)")
-    padded = text + "=" * (-len(text) % 4)
+    if not _B64URL.match(text):
+        raise MalformedError(field, "not base64url (only A-Z a-z 0-9 - _ and trailing '=' padding allowed)")
+    stripped = text.rstrip("=")
+    if len(stripped) % 4 == 1 or (stripped != text and len(text) % 4):
+        raise MalformedError(field, "not valid base64url (impossible length or padding)")
     try:
-        return base64.urlsafe_b64decode(padded.encode("ascii"))
-    except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+        data = base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    except (binascii.Error, ValueError) as exc:
         raise MalformedError(field, f"not valid base64url ({exc})") from None
+    if b64e(data) != stripped:
+        raise MalformedError(field, "not canonical base64url (non-zero trailing bits)")
+    return data
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -74,7 +74,7 @@ class Envelope:
         extra = obj.keys() - _FIELDS
         if extra:
             raise MalformedError("envelope", f"unknown fields {sorted(extra)}")
-        if obj["v"] != VERSION:
+        if type(obj["v"]) is not int or obj["v"] != VERSION:
             raise MalformedError("v", f"unsupported version {obj['v']!r}, expected {VERSION}")
         if obj["direction"] not in ("request", "response"):
             raise MalformedError("direction", "must be 'request' or 'response'")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ HEADER_PRINCIPAL = "x-veil-principal"
 HEADER_TIMESTAMP = "x-veil-timestamp"
 HEADER_NONCE = "x-veil-nonce"
 HEADER_SIGNATURE = "x-veil-signature"
+_TIMESTAMP = re.compile(r"^[0-9]{1,12}\Z")
 
 
 def principal_id(public_key: bytes) -> str:
@@ -70,10 +72,10 @@ class SignedHeaders:
         missing = [h for h in (HEADER_PRINCIPAL, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE) if not get(h)]
         if missing:
             raise MalformedError("headers", f"missing {', '.join(missing)}")
-        try:
-            timestamp = int(get(HEADER_TIMESTAMP))
-        except ValueError:
-            raise MalformedError(HEADER_TIMESTAMP, "must be an integer (Unix seconds)") from None
+        raw_ts = get(HEADER_TIMESTAMP)
+        if not _TIMESTAMP.match(raw_ts):
+            raise MalformedError(HEADER_TIMESTAMP, "must be a decimal integer (Unix seconds)")
+        timestamp = int(raw_ts)
         nonce = get(HEADER_NONCE)
         if not 16 <= len(nonce) <= 64 or not all(c in "0123456789abcdef" for c in nonce):
             raise MalformedError(HEADER_NONCE, "must be 16-64 lowercase hex characters")

@@ -14,7 +14,7 @@ from veil.keyservice.service import KeyService, _check_measurements, decode_fiel
 
 
 def _version(obj: dict) -> None:
-    if obj.get("v") != wire.VERSION:
+    if type(obj.get("v")) is not int or obj["v"] != wire.VERSION:
         raise BadRequest(f"v: unsupported version {obj.get('v')!r}, expected {wire.VERSION}", code="malformed")
 
 
@@ -63,18 +63,21 @@ def create_app(ks: KeyService) -> FastAPI:
 
     @app.put("/v1/models/{model}/measurements")
     async def put_measurements(model: str, request: Request) -> dict:
+        check_identifier(model, "model")
         caller, obj = await signed(request)
         ks.set_model_measurements(caller, model, _check_measurements(obj.get("measurements")))
         return {"v": wire.VERSION, "model": model}
 
     @app.put("/v1/models/{model}/grants/{user}")
     async def grant(model: str, user: str, request: Request) -> dict:
+        check_identifier(model, "model")
         caller, _ = await signed(request)
         ks.set_grant(caller, model, check_identifier(user, "user"), True)
         return {"v": wire.VERSION, "model": model, "user": user, "granted": True}
 
     @app.delete("/v1/models/{model}/grants/{user}")
     async def revoke(model: str, user: str, request: Request) -> dict:
+        check_identifier(model, "model")
         caller, _ = await signed(request)
         ks.set_grant(caller, model, check_identifier(user, "user"), False)
         return {"v": wire.VERSION, "model": model, "user": user, "granted": False}
@@ -89,6 +92,7 @@ def create_app(ks: KeyService) -> FastAPI:
 
     @app.delete("/v1/models/{model}/request-key")
     async def delete_request_key(model: str, request: Request) -> dict:
+        check_identifier(model, "model")
         caller, _ = await signed(request)
         ks.delete_request_key(caller, model)
         return {"v": wire.VERSION, "model": model, "deleted": True}

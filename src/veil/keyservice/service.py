@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from veil.attest.errors import AttestationError
+from veil.attest.errors import AttestationError, PolicyError
 from veil.attest.evidence import Evidence, VerifiedReport
 from veil.attest.providers import EvidenceProvider
 from veil.attest.validate import Policy, validate
@@ -25,7 +25,7 @@ from veil.crypto.encoding import b64d, b64e
 from veil.crypto.envelope import check_identifier
 from veil.crypto.errors import CryptoError, MalformedError
 from veil.crypto.identity import SignedHeaders, principal_id, signing_payload, verify_signature
-from veil.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from veil.errors import BadRequest, Busy, Forbidden, NotFound, Unauthorized
 from veil.keyservice import wire
 from veil.keyservice.policy import ReleaseFacts, release_refusal
 from veil.keyservice.store import Store
@@ -153,7 +153,10 @@ class KeyService:
             self._owned_model(caller, model_id)
         key = self._open_upload(sealed_key, wire.INFO_MODEL_KEY_UPLOAD, model_id, caller, "sealed_model_key")
         with self.store.transaction() as db:
-            self.store.put_model_key(db, model_id, caller, key)
+            # Re-checked inside the write transaction: two principals racing to create the same model
+            # id must not let the second overwrite the first's key.
+            if not self.store.put_model_key(db, model_id, caller, key):
+                raise Forbidden(f"only the owner of model {model_id!r} may change it", code="not_owner")
             if measurements is not None:
                 self.store.set_model_measurements(db, model_id, measurements)
             self.store.append_audit(
@@ -244,7 +247,7 @@ class KeyService:
                 if exp < now:
                     del self._challenges[c]
             if len(self._challenges) > 10_000:
-                raise BadRequest("too many outstanding challenges", code="busy")
+                raise Busy("too many outstanding attestation challenges; retry shortly")
             self._challenges[value] = now + wire.CHALLENGE_TTL_S
         return value
 
@@ -257,6 +260,9 @@ class KeyService:
         if len(public_key) != hpke.PUBLIC_KEY_BYTES:
             raise BadRequest("public_key: must be a 32-byte X25519 key", code="malformed")
         try:
+            if evidence.kind == "sim" and not self.runtime_policy.allow_simulated:
+                # Say so plainly instead of "no simulation root trusted" from the verifier.
+                raise PolicyError("kind", "simulated attestation is not allowed by this KeyService", actual="sim")
             report = verify(evidence, self.trust, datetime.now(UTC))
             validate(report, self.runtime_policy, wire.runtime_binding(public_key, challenge))
         except AttestationError as exc:

@@ -189,14 +189,17 @@ class Store:
             ).fetchone()
         return ModelRecord(row[0], row[1], bool(row[2]), json.loads(row[3])) if row else None
 
-    def put_model_key(self, db: sqlite3.Connection, model_id: str, owner_id: str, key: bytes) -> None:
+    def put_model_key(self, db: sqlite3.Connection, model_id: str, owner_id: str, key: bytes) -> bool:
+        """Create the model or replace its key; False (nothing written) if another principal owns it."""
         sealed = self._sealer.seal(f"models/{model_id}/key", key)
         now = time.time()
-        db.execute(
+        cur = db.execute(
             "INSERT INTO models (model_id, owner_id, sealed_key, created, updated) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(model_id) DO UPDATE SET sealed_key=excluded.sealed_key, updated=excluded.updated",
+            "ON CONFLICT(model_id) DO UPDATE SET sealed_key=excluded.sealed_key, updated=excluded.updated "
+            "WHERE models.owner_id=excluded.owner_id",
             (model_id, owner_id, sealed, now, now),
         )
+        return cur.rowcount == 1
 
     def set_model_measurements(self, db: sqlite3.Connection, model_id: str, measurements: list[str]) -> None:
         db.execute(
