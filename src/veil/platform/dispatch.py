@@ -1,0 +1,127 @@
+"""Running one activation: take a slot, POST /run, and handle crashes, timeouts and errors.
+
+The /run body carries the per-activation fields OpenWhisk's invoker sends
+(`activation_id`, `deadline` as epoch milliseconds in a string, `action_name`, `namespace`,
+`transaction_id`), next to `value`; an action proxy exports them as `__OW_*` for the call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from veil.platform.errors import ActionError, PlatformError
+from veil.platform.instance import InstanceGone
+from veil.platform.pool import FunctionPool, Lease
+
+
+def encode_activation(pool: FunctionPool, value: dict, deadline: float) -> bytes:
+    """The OpenWhisk /run body for `value`, with a fresh activation id."""
+    spec = pool.spec
+    remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
+    body = {
+        "value": value,
+        "activation_id": uuid.uuid4().hex,
+        "transaction_id": uuid.uuid4().hex,
+        "action_name": f"/{spec.namespace}/{spec.name}",
+        "action_version": "0.0.1",
+        "namespace": spec.namespace,
+        "deadline": str(int(time.time() * 1000 + remaining_ms)),
+    }
+    try:
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise PlatformError(
+            "bad_request",
+            f"function {spec.name!r}: the value is not JSON-serialisable: {e}",
+            status=400,
+        ) from None
+
+
+def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | None = None) -> dict[str, Any]:
+    """Run `value` on the function (or on one instance) within `timeout` seconds.
+
+    Auto-routed invokes retry once after a crash (on a replacement or another instance);
+    invokes aimed at one instance do not, since the caller chose that instance.
+    """
+    if not isinstance(value, dict):
+        raise PlatformError("bad_request", f"function {pool.name!r}: value must be a JSON object", status=400)
+    arrival = time.monotonic()
+    deadline = arrival + timeout
+    encode_activation(pool, value, deadline)  # fail fast on bad values, before taking a slot
+    queued_s = 0.0
+    first: tuple[Lease, InstanceGone] | None = None
+    while True:
+        t_wait = time.monotonic()
+        try:
+            lease = pool.acquire(deadline) if instance_id is None else pool.acquire_on(instance_id, deadline)
+        except PlatformError as e:
+            pool.metrics.request_done(cold=False, queue_s=time.monotonic() - arrival, exec_s=None, outcome=e.code)
+            if first is not None and e.code == "timeout":
+                e.message += f" (after instance {first[0].instance.id} {first[1].reason})"
+                e.args = (e.message,)
+            raise
+        queued_s += time.monotonic() - t_wait
+        t_run = time.monotonic()
+        remaining = deadline - t_run
+        try:
+            if remaining <= 0:
+                raise httpx.ReadTimeout("deadline passed before dispatch")
+            result = lease.instance.run(encode_activation(pool, value, deadline), remaining)
+        except InstanceGone as gone:
+            crashed = pool.instance_gone(lease, gone)
+            if instance_id is None and first is None:
+                first = (lease, gone)
+                pool.metrics.retried()
+                continue
+            err = _crash_error(pool, lease, gone, first, crashed, targeted=instance_id is not None)
+            pool.metrics.request_done(cold=lease.cold, queue_s=queued_s, exec_s=None, outcome=err.code)
+            raise err from None
+        except httpx.TimeoutException:
+            pool.release(lease, served=False)
+            pool.metrics.request_done(cold=lease.cold, queue_s=queued_s, exec_s=None, outcome="timeout")
+            raise PlatformError(
+                "timeout",
+                f"function {pool.name!r}: no result within {timeout:.2f} s (instance "
+                f"{lease.instance.id} was still running the request)",
+            ) from None
+        except ActionError as e:
+            exec_s = time.monotonic() - t_run
+            pool.release(lease, served=True)
+            pool.metrics.request_done(cold=lease.cold, queue_s=queued_s, exec_s=exec_s, outcome=e.code)
+            raise
+        exec_s = time.monotonic() - t_run
+        pool.release(lease, served=True)
+        pool.metrics.request_done(cold=lease.cold, queue_s=queued_s, exec_s=exec_s, outcome="ok")
+        return result
+
+
+def _crash_error(
+    pool: FunctionPool,
+    lease: Lease,
+    gone: InstanceGone,
+    first: tuple[Lease, InstanceGone] | None,
+    crashed: bool,
+    *,
+    targeted: bool,
+) -> PlatformError:
+    inst = lease.instance
+    pid = inst.proc.pid if inst.proc is not None else None
+    what = f"instance {inst.id} (pid {pid}) {gone.reason} while running the request"
+    if targeted:
+        msg = f"function {pool.name!r}: {what}; not retried (the request targeted this instance)"
+    else:
+        assert first is not None
+        f_inst, f_gone = first[0].instance, first[1]
+        msg = (
+            f"function {pool.name!r}: the request failed twice: instance {f_inst.id} "
+            f"{f_gone.reason}, and the retry on {what}. The action likely crashes on this input; "
+            f"see {f_inst.log_path} and {inst.log_path}"
+        )
+    if not crashed and gone.exit_code is None:
+        msg += " (the connection broke while the process stayed alive)"
+    return PlatformError("instance_crashed", msg)

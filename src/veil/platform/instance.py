@@ -1,0 +1,345 @@
+"""One instance: a runtime subprocess on a loopback port, spoken to with the OpenWhisk protocol.
+
+The instance knows how to spawn, initialise, run one activation and stop; it holds no
+scheduling policy. Its mutable scheduling fields (`state`, `inflight`, `last_used`, ...) are
+owned by the function pool and only changed under the pool's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from veil.platform.errors import ActionError, PlatformError
+
+log = logging.getLogger("veil.platform.instance")
+
+# Instance states. `starting`: spawned, /init not answered yet; `ready`: routable; `draining`:
+# finishing in-flight requests, no new ones (stop requested or spec re-deployed); `stopped`:
+# stopped by the platform; `dead`: exited or failed on its own.
+STARTING, READY, DRAINING, STOPPED, DEAD = "starting", "ready", "draining", "stopped", "dead"
+
+
+@dataclass
+class InstanceInfo:
+    """A snapshot of one instance, safe to hand out (no handles, JSON-safe via `to_dict`)."""
+
+    id: str
+    function: str
+    port: int
+    pid: int | None
+    inflight: int
+    started_at: float  # wall-clock epoch seconds when the spawn began
+    last_used: float  # wall-clock epoch seconds of the last finished request (or ready time)
+    state: str
+    requests: int = 0
+    keep_alive_s: float = 0.0
+    memory_mb: int = 0
+    rss_mb: float | None = None
+    log_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class InstanceGone(Exception):
+    """The instance vanished under a request: process exited or the connection broke.
+
+    `exit_code` is None when the process is still alive (the connection broke on its own).
+    """
+
+    def __init__(self, reason: str, exit_code: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
+def free_loopback_port() -> int:
+    """A port the kernel just considered free on 127.0.0.1 (the child binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mono_to_wall(mono: float) -> float:
+    return time.time() - (time.monotonic() - mono)
+
+
+class Instance:
+    """One runtime subprocess. Thread-safe for concurrent `run` calls (httpx.Client is)."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: str,
+        function: str,
+        command: list[str],
+        env: dict[str, str],
+        memory_mb: int,
+        concurrency: int,
+        generation: int,
+        log_path: Path,
+    ) -> None:
+        self.id = instance_id
+        self.function = function
+        self.command = list(command)
+        self.env = dict(env)
+        self.memory_mb = memory_mb
+        self.concurrency = concurrency
+        self.generation = generation
+        self.log_path = log_path
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client: httpx.Client | None = None
+        # Scheduling fields, guarded by the owning pool's lock.
+        self.state = STARTING
+        self.inflight = 0
+        self.requests = 0
+        self.keep_alive_s: float | None = None
+        self.started_mono = time.monotonic()
+        self.ready_mono: float | None = None
+        self.last_used_mono = self.started_mono
+        self.start_error: PlatformError | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start the process on a fresh loopback port, output to the log file (never a pipe).
+
+        A pipe nobody reads fills up (64 KiB) and blocks the child on its next write, so stdout
+        and stderr go to a file; a new session lets `terminate` kill the whole process group.
+        """
+        self.port = free_loopback_port()
+        env = {**self.env, "VEIL_PORT": str(self.port)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            try:
+                self.proc = subprocess.Popen(
+                    self.command,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as e:
+                raise PlatformError(
+                    "start_failed",
+                    f"function {self.function!r}: cannot spawn instance {self.id} "
+                    f"({self.command[0]!r}): {e.strerror or e}",
+                ) from e
+        # One keep-alive pool per instance, sized to its concurrency. Idle connections expire
+        # before a typical server's keep-alive (uvicorn: 5 s) so we rarely reuse a closed one.
+        self.client = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.port}",
+            limits=httpx.Limits(
+                max_connections=None,  # the pool bounds in-flight requests, not the client
+                max_keepalive_connections=self.concurrency + 2,
+                keepalive_expiry=2.0,
+            ),
+            timeout=httpx.Timeout(30.0),
+        )
+
+    def initialize(self, init_value: dict, deadline: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Wait until the port answers, then `POST /init` once (as OpenWhisk's invoker does).
+
+        Retries only on connection refusals (nothing was sent), so /init is delivered once.
+        `cancelled` lets the platform abandon a start (instance stopped, platform closed).
+        """
+        assert self.client is not None and self.proc is not None
+        body = json.dumps({"value": init_value}).encode()
+        delay = 0.01
+        while True:
+            if cancelled():
+                raise self._start_failure("was stopped while starting")
+            code = self.proc.poll()
+            if code is not None:
+                raise self._start_failure(f"exited with code {code} before answering /init")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._start_failure("did not answer /init within the start timeout")
+            try:
+                resp = self.client.post(
+                    "/init",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=httpx.Timeout(remaining, connect=min(remaining, 1.0)),
+                )
+            except httpx.ConnectError:
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 1.5, 0.1)
+                continue
+            except httpx.TimeoutException:
+                raise self._start_failure("did not answer /init within the start timeout") from None
+            except httpx.TransportError as e:
+                code = self.wait_exit(0.5)
+                raise self._start_failure(
+                    f"connection lost during /init ({type(e).__name__})"
+                    + (f", exited with code {code}" if code is not None else "")
+                ) from None
+            if 200 <= resp.status_code < 300:
+                return
+            raise self._start_failure(f"/init answered {resp.status_code}: {_error_text(resp)}")
+
+    def run(self, body: bytes, timeout: float) -> dict[str, Any]:
+        """POST one activation to `/run` and return the action's JSON object.
+
+        Raises ActionError for `{"error": ...}`, InstanceGone if the process or connection died,
+        and httpx.TimeoutException when no answer came within `timeout`.
+        """
+        assert self.client is not None
+        try:
+            resp = self.client.post(
+                "/run",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
+            )
+        except httpx.TimeoutException:
+            raise
+        except httpx.TransportError as e:
+            # A crash shows up as a reset or a closed connection; give the exit a moment to be
+            # observable so we can tell a crash from a broken connection.
+            code = self.wait_exit(0.5)
+            what = f"exited with code {code}" if code is not None else "connection lost"
+            raise InstanceGone(f"{what} ({type(e).__name__})", code) from None
+        return self._parse_run(resp)
+
+    def _parse_run(self, resp: httpx.Response) -> dict[str, Any]:
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and "error" in payload:
+            # OpenWhisk treats any result with an "error" field as an application error.
+            status = resp.status_code if resp.status_code >= 400 else 502
+            raise ActionError(self.function, payload["error"], status)
+        if not 200 <= resp.status_code < 300:
+            raise ActionError(
+                self.function,
+                {"code": "bad_response", "message": f"/run answered {resp.status_code} without an error object"},
+                resp.status_code if resp.status_code >= 400 else 502,
+            )
+        if not isinstance(payload, dict):
+            raise ActionError(
+                self.function,
+                {"code": "bad_response", "message": "the action did not return a JSON object"},
+                502,
+            )
+        return payload
+
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def wait_exit(self, grace: float) -> int | None:
+        """The exit code if the process ends within `grace` seconds, else None."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def terminate(self, grace: float = 2.0) -> None:
+        """Stop the process group: SIGTERM, then SIGKILL after `grace`. Idempotent."""
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5.0)
+        # Children the action left behind in its group go too.
+        _signal_group(proc, signal.SIGKILL)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _start_failure(self, why: str) -> PlatformError:
+        tail = self.log_tail()
+        if tail:
+            log.warning("instance %s of %r failed to start: %s; log tail:\n%s", self.id, self.function, why, tail)
+        return PlatformError(
+            "start_failed",
+            f"function {self.function!r}: instance {self.id} {why} (log: {self.log_path})",
+            detail=tail or None,
+        )
+
+    def log_tail(self, max_bytes: int = 2000) -> str:
+        """The end of the instance's log, for operators (never put into API messages)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - max_bytes))
+                return f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    def info(self, idle_timeout_s: float) -> InstanceInfo:
+        """Snapshot; call under the pool lock so the scheduling fields are consistent."""
+        rss = None
+        pid = self.proc.pid if self.proc is not None else None
+        if pid is not None and self.state in (STARTING, READY, DRAINING):
+            rss = _rss_mb(pid)
+        return InstanceInfo(
+            id=self.id,
+            function=self.function,
+            port=self.port,
+            pid=pid,
+            inflight=self.inflight,
+            started_at=_mono_to_wall(self.started_mono),
+            last_used=_mono_to_wall(self.last_used_mono),
+            state=self.state,
+            requests=self.requests,
+            keep_alive_s=self.keep_alive_s if self.keep_alive_s is not None else idle_timeout_s,
+            memory_mb=self.memory_mb,
+            rss_mb=rss,
+            log_path=str(self.log_path),
+        )
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    except Exception:  # best effort: the process may be gone already
+        return None
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        payload = resp.json()
+    except ValueError:
+        return resp.text[:300]
+    if isinstance(payload, dict) and "error" in payload:
+        err = payload["error"]
+        if isinstance(err, dict) and "message" in err:
+            return f"{err.get('code', 'error')}: {err['message']}"
+        return str(err)[:300]
+    return str(payload)[:300]

@@ -1,0 +1,273 @@
+"""The embedded serverless platform: one OpenWhisk invoker's worth, on this machine.
+
+Functions are deployed with memory, per-instance concurrency, min/max instances and an idle
+timeout; instances are runtime subprocesses on loopback ports speaking the OpenWhisk action
+protocol. The first request cold-starts an instance, more start when all are at their
+concurrency, idle ones stop after their keep-alive (scale to zero), and a crashed instance is
+replaced with its in-flight request retried once. See docs/platform.md.
+
+    platform = LocalPlatform(log_dir=Path("logs"))
+    platform.deploy(FunctionSpec("echo", [sys.executable, "-m", "veil.runtime"], memory_mb=256))
+    platform.invoke("echo", {"x": 1}, timeout=10)
+    platform.metrics("echo")["gb_seconds"]
+    platform.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from veil.platform import dispatch
+from veil.platform.errors import ActionError, PlatformError
+from veil.platform.instance import InstanceInfo
+from veil.platform.pool import FunctionPool
+from veil.platform.spec import FunctionSpec
+
+__all__ = ["ActionError", "FunctionSpec", "InstanceInfo", "LocalPlatform", "PlatformError"]
+
+log = logging.getLogger("veil.platform.local")
+
+
+class LocalPlatform:
+    """Deploy, invoke, scale and meter functions whose instances are local subprocesses.
+
+    Thread-safe: invoke from as many threads as you like. A reaper thread stops idle instances
+    every `reap_interval_s`. Instance output goes to `log_dir/<instance id>.log` (a temporary
+    directory removed by `close()` when no `log_dir` is given). Call `close()` (or use it as a
+    context manager); instances are also killed when the platform is garbage-collected or the
+    interpreter exits, so no orphan processes stay behind.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_dir: Path | None = None,
+        reap_interval_s: float = 0.1,
+        api_host: str = "local",
+    ) -> None:
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="veil-platform-")) if log_dir is None else Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._origin = time.monotonic()
+        self._origin_wall = time.time()
+        self._api_host = api_host
+        self._lock = threading.RLock()
+        self._pools: dict[str, FunctionPool] = {}
+        self._removed: dict[str, FunctionPool] = {}  # kept so their metrics stay readable
+        self._ids = itertools.count(1)
+        self._ids_lock = threading.Lock()
+        self._closed = False
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(
+            target=_reap_loop,
+            args=(weakref.ref(self), self._stop, reap_interval_s),
+            name="veil-platform-reaper",
+            daemon=True,
+        )
+        self._reaper.start()
+        self._finalizer = weakref.finalize(self, _close_pools, self._pools, self._stop)
+
+    # -- functions -------------------------------------------------------------------------
+
+    def deploy(self, spec: FunctionSpec) -> None:
+        """Create the function, or update it (idempotent). Scaling knobs apply at once; a new
+        command, env, init value or memory drains the running instances and new ones start."""
+        spec = copy.deepcopy(spec)
+        spec.validate()
+        with self._lock:
+            self._check_open()
+            pool = self._pools.get(spec.name)
+            if pool is None:
+                self._removed.pop(spec.name, None)
+                self._pools[spec.name] = FunctionPool(
+                    spec,
+                    log_dir=self.log_dir,
+                    origin=self._origin,
+                    next_id=self._next_id,
+                    api_host=self._api_host,
+                )
+                log.info(
+                    "deployed function %r (%d MB, concurrency %d, max %d instances)",
+                    spec.name,
+                    spec.memory_mb,
+                    spec.concurrency,
+                    spec.max_instances,
+                )
+            else:
+                pool.update_spec(spec)
+        if spec.min_instances:
+            self._pool(spec.name).reap()  # start the warm ones now, not at the next tick
+
+    def remove(self, name: str) -> None:
+        """Stop all instances of the function and forget it (its metrics stay readable)."""
+        with self._lock:
+            pool = self._pools.pop(name, None)
+            if pool is None:
+                raise self._unknown(name)
+            self._removed[name] = pool
+        pool.close()
+
+    def functions(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pools)
+
+    def spec(self, name: str) -> FunctionSpec:
+        return copy.deepcopy(self._pool(name).spec)
+
+    # -- invocation ------------------------------------------------------------------------
+
+    def invoke(self, name: str, value: dict, *, timeout: float = 60.0) -> dict:
+        """Run `value` on the function; cold-starts, queues, retries once after a crash.
+
+        Raises ActionError if the action answered `{"error": ...}`, PlatformError otherwise
+        (codes: unknown_function, busy, start_failed, instance_crashed, timeout).
+        """
+        return dispatch.invoke(self._pool(name), value, timeout)
+
+    def invoke_instance(self, name: str, instance_id: str, value: dict, *, timeout: float = 60.0) -> dict:
+        """Run `value` on one given instance (waits for a free slot on it; no crash retry)."""
+        return dispatch.invoke(self._pool(name), value, timeout, instance_id=instance_id)
+
+    # -- instances -------------------------------------------------------------------------
+
+    def instances(self, name: str) -> list[InstanceInfo]:
+        return self._pool(name).infos()
+
+    def start_instance(self, name: str) -> str:
+        """Cold-start one instance now (within max_instances); blocks until /init is done."""
+        return self._pool(name).start_instance()
+
+    def stop_instance(self, name: str, instance_id: str, *, drain_s: float = 10.0) -> None:
+        """Stop routing to the instance, let its in-flight requests finish (up to `drain_s`)."""
+        self._pool(name).stop_instance(instance_id, drain_s=drain_s)
+
+    def set_keep_alive(self, name: str, instance_id: str, seconds: float) -> None:
+        """Override the idle timeout of one instance (the packer learns keep-alives per model)."""
+        self._pool(name).set_keep_alive(instance_id, seconds)
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def metrics(self, name: str | None = None, *, raw: bool = False) -> dict[str, Any]:
+        """JSON-safe metrics of one function, or `{"functions": {...}, "totals": {...}}`.
+
+        Per function: cold_starts, warm_hits, cold_hits, requests, outcomes, crashes, retries,
+        cold_start_ms / queue_ms / exec_ms summaries (count, mean, p50, p90, p99, max),
+        instances, peak_instances, instance_timeline [[t, n]] (t = seconds since the platform
+        started), instance_seconds and gb_seconds (memory_mb/1024 × lifetime, live instances up
+        to now), plus the current queued/inflight/starting/ready counts.
+        """
+        if name is not None:
+            return self._function_metrics(name, raw)
+        with self._lock:
+            names = sorted(set(self._pools) | set(self._removed))
+        per = {n: self._function_metrics(n, raw) for n in names}
+        return {
+            "started_at": self._origin_wall,
+            "uptime_s": round(time.monotonic() - self._origin, 3),
+            "functions": per,
+            "totals": {
+                "gb_seconds": round(sum(m["gb_seconds"] for m in per.values()), 6),
+                "cold_starts": sum(m["cold_starts"] for m in per.values()),
+                "requests": sum(m["requests"] for m in per.values()),
+                "instances": sum(m["instances"] for m in per.values()),
+            },
+        }
+
+    def _function_metrics(self, name: str, raw: bool) -> dict[str, Any]:
+        with self._lock:
+            pool = self._pools.get(name)
+            removed = pool is None
+            pool = pool or self._removed.get(name)
+        if pool is None:
+            raise self._unknown(name)
+        out = pool.metrics.snapshot(raw=raw)
+        out.update(pool.state())
+        out["removed"] = removed
+        out["memory_mb"] = pool.spec.memory_mb
+        return out
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the reaper and every instance. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pools = list(self._pools.values())
+            self._removed.update(self._pools)
+            self._pools.clear()
+        self._stop.set()
+        self._reaper.join(timeout=5.0)
+        for pool in pools:
+            pool.close()
+        self._finalizer.detach()
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalPlatform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _next_id(self) -> int:
+        with self._ids_lock:
+            return next(self._ids)
+
+    def _pool(self, name: str) -> FunctionPool:
+        with self._lock:
+            self._check_open()
+            pool = self._pools.get(name)
+        if pool is None:
+            raise self._unknown(name)
+        return pool
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PlatformError("closed", "the platform is closed")
+
+    def _unknown(self, name: str) -> PlatformError:
+        with self._lock:
+            known = ", ".join(sorted(self._pools)) or "none"
+        return PlatformError("unknown_function", f"no function {name!r} is deployed (deployed: {known})")
+
+    def _reap_once(self) -> None:
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            try:
+                pool.reap()
+            except Exception:  # the reaper must survive anything one function does
+                log.exception("reaping function %r failed", pool.name)
+
+
+def _reap_loop(ref: weakref.ref[LocalPlatform], stop: threading.Event, interval: float) -> None:
+    """The reaper holds only a weak reference, so an unclosed platform can still be collected
+    (its finalizer then kills the instances)."""
+    while not stop.wait(interval):
+        platform = ref()
+        if platform is None:
+            return
+        platform._reap_once()
+        del platform
+
+
+def _close_pools(pools: dict[str, FunctionPool], stop: threading.Event) -> None:
+    """Finalizer: kill instances of a platform that was never closed (no orphan processes)."""
+    stop.set()
+    for pool in list(pools.values()):
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
+            pool.close()
