@@ -17,11 +17,21 @@ import veil
 # Files and packages (relative to the `veil` package) that make up each trusted component.
 COMPONENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "runtime": (
-        ("__init__.py", "crypto", "attest", "runtime", "keyservice/client.py", "keyservice/wire.py", "he"),
+        (
+            "__init__.py",
+            "errors.py",
+            "store.py",
+            "crypto",
+            "attest",
+            "runtime",
+            "keyservice/client.py",
+            "keyservice/wire.py",
+            "he",
+        ),
         ("cryptography", "pyhpke", "numpy", "onnxruntime", "httpx"),
     ),
     "keyservice": (
-        ("__init__.py", "crypto", "attest", "keyservice"),
+        ("__init__.py", "errors.py", "http.py", "crypto", "attest", "keyservice"),
         ("cryptography", "pyhpke", "fastapi", "uvicorn", "dcap-qvl"),
     ),
 }

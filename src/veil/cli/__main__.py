@@ -1,0 +1,5 @@
+"""`python -m veil.cli` = `veil`."""
+
+from veil.cli import main
+
+main()

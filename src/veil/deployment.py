@@ -1,0 +1,225 @@
+"""The embedded default deployment: everything of Veil on one machine, for `veil up`, `veil demo`
+and the end-to-end tests.
+
+- the KeyService runs as its own subprocess (its SQLite database under `cloud/keyservice`);
+- the local platform starts runtime instances as subprocesses on loopback ports;
+- the gateway (with the packer or a direct router) is served by uvicorn in this process;
+- the model store is the directory `cloud/store` (ciphertext only).
+
+Simulated attestation is switched on explicitly here (there is no TEE on a laptop) and logged
+loudly by the KeyService and every runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from veil.attest.measurement import measure
+from veil.attest.sim import SimRoot
+from veil.sdk import Deployment
+from veil.store import LocalModelStore
+
+log = logging.getLogger("veil.deployment")
+TEE_FUNCTION = "veil-tee"
+HE_FUNCTION = "veil-he"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@dataclass
+class StackOptions:
+    gateway_port: int = 0
+    keyservice_port: int = 0
+    packer_policy: str | None = "veil"
+    memory_mb: int = 512
+    concurrency: int = 4
+    max_instances: int = 4
+    idle_timeout_s: float = 120.0
+    key_cache_ttl_s: float = 60.0
+    he: bool = True
+    runtime_init: dict[str, Any] = field(default_factory=dict)
+    runtime_env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalDeployment:
+    """Start with `start()` (or `with LocalDeployment(root) as d:`), stop with `stop()`."""
+
+    def __init__(self, root: Path, options: StackOptions | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.options = options or StackOptions()
+        self.cloud = self.root / "cloud"
+        self.keyservice_dir = self.cloud / "keyservice"
+        self.store_dir = self.cloud / "store"
+        self.log_dir = self.cloud / "logs"
+        self._keyservice: subprocess.Popen | None = None
+        self._gateway_server: Any = None
+        self._gateway_thread: threading.Thread | None = None
+        self.platform: Any = None
+        self.router: Any = None
+        self.info: Deployment | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Deployment:
+        for d in (self.keyservice_dir, self.store_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        sim_root = SimRoot.load_or_create(self.keyservice_dir / "sim-root.key")
+        ks_port = self.options.keyservice_port or free_port()
+        ks_url = f"http://127.0.0.1:{ks_port}"
+        ks_log = (self.log_dir / "keyservice.log").open("ab")
+        self._keyservice = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "veil.cli",
+                "keyservice",
+                "serve",
+                "--allow-simulated",
+                "--state-dir",
+                str(self.keyservice_dir),
+                "--port",
+                str(ks_port),
+            ],
+            stdout=ks_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        ks_log.close()
+        try:
+            wait_http(f"{ks_url}/healthz", 30, self._keyservice)
+            self._start_platform(ks_url)
+            gw_url = self._start_gateway()
+        except BaseException:
+            self.stop()
+            raise
+        self.info = Deployment(
+            gateway_url=gw_url,
+            keyservice_url=ks_url,
+            keyservice_measurements=[measure("keyservice")],
+            runtime_measurements=[measure("runtime")],
+            sim_root=sim_root.public_key,
+            allow_simulated=True,
+            extra={"store_dir": str(self.store_dir)},
+        )
+        (self.root / "deployment.json").write_text(json.dumps(self.info.to_json(), indent=2))
+        return self.info
+
+    def _start_platform(self, ks_url: str) -> None:
+        from veil.gateway.routing import DirectRouter
+        from veil.platform.local import FunctionSpec, LocalPlatform
+
+        o = self.options
+        self.platform = LocalPlatform(log_dir=self.log_dir)
+        env = {
+            "VEIL_SIM_ROOT": str(self.keyservice_dir / "sim-root.key"),
+            "VEIL_THREADS": str(o.concurrency),
+            **o.runtime_env,
+        }
+        command = [sys.executable, "-m", "veil.runtime"]
+        self.tee_spec = FunctionSpec(
+            name=TEE_FUNCTION,
+            command=command,
+            memory_mb=o.memory_mb,
+            concurrency=o.concurrency,
+            max_instances=o.max_instances,
+            idle_timeout_s=o.idle_timeout_s,
+            env=env,
+            init_value={
+                "kind": "tee",
+                "keyservice_url": ks_url,
+                "store": str(self.store_dir),
+                "key_cache_ttl_s": o.key_cache_ttl_s,
+                **o.runtime_init,
+            },
+        )
+        if o.packer_policy:
+            from veil.packer import Packer
+
+            self.router = Packer(self.platform, self.tee_spec, policy=o.packer_policy)
+        else:
+            self.platform.deploy(self.tee_spec)
+            self.router = DirectRouter(self.platform, TEE_FUNCTION)
+        self.he_router = None
+        if o.he:
+            self.platform.deploy(
+                FunctionSpec(
+                    name=HE_FUNCTION,
+                    command=command,
+                    memory_mb=o.memory_mb,
+                    concurrency=o.concurrency,
+                    max_instances=o.max_instances,
+                    idle_timeout_s=o.idle_timeout_s,
+                    env=env,
+                    init_value={"kind": "he", "store": str(self.store_dir)},
+                )
+            )
+            self.he_router = DirectRouter(self.platform, HE_FUNCTION)
+
+    def _start_gateway(self) -> str:
+        import uvicorn
+
+        from veil.gateway.app import create_app
+
+        app = create_app(self.router, LocalModelStore(self.store_dir), he_router=self.he_router, platform=self.platform)
+        port = self.options.gateway_port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        self._gateway_server = uvicorn.Server(config)
+        self._gateway_server.install_signal_handlers = lambda: None
+        self._gateway_thread = threading.Thread(target=self._gateway_server.run, name="veil-gateway", daemon=True)
+        self._gateway_thread.start()
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", 30)
+        return url
+
+    def stop(self) -> None:
+        if self._gateway_server is not None:
+            self._gateway_server.should_exit = True
+            if self._gateway_thread is not None:
+                self._gateway_thread.join(timeout=10)
+        if self.router is not None and hasattr(self.router, "close"):
+            self.router.close()
+        if self.platform is not None:
+            self.platform.close()
+        if self._keyservice is not None and self._keyservice.poll() is None:
+            self._keyservice.terminate()
+            try:
+                self._keyservice.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._keyservice.pid, 9)
+                self._keyservice.wait()
+
+    def __enter__(self) -> LocalDeployment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,75 @@
+"""The TEE-mode action: built at OpenWhisk `/init`, it attests once, then serves `/run` calls."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from veil.attest.measurement import measure
+from veil.attest.providers import select_provider
+from veil.attest.sim import SimRoot
+from veil.errors import BadRequest
+from veil.keyservice.client import RuntimeKeyClient
+from veil.runtime.core import CoreConfig, RuntimeCore
+from veil.store import LocalModelStore
+
+log = logging.getLogger("veil.runtime")
+SIM_ROOT_ENV = "VEIL_SIM_ROOT"
+
+
+def _number(value: dict, name: str, default: float, lo: float, hi: float) -> float:
+    got = value.get(name, default)
+    if not isinstance(got, int | float) or isinstance(got, bool) or not lo <= got <= hi:
+        raise BadRequest(f"init.{name}: must be a number in [{lo}, {hi}]", code="bad_init")
+    return got
+
+
+class TeeAction:
+    """Init value: {"kind": "tee", "keyservice_url", "store", optional key_cache_ttl_s,
+    model_cache_mb, intra_op_threads, copies_per_thread (bench), allow_plaintext (bench)}."""
+
+    def __init__(self, init: dict[str, Any]) -> None:
+        for name in ("keyservice_url", "store"):
+            if not isinstance(init.get(name), str):
+                raise BadRequest(f"init.{name}: required string", code="bad_init")
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        sim_root_file = os.environ.get(SIM_ROOT_ENV)
+        sim_root = SimRoot.load_or_create(Path(sim_root_file)) if sim_root_file else None
+        self.measurement = measure("runtime")
+        provider = select_provider(sim_root=sim_root, measurement=self.measurement)
+        self.provider_description = provider.describe()
+        self.keys = RuntimeKeyClient(init["keyservice_url"], provider)
+        self.timings["measure_ms"] = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        self.keys.attest()
+        self.timings["attest_ms"] = (time.perf_counter() - t1) * 1e3
+        config = CoreConfig(
+            key_cache_ttl_s=_number(init, "key_cache_ttl_s", 60.0, 0.0, 3600.0),
+            model_cache_bytes=int(_number(init, "model_cache_mb", 1024, 1, 1 << 20) * (1 << 20)),
+            intra_op_threads=int(_number(init, "intra_op_threads", 1, 0, 64)),
+            copies_per_thread=bool(init.get("copies_per_thread", False)),
+            allow_plaintext=bool(init.get("allow_plaintext", False)),
+        )
+        self.core = RuntimeCore(config, self.keys, LocalModelStore(Path(init["store"])))
+        log.info("runtime attested via %s, measurement %s", self.provider_description, self.measurement)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "tee",
+            "measurement": self.measurement,
+            "attested_by": self.provider_description,
+            "timings": self.timings,
+        }
+
+    def run(self, value: dict[str, Any]) -> dict[str, Any]:
+        if "envelope" in value:
+            return self.core.infer(value["envelope"])
+        if "plain" in value:
+            return self.core.infer_plaintext(value["plain"])
+        if value.get("op") == "stats":
+            return self.core.stats()
+        raise BadRequest("value: expected an 'envelope' (or op 'stats')", code="malformed")
