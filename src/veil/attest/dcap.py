@@ -30,7 +30,6 @@ from functools import lru_cache
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from veil.attest.collateral import DcapCollateral, resolve_collateral
@@ -268,7 +267,7 @@ def _issued_by(cert_der: bytes, issuer_der: bytes) -> bool:
     """Whether `cert` is signed by `issuer` (cached: chains repeat across verifications)."""
     try:
         _load_cert_cached(cert_der).verify_directly_issued_by(_load_cert_cached(issuer_der))
-    except (InvalidSignature, ValueError, TypeError):
+    except Exception:  # any failure (bad signature, unsupported or corrupt key) = not issued by
         return False
     return True
 
