@@ -71,6 +71,15 @@ class StackOptions:
     runtime_env: dict[str, str] = field(default_factory=dict)
 
 
+def _packer_class() -> Any:
+    try:
+        from veil.packer import Packer
+    except ImportError:
+        log.warning("veil.packer.Packer unavailable: routing every model through one platform function")
+        return None
+    return Packer
+
+
 class LocalDeployment:
     """Start with `start()` (or `with LocalDeployment(root) as d:`), stop with `stop()`."""
 
@@ -161,10 +170,9 @@ class LocalDeployment:
                 **o.runtime_init,
             },
         )
-        if o.packer_policy:
-            from veil.packer import Packer
-
-            self.router = Packer(self.platform, self.tee_spec, policy=o.packer_policy)
+        packer = _packer_class() if o.packer_policy else None
+        if packer is not None:
+            self.router = packer(self.platform, self.tee_spec, policy=o.packer_policy)
         else:
             self.platform.deploy(self.tee_spec)
             self.router = DirectRouter(self.platform, TEE_FUNCTION)

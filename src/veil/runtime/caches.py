@@ -118,7 +118,7 @@ class ModelCache:
         with self._lock:
             return sum(s.nbytes for s in self._slots.values())
 
-    def keys(self) -> list[Hashable]:
+    def cached_models(self) -> list[Hashable]:
         with self._lock:
             return list(self._slots)
 

@@ -141,7 +141,7 @@ class RuntimeCore:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "models_cached": [str(k) for k in self.models.keys()],
+            "models_cached": [str(k) for k in self.models.cached_models()],
             "model_cache_bytes": self.models.used_bytes,
             "model_loads": self.models.loads,
             "model_evictions": self.models.evictions,
