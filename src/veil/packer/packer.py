@@ -1,0 +1,285 @@
+"""`Packer`: executes a packing policy's decisions on a real platform.
+
+The gateway calls `Packer.invoke(model, value)`. Under one lock the policy decides (`route`);
+outside it the calling thread starts the instance if the decision created one
+(`start_instance`), sends evictions if the runtime supports an unload request, then runs the
+request on the chosen instance (`invoke_instance`, which waits for a free slot). Whatever
+happens, the policy hears `complete` (a failed invocation releases its slot). A ticker thread
+applies the policy's keep-alive decisions (`stop_instance`, unloads) at its deadlines; the
+platform's own idle timeout is set long (`set_keep_alive`) as a backstop only, so the policy,
+not the platform, decides when instances go.
+
+Thread-safe: any number of threads may call `invoke` concurrently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from veil.packer.metrics import InstanceSpan, RequestRecord, summarize, timeline
+from veil.packer.policies import make_policy
+from veil.packer.policies.base import Policy
+from veil.packer.state import PoolSpec, Reject, Route, Stop, Unload
+from veil.platform import FunctionSpec, LocalPlatform, PlatformError
+
+log = logging.getLogger("veil.packer")
+
+_POOL_KEYS = ("base_mb", "model_mb", "default_model_mb", "max_instances")
+
+
+class PackerError(PlatformError):
+    """The packer itself refused a request (`busy`: no instance can take it)."""
+
+
+class _Handle:
+    """The platform side of one policy instance: its id once started, and a readiness latch."""
+
+    def __init__(self, function: str) -> None:
+        self.function = function
+        self.platform_id: str | None = None
+        self.ready = threading.Event()
+        self.error: PlatformError | None = None
+
+
+class Packer:
+    """Routes each request for a model to an instance chosen by a packing policy.
+
+    `policy`: "veil" (default), "sesemi" or "per-model". Options: `base_mb`, `model_mb`
+    (dict model -> MB), `default_model_mb`, `max_instances` shape the pool; `pool_size`
+    (sesemi) and `keepalive` (veil) go to the policy; `unload_value(model) -> dict` builds the
+    request that makes an instance drop a model (None: the runtime manages its own cache);
+    `clock` (default time.monotonic) is the time source handed to the policy.
+    """
+
+    def __init__(
+        self,
+        platform: LocalPlatform,
+        template: FunctionSpec,
+        policy: str = "veil",
+        **options: Any,
+    ) -> None:
+        self.platform = platform
+        self.template = copy.deepcopy(template)
+        self._clock: Callable[[], float] = options.pop("clock", time.monotonic)
+        self._unload_value: Callable[[str], dict] | None = options.pop("unload_value", None)
+        pool_opts = {k: options.pop(k) for k in _POOL_KEYS if k in options}
+        pool_opts.setdefault("max_instances", template.max_instances)
+        spec = PoolSpec(
+            function=template.name,
+            capacity=template.concurrency,
+            memory_mb=float(template.memory_mb),
+            idle_timeout_s=template.idle_timeout_s,
+            **pool_opts,
+        )
+        self.policy: Policy = make_policy(policy, spec, **options)
+        self._bound = max(spec.max_instances, getattr(self.policy, "pool_size", 0))
+        # The platform must not reap before the policy does: its keep-alive is only a backstop.
+        self._backstop_s = 2 * template.idle_timeout_s + 60.0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._handles: dict[str, _Handle] = {}
+        self._deployed: set[str] = set()
+        self._records: list[RequestRecord] = []
+        self._spans: dict[str, InstanceSpan] = {}
+        self._origin = self._clock()
+        self._closed = False
+        self._ticker = threading.Thread(target=self._tick_loop, name="veil-packer-ticker", daemon=True)
+        self._ticker.start()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def invoke(self, model: str, value: dict, *, timeout: float = 60.0) -> dict:
+        """Run `value` for `model` on the instance the policy picks; raises PlatformError
+        (ActionError if the action answered an error, PackerError "busy" if refused)."""
+        t0 = self._clock()
+        deadline = t0 + timeout
+        with self._lock:
+            if self._closed:
+                raise PackerError("closed", "the packer is closed")
+            decision = self.policy.route(model, t0)
+            if isinstance(decision, Reject):
+                self._records.append(RequestRecord(t0 - self._origin, model, 0.0, False, False, "", "busy"))
+                raise PackerError("busy", f"model {model!r}: {decision.reason}")
+            if decision.start:
+                self._handles[decision.instance] = _Handle(decision.function)
+                self._spans[decision.instance] = InstanceSpan(
+                    decision.instance, decision.function, self.policy.spec.memory_mb, t0 - self._origin
+                )
+            handle = self._handles[decision.instance]
+            self._wake.notify_all()
+        ok, exec_s, error = False, 0.0, ""
+        try:
+            self._ensure_started(decision, handle, deadline)
+            self._send_evictions(handle, decision.evict)
+            assert handle.platform_id is not None
+            started = self._clock()
+            result = self.platform.invoke_instance(
+                handle.function, handle.platform_id, value, timeout=max(0.001, deadline - started)
+            )
+            exec_s = self._clock() - started
+            ok = True
+            return result
+        except PlatformError as exc:
+            error = exc.code
+            if exc.code in ("instance_crashed", "unknown_instance"):
+                self._forget(decision.instance)
+            raise
+        finally:
+            end = self._clock()
+            with self._lock:
+                self.policy.complete(decision, end, exec_s, ok)
+                self._records.append(
+                    RequestRecord(t0 - self._origin, model, end - t0, decision.cold, ok, decision.instance, error)
+                )
+                self._wake.notify_all()
+
+    def _ensure_started(self, decision: Route, handle: _Handle, deadline: float) -> None:
+        if not decision.start:
+            if not handle.ready.wait(max(0.0, deadline - self._clock())):
+                raise PlatformError("timeout", f"instance {decision.instance} did not start in time")
+            if handle.error is not None:
+                raise handle.error
+            return
+        try:
+            self._deploy(handle.function)
+            handle.platform_id = self.platform.start_instance(handle.function)
+            self.platform.set_keep_alive(handle.function, handle.platform_id, self._backstop_s)
+        except PlatformError as exc:
+            handle.error = exc
+            with self._lock:
+                self.policy.started(decision.instance, self._clock(), False)
+                self._end_span(decision.instance)
+            raise
+        finally:
+            handle.ready.set()
+        with self._lock:
+            self.policy.started(decision.instance, self._clock(), True)
+            self._wake.notify_all()
+
+    def _deploy(self, function: str) -> None:
+        with self._lock:
+            if function in self._deployed:
+                return
+            self._deployed.add(function)
+        spec = copy.deepcopy(self.template)
+        spec.name = function
+        spec.min_instances = 0
+        spec.max_instances = self._bound
+        spec.idle_timeout_s = self._backstop_s
+        try:
+            self.platform.deploy(spec)
+        except PlatformError:
+            with self._lock:
+                self._deployed.discard(function)
+            raise
+
+    def _send_evictions(self, handle: _Handle, models: tuple[str, ...]) -> None:
+        if not models or self._unload_value is None or handle.platform_id is None:
+            return
+        for model in models:
+            self._apply(Unload("", handle.function, model), handle)
+
+    # -- keep-alive ----------------------------------------------------------------------------
+
+    def _tick_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                now = self._clock()
+                actions = self.policy.tick(now)
+                for action in actions:
+                    if isinstance(action, Stop):
+                        self._end_span(action.instance)
+                work = [
+                    (a, self._handles.pop(a.instance, None) if isinstance(a, Stop) else self._handles.get(a.instance))
+                    for a in actions
+                ]
+            for action, handle in work:
+                self._apply(action, handle)
+            with self._lock:
+                if self._closed:
+                    return
+                deadline = self.policy.next_deadline()
+                wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - self._clock()))
+                if wait > 0:
+                    self._wake.wait(wait)
+
+    def _apply(self, action: Stop | Unload, handle: _Handle | None) -> None:
+        if handle is None or handle.platform_id is None:
+            return
+        try:
+            if isinstance(action, Stop):
+                self.platform.stop_instance(handle.function, handle.platform_id)
+            elif self._unload_value is not None:
+                self.platform.invoke_instance(
+                    handle.function, handle.platform_id, self._unload_value(action.model), timeout=10.0
+                )
+        except PlatformError as exc:
+            log.warning("%s on %s failed: %s", type(action).__name__, handle.platform_id, exc.code)
+
+    def _forget(self, instance: str) -> None:
+        with self._lock:
+            self.policy.lost(instance, self._clock())
+            self._handles.pop(instance, None)
+            self._end_span(instance)
+
+    def _end_span(self, instance: str) -> None:
+        span = self._spans.get(instance)
+        if span is not None and span.stopped is None:
+            span.stopped = self._clock() - self._origin
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def records(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def spans(self) -> list[InstanceSpan]:
+        with self._lock:
+            return [copy.copy(s) for s in self._spans.values()]
+
+    def stats(self) -> dict:
+        """Figures of the run so far (see veil.packer.metrics) plus the platform's own GB-s."""
+        with self._lock:
+            end = self._clock() - self._origin
+            out = summarize(self._records, list(self._spans.values()), end)
+            out["policy"] = self.policy.name
+            out["instances_now"] = len(self._handles)
+            out["instance_timeline"] = [[round(t, 3), n] for t, n in timeline(list(self._spans.values()), end)]
+            functions = sorted(self._deployed)
+        platform_gb_s = 0.0
+        for function in functions:
+            with contextlib.suppress(PlatformError):
+                platform_gb_s += self.platform.metrics(function)["gb_seconds"]
+        out["platform_gb_s"] = round(platform_gb_s, 3)
+        return out
+
+    def close(self) -> None:
+        """Stop the ticker and every instance this packer started. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            handles = list(self._handles.items())
+            self._handles.clear()
+            for instance, _ in handles:
+                self._end_span(instance)
+            self._wake.notify_all()
+        self._ticker.join(timeout=5.0)
+        for _, handle in handles:
+            if handle.platform_id is not None:
+                with contextlib.suppress(PlatformError):
+                    self.platform.stop_instance(handle.function, handle.platform_id, drain_s=2.0)
+
+    def __enter__(self) -> Packer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
