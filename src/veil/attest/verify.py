@@ -27,8 +27,17 @@ _REAL_VERIFIERS = {
 class TrustConfig:
     """What a verifier trusts. `sim_roots`: simulation root public keys (empty = sim refused).
 
-    `collateral`: an object with `get(kind, evidence, now) -> bytes` (offline file or PCCS).
-    `options`: kind-specific anchors (e.g. pinned AMD ARK fingerprints).
+    `collateral`: an object with `get(kind, evidence, now) -> bytes | None`
+    (`veil.attest.collateral.OfflineCollateral` or `PccsCollateral`). When it is None or has
+    nothing for a kind, collateral sent inside `Evidence.collateral` is used: DCAP JSON for
+    quotes, the certificate table (configfs-tsm auxblob) for SEV-SNP. Either is safe, as all of
+    it is verified under the pinned roots.
+    `options`: kind-specific anchors and inputs:
+      - `intel_root_ca_sha256`: hex SHA-256 of the Intel SGX Root CA DER (default: Intel's);
+      - `snp_ark_spki_sha256`: iterable of hex SHA-256 of pinned AMD ARK public keys
+        (default: Milan, Genoa, Turin);
+      - `snp_certs`: bytes or list of bytes (PEM bundle, DER, or certificate table) with the
+        VCEK/VLEK, ASK/ASVK and ARK, e.g. fetched once from AMD KDS.
     """
 
     sim_roots: list[bytes] = field(default_factory=list)
