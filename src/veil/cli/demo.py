@@ -49,8 +49,8 @@ def demo(workdir: Path | None, samples: int, with_he: bool) -> None:
     """
     console = Console()
     logging.basicConfig(level=logging.ERROR)
-    from veil.deployment import LocalDeployment, StackOptions
     from veil.demo_models import train_demo_models
+    from veil.deployment import LocalDeployment, StackOptions
     from veil.sdk import ModelOwner, ModelUser
 
     tmp = workdir is None

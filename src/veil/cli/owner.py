@@ -1,0 +1,94 @@
+"""`veil owner ...`: the model owner's steps, one command each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from veil.cli._client import client_dir_option, deployment_option, load_deployment, load_identity
+from veil.errors import VeilError
+
+
+def _owner(deployment_path: Path, client_dir: Path, *, create: bool = False):
+    from veil.sdk import ModelOwner
+
+    return ModelOwner(load_deployment(deployment_path), load_identity(client_dir, "owner", create=create))
+
+
+def _run(fn):
+    try:
+        return fn()
+    except VeilError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+
+
+@click.group("owner")
+def owner() -> None:
+    """Model owner: create an identity, publish sealed models, set policy, grant and revoke users."""
+
+
+@owner.command("init")
+@deployment_option
+@client_dir_option
+def init(deployment_path: Path, client_dir: Path) -> None:
+    """Create (or reuse) the owner identity, verify the KeyService's attestation, register."""
+    o = _owner(deployment_path, client_dir, create=True)
+    _run(o.register)
+    click.echo(o.id)
+
+
+@owner.command("publish")
+@click.argument("model_id")
+@click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--measurement",
+    "measurements",
+    multiple=True,
+    help="Runtime measurement allowed to receive the model key (repeatable; default: the deployment's).",
+)
+@deployment_option
+@client_dir_option
+def publish(
+    model_id: str, onnx_file: Path, measurements: tuple[str, ...], deployment_path: Path, client_dir: Path
+) -> None:
+    """Seal ONNX_FILE under a fresh model key, upload the ciphertext, register the key."""
+    o = _owner(deployment_path, client_dir)
+    result = _run(lambda: o.publish(model_id, onnx_file, allowed_measurements=list(measurements) or None))
+    click.echo(
+        f"published {model_id}: {result['plaintext_bytes']} bytes sealed to {result['sealed_bytes']}; "
+        f"allowed measurements {', '.join(m[:16] + '…' for m in result['measurements'])}"
+    )
+
+
+@owner.command("grant")
+@click.argument("model_id")
+@click.argument("user_id")
+@deployment_option
+@client_dir_option
+def grant(model_id: str, user_id: str, deployment_path: Path, client_dir: Path) -> None:
+    """Allow USER_ID (a principal id from `veil user init`) to use MODEL_ID."""
+    _run(lambda: _owner(deployment_path, client_dir).grant(model_id, user_id))
+    click.echo(f"granted {user_id[:16]}… on {model_id}")
+
+
+@owner.command("revoke")
+@click.argument("model_id")
+@click.argument("user_id")
+@deployment_option
+@client_dir_option
+def revoke(model_id: str, user_id: str, deployment_path: Path, client_dir: Path) -> None:
+    """Revoke USER_ID on MODEL_ID (effective within the runtime key-cache TTL, 60 s by default)."""
+    _run(lambda: _owner(deployment_path, client_dir).revoke(model_id, user_id))
+    click.echo(f"revoked {user_id[:16]}… on {model_id}")
+
+
+@owner.command("set-measurements")
+@click.argument("model_id")
+@click.argument("measurements", nargs=-1, required=True)
+@deployment_option
+@client_dir_option
+def set_measurements(model_id: str, measurements: tuple[str, ...], deployment_path: Path, client_dir: Path) -> None:
+    """Replace the runtime measurements allowed to receive MODEL_ID's key."""
+    _run(lambda: _owner(deployment_path, client_dir).set_measurements(model_id, list(measurements)))
+    click.echo(f"{model_id}: {len(measurements)} measurement(s) allowed")
