@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from veil.attest.errors import AttestationError
+from veil.crypto.errors import CryptoError
 from veil.errors import BadRequest, TooLarge, VeilError, from_exception
 
 log = logging.getLogger("veil.http")
@@ -30,9 +32,14 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
         return error_response(err)
 
-    @app.exception_handler(VeilError)
-    async def _veil(request: Request, exc: VeilError) -> JSONResponse:
-        return error_response(exc)
+    async def _expected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(from_exception(exc))
+
+    # Expected failures get their own handlers: Starlette routes a bare `Exception` handler through
+    # ServerErrorMiddleware, which answers and then re-raises, so uvicorn would log a traceback and
+    # drop the keep-alive connection for every malformed input.
+    for expected in (VeilError, CryptoError, AttestationError):
+        app.add_exception_handler(expected, _expected)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

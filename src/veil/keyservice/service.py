@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from veil.attest.errors import AttestationError, PolicyError
 from veil.attest.evidence import Evidence, VerifiedReport
 from veil.attest.providers import EvidenceProvider
-from veil.attest.validate import Policy, validate
+from veil.attest.validate import Policy, parse_entry, validate
 from veil.attest.verify import TrustConfig, verify
 from veil.crypto import hpke
 from veil.crypto.encoding import b64d, b64e
@@ -48,6 +48,11 @@ def _check_measurements(value: object, field: str = "measurements") -> list[str]
         raise BadRequest(f"{field}: must be a list of non-empty strings (≤ 512 chars)", code="malformed")
     if len(value) > MAX_MEASUREMENTS:
         raise BadRequest(f"{field}: at most {MAX_MEASUREMENTS} entries", code="malformed")
+    for entry in value:
+        try:
+            parse_entry(entry)  # a typo would otherwise silently never match
+        except ValueError as exc:
+            raise BadRequest(f"{field}: {exc}", code="malformed") from None
     return sorted(set(value))
 
 
