@@ -22,7 +22,7 @@ from typing import Any
 
 from veil.crypto.at_rest import Sealer
 from veil.crypto.encoding import canonical_json
-from veil.crypto.errors import IntegrityError
+from veil.crypto.errors import CryptoError
 from veil.crypto.keys import SymmetricKey
 from veil.errors import StoreIntegrityError
 
@@ -132,7 +132,7 @@ class Store:
     def _open(self, record_key: str, sealed: bytes) -> bytes:
         try:
             return self._sealer.open(record_key, sealed)
-        except IntegrityError:
+        except CryptoError:  # includes a blob cut too short to parse: also tampering, not bad input
             raise StoreIntegrityError(
                 f"sealed record {record_key!r} failed authentication: the database was tampered with"
             ) from None
