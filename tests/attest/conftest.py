@@ -28,7 +28,10 @@ def load_vector(rel: str) -> bytes:
 def _vector(rel: str) -> bytes:
     path = VECTORS / rel
     if not path.exists():
-        pytest.skip(f"attestation vectors not found at {VECTORS.resolve()} (expected ../shared/attest-vectors beside the checkout)")
+        pytest.skip(
+            f"attestation vectors not found at {VECTORS.resolve()} "
+            "(expected ../shared/attest-vectors beside the checkout)"
+        )
     return path.read_bytes()
 
 

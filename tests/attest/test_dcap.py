@@ -7,10 +7,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import SGX_TIME, TDX_TIME, load_vector
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SGX_TIME, TDX_TIME, load_vector
 from veil.attest import dcap
 from veil.attest.collateral import OfflineCollateral
 from veil.attest.errors import VerificationError
@@ -71,7 +71,9 @@ def test_missing_collateral_names_field(sgx_evidence: Evidence) -> None:
     assert info.value.field == "collateral"
 
 
-def test_configured_source_wins_over_evidence_collateral(sgx_evidence: Evidence, sgx_collateral: bytes, tdx_collateral: bytes) -> None:
+def test_configured_source_wins_over_evidence_collateral(
+    sgx_evidence: Evidence, sgx_collateral: bytes, tdx_collateral: bytes
+) -> None:
     wrong_in_evidence = replace(sgx_evidence, collateral=tdx_collateral)
     with pytest.raises(VerificationError) as info:
         verify(wrong_in_evidence, TrustConfig(), SGX_TIME)
@@ -162,8 +164,17 @@ def test_any_flipped_bit_in_signed_parts_fails_naming_the_part(which: str, data:
     assert info.value.field.startswith(_EXPECTED_FIELDS[region]), (region, pos, bit, str(info.value))
 
 
-_COLLATERAL_FIELDS = ["tcb_info", "tcb_info_signature", "qe_identity", "qe_identity_signature", "pck_crl", "root_ca_crl",
-                      "tcb_info_issuer_chain", "qe_identity_issuer_chain", "pck_crl_issuer_chain"]
+_COLLATERAL_FIELDS = [
+    "tcb_info",
+    "tcb_info_signature",
+    "qe_identity",
+    "qe_identity_signature",
+    "pck_crl",
+    "root_ca_crl",
+    "tcb_info_issuer_chain",
+    "qe_identity_issuer_chain",
+    "pck_crl_issuer_chain",
+]
 
 
 @settings(max_examples=120, deadline=None)

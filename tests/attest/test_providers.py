@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import SNP_TIME, EmulatedConfigfs, cert_table, snp_with_report_data, with_report_data
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from conftest import SNP_TIME, EmulatedConfigfs, cert_table, snp_with_report_data, with_report_data
 from veil.attest import snp
 from veil.attest.errors import AttestationError
 from veil.attest.gramine import GramineProvider
@@ -83,7 +83,9 @@ def test_tsm_tdx_provider(tmp_path: Path, tdx_quote: bytes, caplog) -> None:
     assert fs.entries_made == 2  # one probe, one report
 
 
-def test_tsm_snp_provider_end_to_end_with_auxblob(tmp_path: Path, snp_report: bytes, snp_vcek: bytes, snp_ask_ark: bytes) -> None:
+def test_tsm_snp_provider_end_to_end_with_auxblob(
+    tmp_path: Path, snp_report: bytes, snp_vcek: bytes, snp_ask_ark: bytes
+) -> None:
     ask, ark = (c.public_bytes(serialization.Encoding.DER) for c in x509.load_pem_x509_certificates(snp_ask_ark))
     table = cert_table([(str(snp.GUID_VCEK), snp_vcek), (str(snp.GUID_ASK), ask), (str(snp.GUID_ARK), ark)])
     fs = EmulatedConfigfs("sev_guest", lambda inblob: snp_with_report_data(snp_report, inblob), auxblob=table)

@@ -7,13 +7,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import SNP_TIME, cert_table, load_vector
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SNP_TIME, cert_table, load_vector
 from veil.attest import snp
 from veil.attest.errors import PolicyError, VerificationError
 from veil.attest.evidence import Evidence
@@ -174,7 +174,9 @@ def _tcb(bl: int, tee: int, snp_: int, ucode: int) -> int:
     return int.from_bytes(bytes([bl, tee, 0, 0, 0, 0, snp_, ucode]), "little")
 
 
-def _report(key: ec.EllipticCurvePrivateKey, *, chip: bytes, tcb: int, policy: int = 0x30000, measurement: bytes = b"\x11" * 48) -> bytes:
+def _report(
+    key: ec.EllipticCurvePrivateKey, *, chip: bytes, tcb: int, policy: int = 0x30000, measurement: bytes = b"\x11" * 48
+) -> bytes:
     r = bytearray(snp.REPORT_LEN)
     struct.pack_into("<IIQ", r, 0, 2, 0, policy)
     struct.pack_into("<IIQQI", r, 0x30, 0, 1, tcb, 0, 0)

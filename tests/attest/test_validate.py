@@ -28,8 +28,14 @@ def tdx() -> VerifiedReport:
 
 
 def snp_report() -> VerifiedReport:
-    return VerifiedReport(kind="sev-snp", measurement="b0" * 48, report_data=b"\0" * 64, debug=False, tcb_status="NotRated",
-                          claims={"guest_svn": 2, "host_data": "00" * 32, "reported_tcb": {"snp": 8}, "vmpl": 0})
+    return VerifiedReport(
+        kind="sev-snp",
+        measurement="b0" * 48,
+        report_data=b"\0" * 64,
+        debug=False,
+        tcb_status="NotRated",
+        claims={"guest_svn": 2, "host_data": "00" * 32, "reported_tcb": {"snp": 8}, "vmpl": 0},
+    )
 
 
 def test_plain_hex_entry_matches_primary_measurement_any_case() -> None:
@@ -58,8 +64,18 @@ def test_structured_tdx_and_snp_entries() -> None:
 
 @pytest.mark.parametrize(
     "entry",
-    ["", "xyz", "sgx:", "sgx:min_isvsvn=1", "sgx:mrsigner=zz", "sgx:isvprodid=-1,mrenclave=00", "tdx:rtmr9=00,mrtd=00",
-     "nope:measurement=00", f"sgx:mrenclave={MRENCLAVE},mrenclave={MRENCLAVE}", "tdx:mrtd"],
+    [
+        "",
+        "xyz",
+        "sgx:",
+        "sgx:min_isvsvn=1",
+        "sgx:mrsigner=zz",
+        "sgx:isvprodid=-1,mrenclave=00",
+        "tdx:rtmr9=00,mrtd=00",
+        "nope:measurement=00",
+        f"sgx:mrenclave={MRENCLAVE},mrenclave={MRENCLAVE}",
+        "tdx:mrtd",
+    ],
 )
 def test_malformed_entries_never_match_and_parse_entry_says_why(entry: str) -> None:
     with pytest.raises(ValueError, match="allow-list entry"):
@@ -75,8 +91,13 @@ def test_default_policy_refuses_non_uptodate_tcb_and_advisories() -> None:
     with pytest.raises(PolicyError) as info:
         validate(report, Policy(allowed_tcb_statuses=frozenset({"ConfigurationAndSWHardeningNeeded"})))
     assert info.value.field == "advisories" and info.value.actual == ["INTEL-SA-00289"]
-    validate(report, Policy(allowed_tcb_statuses=frozenset({"ConfigurationAndSWHardeningNeeded"}),
-                            allowed_advisories=frozenset({"INTEL-SA-00289"})))
+    validate(
+        report,
+        Policy(
+            allowed_tcb_statuses=frozenset({"ConfigurationAndSWHardeningNeeded"}),
+            allowed_advisories=frozenset({"INTEL-SA-00289"}),
+        ),
+    )
 
 
 def test_sgx_signer_product_and_svn() -> None:
@@ -131,8 +152,15 @@ def test_snp_tcb_status_is_not_rated_and_policy_uses_minimums() -> None:
 
 
 def test_policy_from_json() -> None:
-    policy = Policy.from_json({"allowed_measurements": [MRENCLAVE.upper()], "sgx_min_isvsvn": 2, "tdx_rtmrs": {"0": RTMR0},
-                               "allowed_tcb_statuses": ["UpToDate", "SWHardeningNeeded"], "snp_min_tcb": {"snp": 8}})
+    policy = Policy.from_json(
+        {
+            "allowed_measurements": [MRENCLAVE.upper()],
+            "sgx_min_isvsvn": 2,
+            "tdx_rtmrs": {"0": RTMR0},
+            "allowed_tcb_statuses": ["UpToDate", "SWHardeningNeeded"],
+            "snp_min_tcb": {"snp": 8},
+        }
+    )
     assert policy.allowed_measurements == frozenset({MRENCLAVE})
     assert policy.tdx_rtmrs == {0: RTMR0} and policy.snp_min_tcb == {"snp": 8}
     assert policy.allow_debug is False and policy.allow_simulated is False

@@ -127,17 +127,26 @@ def parse_quote(raw: bytes) -> Quote:
     if version not in (3, 4, 5):
         raise VerificationError("quote.header.version", "unsupported quote version", expected=[3, 4, 5], actual=version)
     if key_type != ECDSA_P256:
-        raise VerificationError("quote.header.attestation_key_type", "only ECDSA P-256 is supported", expected=ECDSA_P256, actual=key_type)
+        raise VerificationError(
+            "quote.header.attestation_key_type", "only ECDSA P-256 is supported", expected=ECDSA_P256, actual=key_type
+        )
     if tee_type == TEE_SGX:
         kind = "sgx-dcap"
     elif tee_type == TEE_TDX:
         kind = "tdx"
     else:
-        raise VerificationError("quote.header.tee_type", "neither SGX nor TDX", expected=[TEE_SGX, TEE_TDX], actual=hex(tee_type))
+        raise VerificationError(
+            "quote.header.tee_type", "neither SGX nor TDX", expected=[TEE_SGX, TEE_TDX], actual=hex(tee_type)
+        )
     if kind == "tdx" and version == 3:
         raise VerificationError("quote.header.version", "TDX quotes are v4 or v5", expected=[4, 5], actual=3)
     if raw[12:28] != INTEL_QE_VENDOR_ID:
-        raise VerificationError("quote.header.qe_vendor_id", "not Intel's quoting enclave", expected=INTEL_QE_VENDOR_ID.hex(), actual=raw[12:28].hex())
+        raise VerificationError(
+            "quote.header.qe_vendor_id",
+            "not Intel's quoting enclave",
+            expected=INTEL_QE_VENDOR_ID.hex(),
+            actual=raw[12:28].hex(),
+        )
     regions: dict[str, tuple[int, int]] = {"header": (0, HEADER_LEN)}
     off = HEADER_LEN
     if version == 5:
@@ -165,7 +174,9 @@ def parse_quote(raw: bytes) -> Quote:
     off += 4
     sig_end = off + sig_len
     if sig_end > len(raw):
-        raise VerificationError("quote.signature_data_len", "exceeds the quote", expected=f"<= {len(raw) - off}", actual=sig_len)
+        raise VerificationError(
+            "quote.signature_data_len", "exceeds the quote", expected=f"<= {len(raw) - off}", actual=sig_len
+        )
     if sig_len < 128 + 6:
         raise VerificationError("quote.signature_data_len", "too short", actual=sig_len)
     regions["signature"] = (off, off + 64)
@@ -174,20 +185,36 @@ def parse_quote(raw: bytes) -> Quote:
     if version == 3:
         off = _parse_qe_part(raw, off, sig_end, regions, "quote")
         if off != sig_end:
-            raise VerificationError("quote.certification_data.size", "does not end the signature data", expected=sig_end, actual=off)
+            raise VerificationError(
+                "quote.certification_data.size", "does not end the signature data", expected=sig_end, actual=off
+            )
     else:
         cert_type, cert_size = struct.unpack_from("<HI", raw, off)
         if cert_type != CERT_TYPE_QE_REPORT:
-            raise VerificationError("quote.certification_data.type", "expected QE report certification data", expected=CERT_TYPE_QE_REPORT, actual=cert_type)
+            raise VerificationError(
+                "quote.certification_data.type",
+                "expected QE report certification data",
+                expected=CERT_TYPE_QE_REPORT,
+                actual=cert_type,
+            )
         regions["outer_certification_header"] = (off, off + 6)
         off += 6
         if off + cert_size != sig_end:
-            raise VerificationError("quote.certification_data.size", "does not match the signature data length", expected=sig_end - off, actual=cert_size)
+            raise VerificationError(
+                "quote.certification_data.size",
+                "does not match the signature data length",
+                expected=sig_end - off,
+                actual=cert_size,
+            )
         off = _parse_qe_part(raw, off, sig_end, regions, "quote.certification_data")
         if off != sig_end:
-            raise VerificationError("quote.certification_data.size", "inner data does not fill it", expected=sig_end, actual=off)
+            raise VerificationError(
+                "quote.certification_data.size", "inner data does not fill it", expected=sig_end, actual=off
+            )
     regions["trailing"] = (sig_end, len(raw))
-    return Quote(raw=raw, version=version, tee_type=tee_type, kind=kind, body=body, body_type=body_type, regions=regions)
+    return Quote(
+        raw=raw, version=version, tee_type=tee_type, kind=kind, body=body, body_type=body_type, regions=regions
+    )
 
 
 def _parse_qe_part(raw: bytes, off: int, end: int, regions: dict[str, tuple[int, int]], where: str) -> int:
@@ -207,10 +234,17 @@ def _parse_qe_part(raw: bytes, off: int, end: int, regions: dict[str, tuple[int,
     cert_type, cert_size = struct.unpack_from("<HI", raw, off)
     regions["pck_chain_header"] = (off, off + 6)
     if cert_type != CERT_TYPE_PCK_CHAIN:
-        raise VerificationError(f"{where}.pck_cert_type", "only an embedded PCK chain (type 5) is supported", expected=CERT_TYPE_PCK_CHAIN, actual=cert_type)
+        raise VerificationError(
+            f"{where}.pck_cert_type",
+            "only an embedded PCK chain (type 5) is supported",
+            expected=CERT_TYPE_PCK_CHAIN,
+            actual=cert_type,
+        )
     off += 6
     if off + cert_size > end:
-        raise VerificationError(f"{where}.pck_chain", "size exceeds the signature data", expected=f"<= {end - off}", actual=cert_size)
+        raise VerificationError(
+            f"{where}.pck_chain", "size exceeds the signature data", expected=f"<= {end - off}", actual=cert_size
+        )
     regions["pck_chain"] = (off, off + cert_size)
     return off + cert_size
 
@@ -276,7 +310,12 @@ def check_chain(ders: list[bytes], field_name: str, root_sha256: str, now: datet
     """Each certificate signed by the next, all valid at `now`, the last exactly the pinned root."""
     root_digest = hashlib.sha256(ders[-1]).hexdigest()
     if root_digest != root_sha256:
-        raise VerificationError(f"{field_name}[{len(ders) - 1}]", "chain does not end at the pinned Intel SGX Root CA", expected=root_sha256, actual=root_digest)
+        raise VerificationError(
+            f"{field_name}[{len(ders) - 1}]",
+            "chain does not end at the pinned Intel SGX Root CA",
+            expected=root_sha256,
+            actual=root_digest,
+        )
     certs = [_load_cert(der, f"{field_name}[{i}]") for i, der in enumerate(ders)]
     for i, cert in enumerate(certs):
         if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
@@ -288,7 +327,10 @@ def check_chain(ders: list[bytes], field_name: str, root_sha256: str, now: datet
             )
         issuer_der = ders[i + 1] if i + 1 < len(ders) else ders[i]
         if not _issued_by(ders[i], issuer_der):
-            raise VerificationError(f"{field_name}[{i}].signature", f"certificate is not signed by {'its issuer' if i + 1 < len(ders) else 'itself'}")
+            raise VerificationError(
+                f"{field_name}[{i}].signature",
+                f"certificate is not signed by {'its issuer' if i + 1 < len(ders) else 'itself'}",
+            )
     return certs
 
 
@@ -361,11 +403,27 @@ def _load_crl(hex_der: str) -> x509.CertificateRevocationList | None:
 
 # (substring of dcap-qvl's message, field, reason)
 _QVL_ERRORS: tuple[tuple[str, str, str], ...] = (
-    ("ISV enclave report signature is invalid", "quote.signature", "does not verify under the attestation key over the quote header and body (header, body or signature altered)"),
-    ("Signature is invalid for qe_report", "quote.qe_report.signature", "QE report is not signed by the PCK certificate's key"),
-    ("QE report hash mismatch", "quote.qe_report.report_data", "QE report does not bind the attestation key and QE authentication data"),
+    (
+        "ISV enclave report signature is invalid",
+        "quote.signature",
+        "does not verify under the attestation key over the quote header and body (header, body or signature altered)",
+    ),
+    (
+        "Signature is invalid for qe_report",
+        "quote.qe_report.signature",
+        "QE report is not signed by the PCK certificate's key",
+    ),
+    (
+        "QE report hash mismatch",
+        "quote.qe_report.report_data",
+        "QE report does not bind the attestation key and QE authentication data",
+    ),
     ("Signature is invalid for tcb_info", "collateral.tcb_info_signature", "TCB info signature does not verify"),
-    ("Signature is invalid for qe_identity", "collateral.qe_identity_signature", "QE identity signature does not verify"),
+    (
+        "Signature is invalid for qe_identity",
+        "collateral.qe_identity_signature",
+        "QE identity signature does not verify",
+    ),
     ("Failed to decode TcbInfo", "collateral.tcb_info", "TCB info does not parse"),
     ("Failed to decode QeIdentity", "collateral.qe_identity", "QE identity does not parse"),
     ("QE Identity", "collateral.qe_identity", "QE identity does not fit this quote"),
@@ -377,7 +435,11 @@ _QVL_ERRORS: tuple[tuple[str, str, str], ...] = (
     ("PCK CRL", "collateral.pck_crl", "PCK CRL rejected"),
     ("CrlExpired", "collateral.crl", "a CRL is expired"),
     ("Revoked", "quote.pck_chain", "a certificate in the PCK chain is revoked"),
-    ("Failed to verify certificate chain", "quote.pck_chain", "PCK chain does not verify to Intel's root (or a CRL does not verify)"),
+    (
+        "Failed to verify certificate chain",
+        "quote.pck_chain",
+        "PCK chain does not verify to Intel's root (or a CRL does not verify)",
+    ),
     ("PCK certificate", "quote.pck_chain", "PCK certificate chain unusable"),
     ("Unknown QE vendor ID", "quote.header.qe_vendor_id", "not Intel's quoting enclave"),
     ("Invalid TEE type", "quote.header.tee_type", "invalid TEE type"),
@@ -412,10 +474,17 @@ def _verify_dcap(evidence: Evidence, trust: Any, now: datetime, expected_kind: s
     import dcap_qvl
 
     if evidence.kind != expected_kind:
-        raise VerificationError("kind", "evidence kind does not match the verifier", expected=expected_kind, actual=evidence.kind)
+        raise VerificationError(
+            "kind", "evidence kind does not match the verifier", expected=expected_kind, actual=evidence.kind
+        )
     quote = parse_quote(evidence.raw)
     if quote.kind != expected_kind:
-        raise VerificationError("quote.header.tee_type", "quote is for another TEE than the evidence claims", expected=expected_kind, actual=quote.kind)
+        raise VerificationError(
+            "quote.header.tee_type",
+            "quote is for another TEE than the evidence claims",
+            expected=expected_kind,
+            actual=quote.kind,
+        )
     options = getattr(trust, "options", {}) or {}
     root_sha256 = str(options.get("intel_root_ca_sha256", INTEL_SGX_ROOT_CA_SHA256)).lower()
 

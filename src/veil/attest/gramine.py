@@ -38,7 +38,7 @@ class GramineProvider:
         if self.attestation_type not in ("dcap", "unknown"):
             raise AttestationError(
                 "attestation_type",
-                "Gramine is not configured for DCAP attestation (set sgx.remote_attestation = \"dcap\")",
+                'Gramine is not configured for DCAP attestation (set sgx.remote_attestation = "dcap")',
                 expected="dcap",
                 actual=self.attestation_type,
             )
@@ -50,9 +50,12 @@ class GramineProvider:
         from veil.attest.dcap import parse_quote
 
         padded = pad_report_data(report_data)
-        with _LOCK:
-            self.fs.write(self.dir / "user_report_data", padded)
-            raw = self.fs.read(self.dir / "quote")
+        try:
+            with _LOCK:
+                self.fs.write(self.dir / "user_report_data", padded)
+                raw = self.fs.read(self.dir / "quote")
+        except OSError as exc:
+            raise AttestationError("quote", f"Gramine did not produce a quote ({exc})") from None
         if not raw:
             raise AttestationError("quote", "Gramine returned an empty quote")
         quote = parse_quote(raw)

@@ -134,7 +134,12 @@ def _check_binding(field: str, quote: bytes, expected_first_half: bytes) -> None
     expected = expected_first_half.ljust(64, b"\0")
     actual = _report_data(quote)
     if not hmac.compare_digest(actual, expected):
-        raise VerificationError(field, "quote report data does not bind the certificate's public key", expected=expected.hex(), actual=actual.hex())
+        raise VerificationError(
+            field,
+            "quote report data does not bind the certificate's public key",
+            expected=expected.hex(),
+            actual=actual.hex(),
+        )
 
 
 def _tagged(value: bytes, spki: bytes) -> bytes:
@@ -145,7 +150,9 @@ def _tagged(value: bytes, spki: bytes) -> bytes:
     if not (isinstance(item, tuple) and item[0] == "tag"):
         raise VerificationError("ratls.tagged_evidence", "not a CBOR tag")
     if item[1] != CBOR_TAG_TEE_QUOTE:
-        raise VerificationError("ratls.tagged_evidence.tag", "unsupported evidence type", expected=CBOR_TAG_TEE_QUOTE, actual=item[1])
+        raise VerificationError(
+            "ratls.tagged_evidence.tag", "unsupported evidence type", expected=CBOR_TAG_TEE_QUOTE, actual=item[1]
+        )
     body = item[2]
     if not (isinstance(body, list) and len(body) == 2 and all(isinstance(b, bytes) for b in body)):
         raise VerificationError("ratls.tagged_evidence", "must be [quote: bstr, claims: bstr]")
@@ -158,10 +165,18 @@ def _tagged(value: bytes, spki: bytes) -> bytes:
         raise VerificationError("ratls.tagged_evidence.claims", f"no valid pubkey-hash claim ({exc})") from None
     hasher = _HASH_ALGS.get(alg_id) if isinstance(alg_id, int) else None
     if hasher is None or not isinstance(digest, bytes):
-        raise VerificationError("ratls.tagged_evidence.claims.pubkey-hash", "unsupported hash algorithm", expected=sorted(_HASH_ALGS), actual=alg_id)
+        raise VerificationError(
+            "ratls.tagged_evidence.claims.pubkey-hash",
+            "unsupported hash algorithm",
+            expected=sorted(_HASH_ALGS),
+            actual=alg_id,
+        )
     if not hmac.compare_digest(hasher(spki).digest(), digest):
         raise VerificationError(
-            "ratls.tagged_evidence.claims.pubkey-hash", "does not hash the certificate's public key", expected=hasher(spki).hexdigest(), actual=digest.hex()
+            "ratls.tagged_evidence.claims.pubkey-hash",
+            "does not hash the certificate's public key",
+            expected=hasher(spki).hexdigest(),
+            actual=digest.hex(),
         )
     _check_binding("ratls.tagged_evidence.report_data", quote, hashlib.sha256(claims_raw).digest())
     return quote
@@ -184,7 +199,9 @@ def extract_evidence(cert_bytes: bytes | x509.Certificate) -> RaTlsEvidence:
         formats.append("gramine-legacy")
     if not quotes:
         raise VerificationError(
-            "ratls.certificate", f"no evidence extension ({OID_TCG_DICE_TAGGED_EVIDENCE.dotted_string} or {OID_GRAMINE_LEGACY_QUOTE.dotted_string})"
+            "ratls.certificate",
+            f"no evidence extension ({OID_TCG_DICE_TAGGED_EVIDENCE.dotted_string} "
+            f"or {OID_GRAMINE_LEGACY_QUOTE.dotted_string})",
         )
     quote = quotes[0]
     kind = _quote_kind(quote)

@@ -149,10 +149,14 @@ def parse_report(raw: bytes) -> SnpReport:
         raise VerificationError("report", "wrong size for an SEV-SNP report", expected=REPORT_LEN, actual=len(raw))
     version, guest_svn, policy = struct.unpack_from("<IIQ", raw, 0)
     if version not in SUPPORTED_VERSIONS:
-        raise VerificationError("report.version", "unsupported report version", expected=list(SUPPORTED_VERSIONS), actual=version)
+        raise VerificationError(
+            "report.version", "unsupported report version", expected=list(SUPPORTED_VERSIONS), actual=version
+        )
     vmpl, sig_algo, current_tcb, platform_info, key_flags = struct.unpack_from("<IIQQI", raw, 0x30)
     if sig_algo != SIG_ALGO_ECDSA_P384_SHA384:
-        raise VerificationError("report.signature_algo", "only ECDSA P-384 with SHA-384 is defined", expected=1, actual=sig_algo)
+        raise VerificationError(
+            "report.signature_algo", "only ECDSA P-384 with SHA-384 is defined", expected=1, actual=sig_algo
+        )
 
     def ver(off: int) -> str:
         build, minor, major = raw[off], raw[off + 1], raw[off + 2]
@@ -218,7 +222,9 @@ def parse_cert_table(blob: bytes) -> list[tuple[str, bytes]]:
             return out
         role = _GUID_ROLES.get(uuid.UUID(bytes=guid_bytes)) or _GUID_ROLES.get(uuid.UUID(bytes_le=guid_bytes))
         if offset + length > len(blob) or offset < pos + 24:
-            raise VerificationError("snp.cert_table", f"entry {len(out)} points outside the table", actual=(offset, length))
+            raise VerificationError(
+                "snp.cert_table", f"entry {len(out)} points outside the table", actual=(offset, length)
+            )
         if role is not None:
             out.append((role, blob[offset : offset + length]))
         pos += 24
@@ -246,7 +252,9 @@ def _role_from_subject(cert: x509.Certificate) -> str:
 def certs_from_blob(blob: bytes) -> list[tuple[str, x509.Certificate]]:
     """Certificates (role, cert) from a certificate table, a PEM bundle or one DER certificate."""
     if len(blob) >= 24 and (
-        uuid.UUID(bytes=blob[:16]) in _GUID_ROLES or uuid.UUID(bytes_le=blob[:16]) in _GUID_ROLES or blob[:24] == bytes(24)
+        uuid.UUID(bytes=blob[:16]) in _GUID_ROLES
+        or uuid.UUID(bytes_le=blob[:16]) in _GUID_ROLES
+        or blob[:24] == bytes(24)
     ):
         out = []
         for role, der in parse_cert_table(blob):
@@ -340,10 +348,17 @@ def _verify_chain(
     """Find a pinned ARK, the intermediate it signs and the endorsement keys that intermediate signs."""
     arks = [c for role, c in certs if role == "ark"]
     if not arks:
-        raise VerificationError("snp.ark", "no ARK certificate supplied (cert table, evidence collateral or options['snp_certs'])")
+        raise VerificationError(
+            "snp.ark", "no ARK certificate supplied (cert table, evidence collateral or options['snp_certs'])"
+        )
     ark = next((c for c in arks if spki_sha256(c) in pins), None)
     if ark is None:
-        raise VerificationError("snp.ark", "ARK public key is not a pinned AMD root", expected=sorted(pins), actual=[spki_sha256(c) for c in arks])
+        raise VerificationError(
+            "snp.ark",
+            "ARK public key is not a pinned AMD root",
+            expected=sorted(pins),
+            actual=[spki_sha256(c) for c in arks],
+        )
     ark_der = _der(ark)
     if not _signed_by(ark_der, ark_der):
         raise VerificationError("snp.ark.signature", "ARK is not self-signed")
@@ -362,7 +377,9 @@ def _verify_chain(
     inter_der = _der(inter)
     signed = [c for c in keys if _signed_by(_der(c), inter_der)]
     if not signed:
-        raise VerificationError(f"snp.{key_role}.signature", f"{key_role.upper()} is not signed by the {inter_role.upper()}")
+        raise VerificationError(
+            f"snp.{key_role}.signature", f"{key_role.upper()} is not signed by the {inter_role.upper()}"
+        )
     for c in signed:
         _check_validity(c, f"snp.{key_role}", now)
     return signed, ark, _product_of(ark)
@@ -389,9 +406,20 @@ def _check_vcek_extensions(key: x509.Certificate, role: str, report: SnpReport, 
     if name is not None and len(name) > 2 and name[0] == 0x16:
         cert_product = name[2:].decode(errors="replace").split("-")[0]
         if cert_product != product:
-            raise VerificationError(f"snp.{role}.product_name", "endorsement key is for another product than the ARK", expected=product, actual=cert_product)
+            raise VerificationError(
+                f"snp.{role}.product_name",
+                "endorsement key is for another product than the ARK",
+                expected=product,
+                actual=cert_product,
+            )
     reported = decode_tcb(report.reported_tcb, product)
-    oids = {"bootloader": _OID_BL_SPL, "tee": _OID_TEE_SPL, "snp": _OID_SNP_SPL, "microcode": _OID_UCODE_SPL, "fmc": _OID_FMC_SPL}
+    oids = {
+        "bootloader": _OID_BL_SPL,
+        "tee": _OID_TEE_SPL,
+        "snp": _OID_SNP_SPL,
+        "microcode": _OID_UCODE_SPL,
+        "fmc": _OID_FMC_SPL,
+    }
     for component, value in reported.items():
         raw = _ext_bytes(key, oids[component])
         if raw is None:
@@ -400,13 +428,23 @@ def _check_vcek_extensions(key: x509.Certificate, role: str, report: SnpReport, 
             continue
         spl = _der_int(raw, f"snp.{role}.tcb.{component}")
         if spl != value:
-            raise VerificationError(f"snp.{role}.tcb.{component}", "VCEK certifies another TCB than the report's REPORTED_TCB", expected=spl, actual=value)
+            raise VerificationError(
+                f"snp.{role}.tcb.{component}",
+                "VCEK certifies another TCB than the report's REPORTED_TCB",
+                expected=spl,
+                actual=value,
+            )
     if role == "vcek" and not report.chip_id_masked:
         hwid = _ext_bytes(key, _OID_HWID)
         if hwid is None:
             raise VerificationError("snp.vcek.hwid", "VCEK lacks the hardware id extension")
         if hwid != report.chip_id:
-            raise VerificationError("report.chip_id", "report is from another chip than the VCEK's", expected=hwid.hex(), actual=report.chip_id.hex())
+            raise VerificationError(
+                "report.chip_id",
+                "report is from another chip than the VCEK's",
+                expected=hwid.hex(),
+                actual=report.chip_id.hex(),
+            )
     return reported
 
 
@@ -416,7 +454,9 @@ def verify_report_signature(report: SnpReport, key: x509.Certificate) -> bool:
     if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp384r1":
         return False
     try:
-        public.verify(utils.encode_dss_signature(report.sig_r, report.sig_s), report.raw[:SIGNED_LEN], ec.ECDSA(hashes.SHA384()))
+        public.verify(
+            utils.encode_dss_signature(report.sig_r, report.sig_s), report.raw[:SIGNED_LEN], ec.ECDSA(hashes.SHA384())
+        )
     except (InvalidSignature, ValueError):
         return False
     return True
@@ -438,7 +478,9 @@ def verify_snp(evidence: Evidence, trust: Any, now: datetime) -> VerifiedReport:
     id/author key digests are in `claims`.
     """
     if evidence.kind != KIND:
-        raise VerificationError("kind", "evidence kind does not match the verifier", expected=KIND, actual=evidence.kind)
+        raise VerificationError(
+            "kind", "evidence kind does not match the verifier", expected=KIND, actual=evidence.kind
+        )
     report = parse_report(evidence.raw)
     key_role = report.signing_key
     if key_role not in ("vcek", "vlek"):
@@ -449,7 +491,9 @@ def verify_snp(evidence: Evidence, trust: Any, now: datetime) -> VerifiedReport:
         keys, ark, product = _verify_chain(certs, key_role, _pins(options), now)
         key = next((k for k in keys if verify_report_signature(report, k)), None)
         if key is None:
-            raise VerificationError("report.signature", f"does not verify under the {key_role.upper()} over the report's first 0x2A0 bytes")
+            raise VerificationError(
+                "report.signature", f"does not verify under the {key_role.upper()} over the report's first 0x2A0 bytes"
+            )
         reported = _check_vcek_extensions(key, key_role, report, product)
     except (ValueError, KeyError, TypeError, IndexError, UnsupportedAlgorithm) as exc:
         # cryptography parses certificate parts lazily: a corrupt part surfaces here

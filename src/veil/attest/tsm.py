@@ -33,14 +33,25 @@ class TsmProvider:
         self.privlevel = privlevel
         self._lock = threading.Lock()
         # probe once: the provider is a property of the machine
-        entry = self._make_entry()
         try:
-            self.provider = self._read_text(entry / "provider")
-        finally:
-            self.fs.rmdir(entry)
+            entry = self._make_entry()
+            try:
+                self.provider = self._read_text(entry / "provider")
+            finally:
+                self.fs.rmdir(entry)
+        except OSError as exc:
+            raise AttestationError(
+                "tsm.provider",
+                f"cannot create a report entry under {self.dir} ({exc}); is configfs mounted and are we root?",
+            ) from None
         kind = PROVIDER_KINDS.get(self.provider)
         if kind is None:
-            raise AttestationError("tsm.provider", "unsupported configfs-tsm provider", expected=sorted(PROVIDER_KINDS), actual=self.provider)
+            raise AttestationError(
+                "tsm.provider",
+                "unsupported configfs-tsm provider",
+                expected=sorted(PROVIDER_KINDS),
+                actual=self.provider,
+            )
         self.kind = kind
 
     def describe(self) -> str:
@@ -56,6 +67,28 @@ class TsmProvider:
 
     def get_evidence(self, report_data: bytes) -> Evidence:
         padded = pad_report_data(report_data)
+        try:
+            outblob, auxblob, generation, after = self._exchange(padded)
+        except OSError as exc:
+            raise AttestationError("tsm", f"configfs-tsm report failed ({exc})") from None
+        if generation != after:
+            raise AttestationError(
+                "tsm.generation", "report entry was written concurrently", expected=generation, actual=after
+            )
+        if not outblob:
+            raise AttestationError("tsm.outblob", "kernel returned no evidence")
+        actual = self._report_data_of(outblob)
+        if not hmac.compare_digest(actual, padded):
+            raise AttestationError(
+                "tsm.outblob.report_data",
+                "evidence does not carry the report data written",
+                expected=padded.hex(),
+                actual=actual.hex(),
+            )
+        return Evidence(kind=self.kind, raw=outblob, report_data=padded, collateral=auxblob or None)
+
+    def _exchange(self, padded: bytes) -> tuple[bytes, bytes, str, str]:
+        """One report entry's life: write inblob, read the blobs and generation, remove it."""
         with self._lock:
             entry = self._make_entry()
             try:
@@ -68,14 +101,7 @@ class TsmProvider:
                 after = self._read_text(entry / "generation")
             finally:
                 self.fs.rmdir(entry)
-        if generation != after:
-            raise AttestationError("tsm.generation", "report entry was written concurrently", expected=generation, actual=after)
-        if not outblob:
-            raise AttestationError("tsm.outblob", "kernel returned no evidence")
-        actual = self._report_data_of(outblob)
-        if not hmac.compare_digest(actual, padded):
-            raise AttestationError("tsm.outblob.report_data", "evidence does not carry the report data written", expected=padded.hex(), actual=actual.hex())
-        return Evidence(kind=self.kind, raw=outblob, report_data=padded, collateral=auxblob or None)
+        return outblob, auxblob, generation, after
 
     def _report_data_of(self, outblob: bytes) -> bytes:
         if self.kind == "sev-snp":

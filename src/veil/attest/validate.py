@@ -97,7 +97,9 @@ def parse_entry(entry: str) -> Entry:
             raise ValueError(f"allow-list entry {entry!r}: term {part!r} is not key=value")
         spec = ENTRY_KEYS[prefix].get(key)
         if spec is None:
-            raise ValueError(f"allow-list entry {entry!r}: unknown key {key!r} for {prefix} (use {sorted(ENTRY_KEYS[prefix])})")
+            raise ValueError(
+                f"allow-list entry {entry!r}: unknown key {key!r} for {prefix} (use {sorted(ENTRY_KEYS[prefix])})"
+            )
         if key in seen:
             raise ValueError(f"allow-list entry {entry!r}: key {key!r} repeated")
         seen.add(key)
@@ -235,21 +237,31 @@ def validate(report: VerifiedReport, policy: Policy, expected_report_data: bytes
             raise PolicyError("kind", "simulated attestation is not allowed by this configuration", actual="sim")
         log.warning("accepting SIMULATED attestation evidence (allow_simulated is on)")
     if policy.allowed_kinds is not None and report.kind not in policy.allowed_kinds:
-        raise PolicyError("kind", "evidence kind not allowed", expected=sorted(policy.allowed_kinds), actual=report.kind)
+        raise PolicyError(
+            "kind", "evidence kind not allowed", expected=sorted(policy.allowed_kinds), actual=report.kind
+        )
     if report.debug and not policy.allow_debug:
         where = {"sgx-dcap": "ATTRIBUTES.DEBUG", "tdx": "TDATTRIBUTES.DEBUG", "sev-snp": "guest policy DEBUG (bit 19)"}
         reason = f"debug-mode TEE refused ({where.get(report.kind, 'debug flag')} is set)"
         raise PolicyError("debug", reason, expected=False, actual=True)
     if report.kind in ("sgx-dcap", "tdx") and report.tcb_status not in policy.allowed_tcb_statuses:
         raise PolicyError(
-            "tcb_status", "TCB status not allowed", expected=sorted(policy.allowed_tcb_statuses), actual=report.tcb_status
+            "tcb_status",
+            "TCB status not allowed",
+            expected=sorted(policy.allowed_tcb_statuses),
+            actual=report.tcb_status,
         )
     unexpected = [a for a in report.advisories if a not in policy.allowed_advisories]
     if unexpected:
-        raise PolicyError("advisories", "unaccepted advisories", expected=sorted(policy.allowed_advisories), actual=unexpected)
+        raise PolicyError(
+            "advisories", "unaccepted advisories", expected=sorted(policy.allowed_advisories), actual=unexpected
+        )
     if policy.allowed_measurements is not None and report.measurement not in policy.allowed_measurements:
         raise PolicyError(
-            "measurement", "not in the allowed set", expected=sorted(policy.allowed_measurements), actual=report.measurement
+            "measurement",
+            "not in the allowed set",
+            expected=sorted(policy.allowed_measurements),
+            actual=report.measurement,
         )
     if policy.allowed_entries is not None:
         _validate_entries(report, policy.allowed_entries)
@@ -259,14 +271,19 @@ def validate(report: VerifiedReport, policy: Policy, expected_report_data: bytes
         for index, value in sorted(policy.tdx_rtmrs.items()):
             actual = report.claims.get(f"rtmr{index}")
             if not isinstance(actual, str) or actual != value.lower():
-                raise PolicyError(f"rtmr{index}", "TDX runtime measurement register differs", expected=value.lower(), actual=actual)
+                raise PolicyError(
+                    f"rtmr{index}", "TDX runtime measurement register differs", expected=value.lower(), actual=actual
+                )
     elif report.kind == "sev-snp":
         _validate_snp(report, policy)
     if expected_report_data is not None:
         padded = expected_report_data.ljust(len(report.report_data), b"\0")
         if not hmac.compare_digest(padded, report.report_data):
             raise PolicyError(
-                "report_data", "does not bind the expected value", expected=expected_report_data.hex(), actual=report.report_data.hex()
+                "report_data",
+                "does not bind the expected value",
+                expected=expected_report_data.hex(),
+                actual=report.report_data.hex(),
             )
 
 
@@ -283,12 +300,21 @@ def _validate_entries(report: VerifiedReport, entries: frozenset[str]) -> None:
 def _validate_sgx(report: VerifiedReport, policy: Policy) -> None:
     claims = report.claims
     if policy.sgx_mrsigners is not None and claims.get("mrsigner") not in policy.sgx_mrsigners:
-        raise PolicyError("mrsigner", "enclave signer not allowed", expected=sorted(policy.sgx_mrsigners), actual=claims.get("mrsigner"))
+        raise PolicyError(
+            "mrsigner",
+            "enclave signer not allowed",
+            expected=sorted(policy.sgx_mrsigners),
+            actual=claims.get("mrsigner"),
+        )
     if policy.sgx_isvprodid is not None and claims.get("isvprodid") != policy.sgx_isvprodid:
-        raise PolicyError("isvprodid", "enclave product id differs", expected=policy.sgx_isvprodid, actual=claims.get("isvprodid"))
+        raise PolicyError(
+            "isvprodid", "enclave product id differs", expected=policy.sgx_isvprodid, actual=claims.get("isvprodid")
+        )
     svn = claims.get("isvsvn")
     if policy.sgx_min_isvsvn is not None and (not isinstance(svn, int) or svn < policy.sgx_min_isvsvn):
-        raise PolicyError("isvsvn", "enclave security version too low", expected=f">= {policy.sgx_min_isvsvn}", actual=svn)
+        raise PolicyError(
+            "isvsvn", "enclave security version too low", expected=f">= {policy.sgx_min_isvsvn}", actual=svn
+        )
 
 
 def _validate_snp(report: VerifiedReport, policy: Policy) -> None:
@@ -297,9 +323,21 @@ def _validate_snp(report: VerifiedReport, policy: Policy) -> None:
     for component, minimum in sorted(policy.snp_min_tcb.items()):
         actual = reported.get(component)
         if not isinstance(actual, int) or actual < minimum:
-            raise PolicyError(f"reported_tcb.{component}", "SNP TCB component below the minimum", expected=f">= {minimum}", actual=actual)
+            raise PolicyError(
+                f"reported_tcb.{component}",
+                "SNP TCB component below the minimum",
+                expected=f">= {minimum}",
+                actual=actual,
+            )
     svn = claims.get("guest_svn")
     if policy.snp_min_guest_svn is not None and (not isinstance(svn, int) or svn < policy.snp_min_guest_svn):
-        raise PolicyError("guest_svn", "guest security version too low", expected=f">= {policy.snp_min_guest_svn}", actual=svn)
+        raise PolicyError(
+            "guest_svn", "guest security version too low", expected=f">= {policy.snp_min_guest_svn}", actual=svn
+        )
     if policy.snp_allowed_vmpls is not None and claims.get("vmpl") not in policy.snp_allowed_vmpls:
-        raise PolicyError("vmpl", "report requested from a VMPL not allowed", expected=sorted(policy.snp_allowed_vmpls), actual=claims.get("vmpl"))
+        raise PolicyError(
+            "vmpl",
+            "report requested from a VMPL not allowed",
+            expected=sorted(policy.snp_allowed_vmpls),
+            actual=claims.get("vmpl"),
+        )

@@ -40,11 +40,17 @@ def load_evidence(data: bytes, kind: str | None) -> tuple[Evidence, dict[str, An
     stripped = data.lstrip()
     if stripped.startswith(b"{"):
         return Evidence.from_json(json.loads(data)), {"format": "evidence-json"}
-    if stripped.startswith(b"-----BEGIN CERTIFICATE") or (data[:1] == b"\x30" and kind is None and not dcap.detect_kind(data)):
+    if stripped.startswith(b"-----BEGIN CERTIFICATE") or (
+        data[:1] == b"\x30" and kind is None and not dcap.detect_kind(data)
+    ):
         from veil.attest.ratls import extract_evidence
 
         found = extract_evidence(data)
-        notes = {"format": "ra-tls-certificate", "ratls_formats": list(found.formats), "ratls_public_key_sha256": _sha256(found.public_key_spki)}
+        notes = {
+            "format": "ra-tls-certificate",
+            "ratls_formats": list(found.formats),
+            "ratls_public_key_sha256": _sha256(found.public_key_spki),
+        }
         return found.evidence, notes
     detected = dcap.detect_kind(data) or ("sev-snp" if snp.detect(data) else None)
     kind = kind or detected
@@ -83,7 +89,12 @@ def _trust(kind: str, collateral: tuple[Path, ...], pccs: str | None, cache_dir:
 
 
 def _error_json(exc: AttestationError) -> dict[str, Any]:
-    return {"field": exc.field, "reason": exc.reason, "expected": _jsonable(exc.expected), "actual": _jsonable(exc.actual)}
+    return {
+        "field": exc.field,
+        "reason": exc.reason,
+        "expected": _jsonable(exc.expected),
+        "actual": _jsonable(exc.actual),
+    }
 
 
 def _jsonable(value: object) -> object:
@@ -96,15 +107,31 @@ def _jsonable(value: object) -> object:
 
 @attest.command("verify")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--collateral", "collateral", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="DCAP collateral JSON (SGX/TDX), or VCEK/ASK/ARK certificates (SEV-SNP; repeatable).")
+@click.option(
+    "--collateral",
+    "collateral",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="DCAP collateral JSON (SGX/TDX), or VCEK/ASK/ARK certificates (SEV-SNP; repeatable).",
+)
 @click.option("--pccs", default=None, help="Fetch DCAP collateral from this PCCS URL when no --collateral is given.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Cache fetched collateral here.")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Cache fetched collateral here."
+)
 @click.option("--at", "at", default=None, help="Verification time, ISO-8601 (default: now). Collateral expires.")
-@click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Policy JSON (fields of veil.attest.validate.Policy, plus report_data hex).")
-@click.option("--kind", type=click.Choice([k for k in KINDS if k != "sim"]), default=None, help="Evidence kind if not detectable.")
-@click.option("--report-data", "report_data_hex", default=None, help="Expected report data (hex); refused if not bound.")
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Policy JSON (fields of veil.attest.validate.Policy, plus report_data hex).",
+)
+@click.option(
+    "--kind", type=click.Choice([k for k in KINDS if k != "sim"]), default=None, help="Evidence kind if not detectable."
+)
+@click.option(
+    "--report-data", "report_data_hex", default=None, help="Expected report data (hex); refused if not bound."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def verify_cmd(
     file: Path,
@@ -175,11 +202,27 @@ def _print_readable(verdict: dict[str, Any]) -> None:
     report = verdict.get("report")
     if report:
         click.echo(f"  measurement: {report['measurement']}")
-        click.echo(f"  tcb status:  {report['tcb_status']}" + (f"  advisories: {', '.join(report['advisories'])}" if report["advisories"] else ""))
+        click.echo(
+            f"  tcb status:  {report['tcb_status']}"
+            + (f"  advisories: {', '.join(report['advisories'])}" if report["advisories"] else "")
+        )
         click.echo(f"  debug:       {report['debug']}")
         click.echo(f"  report data: {report['report_data']}")
         claims = report["claims"]
-        for key in ("mrsigner", "isvprodid", "isvsvn", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "product", "signing_key", "reported_tcb", "chip_id", "collateral_next_update"):
+        for key in (
+            "mrsigner",
+            "isvprodid",
+            "isvsvn",
+            "rtmr0",
+            "rtmr1",
+            "rtmr2",
+            "rtmr3",
+            "product",
+            "signing_key",
+            "reported_tcb",
+            "chip_id",
+            "collateral_next_update",
+        ):
             if key in claims:
                 click.echo(f"  {key + ':':<12} {claims[key]}")
     if "policy" in verdict:
@@ -187,8 +230,13 @@ def _print_readable(verdict: dict[str, Any]) -> None:
 
 
 @attest.command("provider")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
-              help="Filesystem root to probe (for containers with host paths mounted elsewhere).")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Filesystem root to probe (for containers with host paths mounted elsewhere).",
+)
 def provider_cmd(root: Path) -> None:
     """Say which evidence provider this machine would use (Gramine SGX, configfs-tsm, none)."""
     from veil.attest.providers import select_provider
