@@ -1,0 +1,204 @@
+"""The dev-side artifact: fused plan + parameters, split into a server part and a client spec.
+
+Concrete ML's split: the server part (weights, plan, parameters) is what the cloud runs; the
+client spec (parameters, input normalisation, layout, which keys to make) is public and is all
+a client needs to make keys, encrypt and decrypt. The manifest records N, log2 QP and the
+security level the parameters were checked at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.crypto.encoding import canonical_json
+from veil.he.compiler import from_onnx, from_sklearn
+from veil.he.errors import HEError, PlanError
+from veil.he.fusion import fuse
+from veil.he.packing import latency_layout
+from veil.he.params import CKKSParams, select_params
+from veil.he.plan import Affine, FusedLayer, FusedPlan, Plan
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CompiledModel:
+    """A model ready for HE inference: fused plan, CKKS parameters, input normalisation."""
+
+    plan: FusedPlan
+    params: CKKSParams
+    input_scale: np.ndarray
+    name: str = "model"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_dim(self) -> int:
+        return self.plan.in_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.plan.out_dim
+
+    def rotation_steps(self) -> list[int]:
+        return latency_layout(self.plan, self.params.slots).rotation_steps()
+
+    def galois_elements(self) -> list[int]:
+        two_n = 2 * self.params.poly_modulus_degree
+        return sorted({pow(3, s, two_n) for s in self.rotation_steps()})
+
+    def needs_relin(self) -> bool:
+        return self.plan.n_squares > 0
+
+    def params_digest(self) -> str:
+        return hashlib.sha256(canonical_json(self.params.to_dict())).hexdigest()
+
+    def predict_plain(self, x: np.ndarray) -> np.ndarray:
+        """Plaintext scores of exactly the computation the server runs (for checks)."""
+        return self.plan.evaluate(np.asarray(x, dtype=np.float64) / self.input_scale)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "v": FORMAT_VERSION,
+            "kind": "he",
+            "name": self.name,
+            "scheme": "ckks",
+            "library": "seal-4.1 (tenseal.sealapi)",
+            "poly_modulus_degree": self.params.poly_modulus_degree,
+            "log2_qp": self.params.log2_qp,
+            "security_level": self.params.security,
+            "params": self.params.to_dict(),
+            "params_digest": self.params_digest(),
+            "layers": [
+                {"in": lay.affine.in_dim, "out": lay.affine.out_dim, "square": lay.square}
+                for lay in self.plan.layers
+            ],
+            "depth": len(self.params.coeff_bits) - 2,
+            "ranges": self.plan.ranges,
+            "meta": self.meta,
+        }
+
+    def client_spec(self) -> dict[str, Any]:
+        """Public: everything a client needs (no weights)."""
+        return {
+            "v": FORMAT_VERSION,
+            "name": self.name,
+            "params": self.params.to_dict(),
+            "params_digest": self.params_digest(),
+            "in_dim": self.in_dim,
+            "out_dim": self.out_dim,
+            "output": self.plan.output,
+            "classes": self.plan.classes,
+            "input_scale": self.input_scale.tolist(),
+            "latency_block": latency_layout(self.plan, self.params.slots).n,
+            "depth_levels": self.params.data_levels,
+            "galois_elements": self.galois_elements(),
+            "relin": self.needs_relin(),
+            "cost": _cost_table(self),
+        }
+
+    # --- files ----------------------------------------------------------------------------------
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {"input_scale": self.input_scale}
+        for i, layer in enumerate(self.plan.layers):
+            arrays[f"w{i}"] = layer.affine.weight
+            arrays[f"b{i}"] = layer.affine.bias
+        np.savez(directory / "weights.npz", **arrays)
+        server = {
+            "v": FORMAT_VERSION,
+            "squares": [lay.square for lay in self.plan.layers],
+            "output": self.plan.output,
+            "classes": self.plan.classes,
+            "ranges": self.plan.ranges,
+            "input_range": self.plan.input_range,
+        }
+        (directory / "plan.json").write_text(json.dumps(server, indent=1))
+        (directory / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
+        (directory / "client.json").write_text(json.dumps(self.client_spec(), indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> CompiledModel:
+        try:
+            manifest = json.loads((directory / "manifest.json").read_text())
+            server = json.loads((directory / "plan.json").read_text())
+            with np.load(directory / "weights.npz", allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, KeyError) as exc:
+            raise HEError("bad_model", f"compiled model at {directory.name} is unreadable ({exc})", 500) from None
+        if manifest.get("v") != FORMAT_VERSION or server.get("v") != FORMAT_VERSION:
+            raise HEError("bad_model", "compiled model has an unknown format version", 500)
+        layers = [
+            FusedLayer(Affine(arrays[f"w{i}"], arrays[f"b{i}"]), bool(sq))
+            for i, sq in enumerate(server["squares"])
+        ]
+        plan = FusedPlan(
+            layers, server["output"], list(server["classes"]), list(server["ranges"]), float(server["input_range"])
+        )
+        return cls(plan, CKKSParams.from_dict(manifest["params"]), arrays["input_scale"], manifest["name"], manifest.get("meta", {}))
+
+
+def _cost_table(compiled: CompiledModel) -> dict[str, float]:
+    """Per-request cost estimates the client's packing choice uses (ms, batch 1 and a full batch)."""
+    from veil.he.packing import LATENCY, THROUGHPUT, estimate_ms
+
+    layout = latency_layout(compiled.plan, compiled.params.slots)
+    return {
+        "latency_per_ct": estimate_ms(compiled.plan, compiled.params, layout, LATENCY, 1),
+        "samples_per_ct": layout.samples_per_ciphertext,
+        "throughput_per_group": estimate_ms(compiled.plan, compiled.params, layout, THROUGHPUT, 1),
+        "slots": compiled.params.slots,
+    }
+
+
+def input_normalisation(x: np.ndarray) -> np.ndarray:
+    """Per-feature powers of two >= max |x_i| on the calibration set (public; only magnitudes)."""
+    peak = np.max(np.abs(np.asarray(x, dtype=np.float64)), axis=0)
+    peak = np.where(peak > 0, peak, 1.0)
+    return np.exp2(np.ceil(np.log2(peak)))
+
+
+def compile_plan(
+    plan: Plan,
+    x_calib: np.ndarray,
+    precision: float = 1e-4,
+    poly_modulus_degree: int | None = None,
+    name: str = "model",
+    margin: float = 2.0,
+) -> CompiledModel:
+    """Fuse, normalise inputs, calibrate ranges on `x_calib` and pick parameters."""
+    x_calib = np.asarray(x_calib, dtype=np.float64)
+    if x_calib.ndim != 2 or x_calib.shape[1] != plan.in_dim:
+        raise PlanError(f"calibration data must have shape (n, {plan.in_dim})")
+    fused = fuse(plan)
+    scale = input_normalisation(x_calib)
+    first = fused.layers[0]
+    fused.layers[0] = FusedLayer(Affine(first.affine.weight * scale[None, :], first.affine.bias), first.square)
+    fused.calibrate(x_calib / scale, margin=margin)
+    params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree)
+    meta = {"source": plan.source, "precision_target": precision, "calibration_samples": len(x_calib),
+            "unfused_ops": len(plan.ops), "fused_layers": len(fused.layers),
+            "scale_bits_log2": params.scale_bits, "max_range_log2": math.log2(max(fused.ranges))}
+    return CompiledModel(fused, params, scale, name, meta)
+
+
+def compile_model(
+    model: Any,
+    x_calib: np.ndarray,
+    precision: float = 1e-4,
+    poly_modulus_degree: int | None = None,
+    name: str = "model",
+) -> CompiledModel:
+    """`veil he compile` in Python: a fitted scikit-learn model, ONNX path or ModelProto."""
+    if isinstance(model, str | Path) or type(model).__name__ == "ModelProto":
+        plan = from_onnx(model)
+    else:
+        plan = from_sklearn(model)
+    return compile_plan(plan, x_calib, precision, poly_modulus_degree, name)

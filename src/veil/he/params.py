@@ -1,0 +1,168 @@
+"""CKKS parameter selection: the smallest secure ring that holds the plan at the wanted precision.
+
+Depth comes from the fused plan (one prime per rescale). The scale comes from the precision
+target and the noise growth through the layers; the first (last remaining) prime must hold the
+largest calibrated intermediate value at that scale. The ring dimension N is the smallest whose
+total modulus log2(QP) stays within the HomomorphicEncryption.org 128-bit table, and SEAL checks
+the result with `sec_level=tc128` before anything is encrypted. A request outside the table is
+refused with `InsecureParametersError`; nothing falls back to an insecure chain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from veil.he.errors import InsecureParametersError, PlanError
+from veil.he.plan import FusedPlan
+
+# HomomorphicEncryption.org security standard (2018), ternary secrets, classical 128-bit.
+HE_STD_128: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+MAX_PRIME_BITS = 60
+MIN_SCALE_BITS = 20
+SPECIAL_PRIME_SLACK = 6
+# output error ~ NOISE_CONSTANT * sqrt(N) * gain / scale (fresh + rescale rounding noise);
+# calibrated on the test models: measured errors stay 3-10x under the target
+NOISE_CONSTANT = 1.0
+
+
+@dataclass(frozen=True)
+class CKKSParams:
+    """A parameter set: ring dimension, prime sizes (last = special key-switching prime), scales.
+
+    `final_weight_bits` is the scale of the last layer's weights when that layer is not
+    rescaled (its result is decrypted at scale 2**scale_bits * 2**final_weight_bits); None when
+    every layer is rescaled.
+    """
+
+    poly_modulus_degree: int
+    coeff_bits: tuple[int, ...]
+    scale_bits: int
+    final_weight_bits: int | None = None
+    security: str = "tc128"
+
+    @property
+    def log2_qp(self) -> int:
+        return int(sum(self.coeff_bits))
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def data_levels(self) -> int:
+        """Number of primes a fresh ciphertext carries (all but the special prime)."""
+        return len(self.coeff_bits) - 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["coeff_bits"] = list(self.coeff_bits)
+        d["log2_qp"] = self.log2_qp
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CKKSParams:
+        return cls(
+            poly_modulus_degree=int(d["poly_modulus_degree"]),
+            coeff_bits=tuple(int(b) for b in d["coeff_bits"]),
+            scale_bits=int(d["scale_bits"]),
+            final_weight_bits=None if d.get("final_weight_bits") is None else int(d["final_weight_bits"]),
+            security=str(d.get("security", "tc128")),
+        )
+
+
+def check_secure(n: int, coeff_bits: tuple[int, ...] | list[int]) -> None:
+    """Refuse (N, primes) outside the 128-bit table; SEAL re-checks in `seal_backend`."""
+    if n not in HE_STD_128:
+        raise InsecureParametersError(f"poly_modulus_degree {n} is not one of {sorted(HE_STD_128)}")
+    total = int(sum(coeff_bits))
+    if total > HE_STD_128[n]:
+        raise InsecureParametersError(
+            f"log2(QP) = {total} exceeds {HE_STD_128[n]} bits, the 128-bit limit for N = {n}"
+        )
+    if any(b > MAX_PRIME_BITS or b < 2 for b in coeff_bits):
+        raise InsecureParametersError(f"prime sizes {list(coeff_bits)} must be within 2..{MAX_PRIME_BITS} bits")
+
+
+def plan_depth(plan: FusedPlan) -> int:
+    """Rescales the plan needs if every layer rescales: one per affine map and one per square."""
+    return len(plan.layers) + plan.n_squares
+
+
+def latency_block(plan: FusedPlan) -> int:
+    """Half-block n of the latency packing: the widest layer rounded up to a power of two."""
+    widest = max(max(layer.affine.in_dim, layer.affine.out_dim) for layer in plan.layers)
+    return 1 << max(0, math.ceil(math.log2(widest)))
+
+
+def _noise_gain(plan: FusedPlan) -> float:
+    """How much an input-sized error can grow through the plan (row l1 norms, square slopes)."""
+    gain = 1.0
+    for i, layer in enumerate(plan.layers):
+        gain *= max(1.0, float(np.max(np.sum(np.abs(layer.affine.weight), axis=1))))
+        if layer.square and plan.ranges:
+            gain *= max(1.0, 2.0 * math.sqrt(plan.ranges[i]))
+    return gain
+
+
+def select_params(
+    plan: FusedPlan,
+    precision: float = 1e-4,
+    poly_modulus_degree: int | None = None,
+) -> CKKSParams:
+    """The smallest secure parameter set for `plan` with output error about `precision`.
+
+    `plan` must be calibrated (`FusedPlan.calibrate`). Passing `poly_modulus_degree` pins N; a
+    plan that does not fit it securely is refused rather than given fewer bits of precision.
+    """
+    if not plan.ranges:
+        raise PlanError("calibrate the plan on sample inputs before selecting parameters")
+    if precision <= 0:
+        raise PlanError("precision must be positive")
+    value_range = max([plan.input_range, *plan.ranges, 1.0])
+    range_bits = math.ceil(math.log2(value_range)) + 1
+    gain = _noise_gain(plan)
+    block = latency_block(plan)
+    last = plan.layers[-1].affine
+    last_in_range = plan.ranges[-2] if len(plan.ranges) > 1 else plan.input_range
+    candidates = [poly_modulus_degree] if poly_modulus_degree else sorted(HE_STD_128)
+    refusals: list[str] = []
+    for n in candidates:
+        if n not in HE_STD_128:
+            raise InsecureParametersError(f"poly_modulus_degree {n} is not one of {sorted(HE_STD_128)}")
+        if n // 2 < 2 * block:
+            refusals.append(f"N={n}: {n // 2} slots < latency block {2 * block}")
+            continue
+        scale_bits = max(MIN_SCALE_BITS, math.ceil(math.log2(NOISE_CONSTANT * math.sqrt(n) * gain / precision)))
+        if scale_bits + range_bits > MAX_PRIME_BITS:
+            refusals.append(f"N={n}: scale {scale_bits} + range {range_bits} bits exceed one prime")
+            continue
+        mids = plan_depth(plan) - 1
+        # rounding w to 2**-wbits adds ~ sqrt(in) * |h| * 0.3 * 2**-wbits to each output
+        wbits = max(MIN_SCALE_BITS, math.ceil(math.log2(0.3 * math.sqrt(last.in_dim) * last_in_range / precision)))
+        options = []
+        q0_lazy = scale_bits + wbits + range_bits
+        # Leaving the last layer unrescaled saves a prime, but then the last prime is large and
+        # key switching on a low-scale ciphertext at that level is noisy (noise ~ q0/P). Only a
+        # single-output single layer has no such rotation (its rotations follow the product).
+        lazy_ok = len(plan.layers) == 1 and last.out_dim == 1
+        if lazy_ok and q0_lazy <= MAX_PRIME_BITS:
+            options.append(((q0_lazy, *([scale_bits] * mids)), wbits))
+        options.append(((scale_bits + range_bits, *([scale_bits] * (mids + 1))), None))
+        for data_bits, final_wbits in options:
+            # key-switching noise shrinks with the special prime, which costs no ciphertext size:
+            # take the largest the budget allows; a few bits under the largest data prime only
+            # adds noise far below the scale
+            special = min(MAX_PRIME_BITS, HE_STD_128[n] - sum(data_bits))
+            bits = (*data_bits, special)
+            if special < max(data_bits) - SPECIAL_PRIME_SLACK:
+                refusals.append(f"N={n}: log2(QP)={sum(data_bits) + max(data_bits)} > {HE_STD_128[n]}")
+                continue
+            check_secure(n, bits)
+            return CKKSParams(n, tuple(int(b) for b in bits), int(scale_bits), final_wbits)
+    raise InsecureParametersError(
+        "no 128-bit secure parameters hold this plan at the requested precision ("
+        + "; ".join(refusals) + ")"
+    )

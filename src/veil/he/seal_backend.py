@@ -1,0 +1,295 @@
+"""`CKKSBackend` on Microsoft SEAL 4.1 through `tenseal.sealapi` (not TenSEAL's vectors).
+
+SEAL's Python binding serialises only through files, so objects go through a private temporary
+file (mode 0600, in /dev/shm when present so nothing reaches a disk). Untrusted bytes are
+checked before SEAL sees them (SEAL header magic/version/size, size bounds computed from the
+parameters) and loaded inside try/except; after loading, the parms_id, size and scale must be
+exactly what the plan expects. SEAL can abort the process on some malformed input, so nothing
+unchecked is handed to it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from veil.he.errors import HEError, InsecureParametersError
+from veil.he.params import CKKSParams, check_secure
+
+_SHM = "/dev/shm"  # noqa: S108 (mkstemp: unique 0600 files, RAM-backed so nothing hits a disk)
+_TMP_DIR = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
+_SEAL_MAGIC = 0xA15E
+_HEADER = struct.Struct("<HBBBBHQ")
+
+
+def _save(obj: Any) -> bytes:
+    fd, path = tempfile.mkstemp(prefix="veil-he-", dir=_TMP_DIR)
+    os.close(fd)
+    try:
+        obj.save(path)
+        return Path(path).read_bytes()
+    finally:
+        os.unlink(path)
+
+
+def _load(data: bytes, loader: Callable[[str], None]) -> None:
+    fd, path = tempfile.mkstemp(prefix="veil-he-", dir=_TMP_DIR)
+    try:
+        os.write(fd, data)
+        os.close(fd)
+        loader(path)
+    finally:
+        os.unlink(path)
+
+
+def check_header(data: bytes, what: str, max_size: int) -> None:
+    """Validate a SEAL serialization header before SEAL parses anything else."""
+    if not isinstance(data, bytes | bytearray) or len(data) < _HEADER.size:
+        raise HEError(f"bad_{what}", f"{what} is truncated ({len(data)} bytes)")
+    magic, header_size, major, _minor, compr, reserved, size = _HEADER.unpack_from(data)
+    if magic != _SEAL_MAGIC or header_size != _HEADER.size or major != 4 or reserved != 0:
+        raise HEError(f"bad_{what}", f"{what} is not a SEAL 4 object")
+    if compr not in (0, 1, 2):
+        raise HEError(f"bad_{what}", f"{what} has an unknown compression mode {compr}")
+    if size != len(data):
+        raise HEError(f"bad_{what}", f"{what} declares {size} bytes but has {len(data)} (truncated?)")
+    if size > max_size:
+        raise HEError(f"bad_{what}", f"{what} is {size} bytes, larger than {max_size} for these parameters")
+
+
+def make_context(params: CKKSParams) -> Any:
+    """A SEALContext for `params`, refused unless SEAL confirms 128-bit security."""
+    check_secure(params.poly_modulus_degree, params.coeff_bits)
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.poly_modulus_degree)
+    try:
+        parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_bits)))
+    except (ValueError, RuntimeError) as exc:
+        raise InsecureParametersError(f"SEAL refused the modulus chain: {exc}") from None
+    context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise InsecureParametersError(
+            f"SEAL refused the parameters at 128-bit security: {context.parameters_error_message()}"
+        )
+    return context
+
+
+@dataclass
+class EvalKeys:
+    """Server-side evaluation keys (never the secret key) and the Galois elements they cover."""
+
+    relin: Any | None
+    galois: Any | None
+    elements: frozenset[int] = field(default_factory=frozenset)
+    nbytes: int = 0
+
+
+class SealBackend:
+    """SEAL CKKS context for one parameter set; thread-safe (SEAL's evaluator is const)."""
+
+    def __init__(self, params: CKKSParams) -> None:
+        self.params = params
+        self.context = make_context(params)
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+        self.slot_count = self.encoder.slot_count()
+        self._chain: list[Any] = []
+        data = self.context.first_context_data()
+        while data is not None:
+            self._chain.append(data)
+            data = data.next_context_data()
+        self.levels = len(self._chain)
+        self._parms_ids = [d.parms_id() for d in self._chain]
+        self._primes = [[m.value() for m in d.parms().coeff_modulus()] for d in self._chain]
+        self.n = params.poly_modulus_degree
+
+    # --- encoding -----------------------------------------------------------------------------
+    def encode(self, values: np.ndarray | float, scale: float, level: int) -> Any:
+        plain = seal.Plaintext()
+        if isinstance(values, float | int | np.floating):
+            self.encoder.encode(float(values), self._parms_ids[level], float(scale), plain)
+        else:
+            vec = np.asarray(values, dtype=np.float64).reshape(-1)
+            if vec.size > self.slot_count:
+                raise HEError("bad_request", f"{vec.size} values do not fit {self.slot_count} slots")
+            self.encoder.encode(vec.tolist(), self._parms_ids[level], float(scale), plain)
+        return plain
+
+    def decode(self, plain: Any) -> np.ndarray:
+        return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
+
+    def prime(self, level: int) -> int:
+        return int(self._primes[level][-1])
+
+    def primes(self, level: int = 0) -> list[int]:
+        return list(self._primes[level])
+
+    # --- arithmetic -----------------------------------------------------------------------------
+    def add(self, a: Any, b: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.add(a, b, out)
+        return out
+
+    def add_inplace(self, a: Any, b: Any) -> None:
+        self.evaluator.add_inplace(a, b)
+
+    def add_plain_inplace(self, a: Any, p: Any) -> None:
+        self.evaluator.add_plain_inplace(a, p)
+
+    def multiply_plain(self, a: Any, p: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.multiply_plain(a, p, out)
+        return out
+
+    def multiply(self, a: Any, b: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.multiply(a, b, out)
+        return out
+
+    def square(self, a: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.square(a, out)
+        return out
+
+    def relinearize_inplace(self, a: Any, relin_keys: Any) -> None:
+        self.evaluator.relinearize_inplace(a, relin_keys)
+
+    def rescale_inplace(self, a: Any) -> None:
+        self.evaluator.rescale_to_next_inplace(a)
+
+    def galois_element(self, step: int) -> int:
+        return pow(3, step % self.slot_count, 2 * self.n)
+
+    def rotate(self, a: Any, step: int, galois_keys: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.apply_galois(a, self.galois_element(step), galois_keys, out)
+        return out
+
+    def scale(self, a: Any) -> float:
+        return float(a.scale)
+
+    def level(self, a: Any) -> int:
+        return self._parms_ids.index(a.parms_id())
+
+    # --- serialization --------------------------------------------------------------------------
+    def serialize(self, obj: Any) -> bytes:
+        return _save(obj)
+
+    def ciphertext_bound(self, level: int) -> int:
+        """Largest honest serialized size of a 2-component ciphertext at `level`."""
+        return 2 * self.n * len(self._primes[level]) * 8 + 4096
+
+    def load_ciphertext(self, data: bytes, level: int, scale: float) -> Any:
+        check_header(data, "ciphertext", self.ciphertext_bound(level))
+        ct = seal.Ciphertext()
+        try:
+            _load(bytes(data), lambda path: ct.load(self.context, path))
+        except (RuntimeError, ValueError, MemoryError, TypeError) as exc:
+            raise HEError("bad_ciphertext", f"ciphertext does not load for these parameters ({exc})") from None
+        if ct.parms_id() != self._parms_ids[level]:
+            raise HEError("wrong_parameters", "ciphertext was made for other parameters or level")
+        if ct.size() != 2 or not ct.is_ntt_form():
+            raise HEError("bad_ciphertext", "ciphertext must be a fresh 2-component CKKS ciphertext")
+        if not abs(ct.scale / scale - 1.0) < 1e-9:
+            raise HEError("bad_ciphertext", f"ciphertext scale 2^{np.log2(ct.scale):.2f} is not 2^{np.log2(scale):.2f}")
+        return ct
+
+    def key_bound(self, count: int) -> int:
+        """Largest honest serialized size of `count` key-switching keys."""
+        k = len(self._primes[0])
+        return count * k * 2 * self.n * (k + 1) * 8 + 4096 * (count + 1)
+
+    def load_eval_keys(self, relin: bytes | None, galois: bytes | None, elements: list[int]) -> EvalKeys:
+        key_parms = self.context.key_parms_id()
+        relin_keys = galois_keys = None
+        try:
+            if relin is not None:
+                check_header(relin, "keys", self.key_bound(1))
+                relin_keys = seal.RelinKeys()
+                _load(bytes(relin), lambda p: relin_keys.load(self.context, p))
+                if relin_keys.parms_id() != key_parms or not seal.is_valid_for(relin_keys, self.context):
+                    raise HEError("wrong_parameters", "relinearization keys are for other parameters")
+            if galois is not None:
+                check_header(galois, "keys", self.key_bound(max(1, len(elements))))
+                galois_keys = seal.GaloisKeys()
+                _load(bytes(galois), lambda p: galois_keys.load(self.context, p))
+                if galois_keys.parms_id() != key_parms or not seal.is_valid_for(galois_keys, self.context):
+                    raise HEError("wrong_parameters", "Galois keys are for other parameters")
+                missing = [e for e in elements if not galois_keys.has_key(e)]
+                if missing:
+                    raise HEError("bad_keys", f"Galois keys lack elements {missing}")
+        except (RuntimeError, ValueError, MemoryError, TypeError) as exc:
+            raise HEError("bad_keys", f"evaluation keys do not load for these parameters ({exc})") from None
+        size = len(relin or b"") + len(galois or b"")
+        return EvalKeys(relin_keys, galois_keys, frozenset(elements), size)
+
+
+class SealSecretKey:
+    """The client's CKKS secret key: encrypts (seeded, symmetric) and decrypts. Never printed."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, backend: SealBackend, secret: Any | None = None) -> None:
+        self._backend = backend
+        if secret is None:
+            self._keygen = seal.KeyGenerator(backend.context)
+            secret = self._keygen.secret_key()
+        else:
+            self._keygen = seal.KeyGenerator(backend.context, secret)
+        self._secret = secret
+        self._encryptor = seal.Encryptor(backend.context, secret)
+        self._decryptor = seal.Decryptor(backend.context, secret)
+
+    def __repr__(self) -> str:
+        return "SealSecretKey(<secret>)"
+
+    @classmethod
+    def load(cls, backend: SealBackend, data: bytes) -> SealSecretKey:
+        check_header(data, "secret_key", backend.key_bound(1))
+        secret = seal.SecretKey()
+        try:
+            _load(data, lambda p: secret.load(backend.context, p))
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise HEError("bad_keys", f"secret key does not load for these parameters ({exc})") from None
+        return cls(backend, secret)
+
+    def export(self) -> bytes:
+        """The secret key's bytes, for the client's own key file only."""
+        return _save(self._secret)
+
+    def eval_keys(self, galois_elements: list[int], relin: bool) -> tuple[bytes | None, bytes | None]:
+        """Seeded (half-size) relinearization and Galois keys for the given Galois elements."""
+        relin_bytes = _save(self._keygen.create_relin_keys()) if relin else None
+        galois_bytes = (
+            _save(self._keygen.create_galois_keys(sorted(galois_elements))) if galois_elements else None
+        )
+        return relin_bytes, galois_bytes
+
+    def encrypt(self, values: np.ndarray, scale: float) -> bytes:
+        """Seeded symmetric encryption: the second polynomial travels as a 64-byte seed."""
+        plain = self._backend.encode(values, scale, 0)
+        return _save(self._encryptor.encrypt_symmetric(plain))
+
+    def decrypt(self, data: bytes, level: int | None = None) -> np.ndarray:
+        """Decrypt a server result; checks it belongs to this key's parameters first."""
+        backend = self._backend
+        check_header(data, "ciphertext", backend.ciphertext_bound(0))
+        ct = seal.Ciphertext()
+        try:
+            _load(data, lambda p: ct.load(backend.context, p))
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise HEError("bad_ciphertext", f"result does not load ({exc})") from None
+        if level is not None and backend.level(ct) != level:
+            raise HEError("bad_ciphertext", "result is at an unexpected level")
+        plain = seal.Plaintext()
+        self._decryptor.decrypt(ct, plain)
+        return backend.decode(plain)

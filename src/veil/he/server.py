@@ -1,0 +1,178 @@
+"""The server: evaluate a compiled plan on ciphertexts, in either packing.
+
+Per layer: weights are encoded at the scale of the prime the layer's rescale will drop (times
+the input scale's drift), the bias is added before that single rescale, so every layer leaves
+its result at exactly the input scale and the next layer's plaintexts can be prepared once per
+model. The last layer may skip its rescale (decided by the parameter selector) and is decrypted
+at scale * 2**final_weight_bits.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from veil.he.compiled import CompiledModel
+from veil.he.errors import HEError
+from veil.he.packing import LATENCY, THROUGHPUT, LatencyLayout, latency_layout
+from veil.he.seal_backend import EvalKeys, SealBackend
+
+
+@dataclass(frozen=True)
+class Step:
+    """Scales and levels of one layer, fixed by the parameters (computed once per model)."""
+
+    level: int  # level of the layer's input
+    scale_in: float
+    weight_scale: float
+    rescale: bool
+    square: bool
+    scale_out: float  # after the layer (and its square, if any)
+    level_out: int
+
+
+def schedule(compiled: CompiledModel, backend: SealBackend) -> list[Step]:
+    """Walk the plan through the modulus chain: which prime each rescale drops, which scales."""
+    delta = 2.0**compiled.params.scale_bits
+    level, scale = 0, delta
+    steps = []
+    last = len(compiled.plan.layers) - 1
+    for i, layer in enumerate(compiled.plan.layers):
+        rescale = not (i == last and compiled.params.final_weight_bits is not None)
+        if rescale:
+            w_scale = backend.prime(level) * delta / scale
+            out_scale, out_level = delta, level + 1
+        else:
+            w_scale = 2.0 ** compiled.params.final_weight_bits
+            out_scale, out_level = scale * w_scale, level
+        if layer.square:
+            out_scale = out_scale * out_scale / backend.prime(out_level)
+            out_level += 1
+        if out_level > backend.levels - 1:
+            raise HEError("bad_model", "the plan is deeper than its modulus chain", 500)
+        steps.append(Step(level, scale, w_scale, rescale, layer.square, out_scale, out_level))
+        level, scale = out_level, out_scale
+    return steps
+
+
+class ServerModel:
+    """A compiled model bound to a SEAL context; shared by all request threads."""
+
+    def __init__(self, compiled: CompiledModel, backend: SealBackend | None = None) -> None:
+        self.compiled = compiled
+        self.backend = backend or SealBackend(compiled.params)
+        self.steps = schedule(compiled, self.backend)
+        self.layout: LatencyLayout = latency_layout(compiled.plan, self.backend.slot_count)
+        self._plain_lock = threading.Lock()
+        self._latency_plain: list[tuple[list[list[Any]], Any]] | None = None
+        self.galois_elements = frozenset(compiled.galois_elements())
+
+    @property
+    def input_scale(self) -> float:
+        return 2.0**self.compiled.params.scale_bits
+
+    @property
+    def output_level(self) -> int:
+        return self.steps[-1].level_out
+
+    def _prepared(self) -> list[tuple[list[list[Any]], Any]]:
+        """Latency-mode diagonals and biases as plaintexts, encoded once per warm instance."""
+        with self._plain_lock:
+            if self._latency_plain is None:
+                be = self.backend
+                prepared = []
+                for prog, step in zip(self.layout.layers, self.steps, strict=True):
+                    diags = [
+                        [None if d is None else be.encode(d, step.weight_scale, step.level) for d in row]
+                        for row in prog.diagonals
+                    ]
+                    bias = be.encode(prog.bias, step.scale_in * step.weight_scale, step.level)
+                    prepared.append((diags, bias))
+                self._latency_plain = prepared
+            return self._latency_plain
+
+    def evaluate(self, packing: str, cts: list[Any], keys: EvalKeys) -> list[Any]:
+        if self.compiled.needs_relin() and keys.relin is None:
+            raise HEError("missing_keys", "this model needs relinearization keys; upload them first")
+        if packing == LATENCY:
+            if keys.galois is None or not self.galois_elements <= keys.elements:
+                raise HEError("missing_keys", "latency packing needs the model's Galois keys")
+            return [self._latency_one(ct, keys) for ct in cts]
+        if packing == THROUGHPUT:
+            return self._throughput(cts, keys)
+        raise HEError("bad_request", f"unknown packing {packing!r}")
+
+    def _latency_one(self, x: Any, keys: EvalKeys) -> Any:
+        be = self.backend
+        for prog, step, (diags, bias) in zip(self.layout.layers, self.steps, self._prepared(), strict=True):
+            needed = {i for row in diags for i, d in enumerate(row) if d is not None}
+            babies = {i: (x if i == 0 else be.rotate(x, i, keys.galois)) for i in needed}
+            acc = None
+            for j, row in enumerate(diags):
+                inner = None
+                for i, plain in enumerate(row):
+                    if plain is None:
+                        continue
+                    term = be.multiply_plain(babies[i], plain)
+                    if inner is None:
+                        inner = term
+                    else:
+                        be.add_inplace(inner, term)
+                if inner is None:
+                    continue
+                if j:
+                    inner = be.rotate(inner, j * prog.baby, keys.galois)
+                if acc is None:
+                    acc = inner
+                else:
+                    be.add_inplace(acc, inner)
+            if acc is None:
+                raise HEError("bad_model", "a layer has only zero weights", 500)
+            # the last layer's bias sits in slots [0, m) only, so it survives the rotate-and-sum
+            # once; adding it before the rescale lets the sum's rotations run one prime lighter
+            be.add_plain_inplace(acc, bias)
+            if step.rescale:
+                be.rescale_inplace(acc)
+            for s in prog.sum_steps:
+                be.add_inplace(acc, be.rotate(acc, s, keys.galois))
+            if step.square:
+                acc = self._square(acc, keys)
+            if prog.replicate_step is not None:
+                be.add_inplace(acc, be.rotate(acc, prog.replicate_step, keys.galois))
+            x = acc
+        return x
+
+    def _square(self, ct: Any, keys: EvalKeys) -> Any:
+        be = self.backend
+        out = be.square(ct)
+        be.relinearize_inplace(out, keys.relin)
+        be.rescale_inplace(out)
+        return out
+
+    def _throughput(self, feats: list[Any], keys: EvalKeys) -> list[Any]:
+        be = self.backend
+        for layer, step in zip(self.compiled.plan.layers, self.steps, strict=True):
+            w, b = layer.affine.weight, layer.affine.bias
+            outs = []
+            for j in range(w.shape[0]):
+                acc = None
+                for i in np.flatnonzero(np.abs(w[j]) * step.weight_scale >= 1.0):
+                    term = be.multiply_plain(feats[i], be.encode(float(w[j, i]), step.weight_scale, step.level))
+                    if acc is None:
+                        acc = term
+                    else:
+                        be.add_inplace(acc, term)
+                if acc is None:  # a dead unit: x0 / weight_scale stays far below the precision target
+                    tiny = be.encode(1.0 / step.weight_scale, step.weight_scale, step.level)
+                    acc = be.multiply_plain(feats[0], tiny)
+                be.add_plain_inplace(acc, be.encode(float(b[j]), step.scale_in * step.weight_scale, step.level))
+                if step.rescale:
+                    be.rescale_inplace(acc)
+                if step.square:
+                    acc = self._square(acc, keys)
+                outs.append(acc)
+            feats = outs
+        return feats
