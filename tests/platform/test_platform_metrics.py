@@ -14,6 +14,8 @@ def test_gb_seconds_match_memory_times_lifetime(platform, echo_spec, wait_until)
     platform.invoke("echo", {}, timeout=5)
     t_after_call = time.monotonic()
     assert wait_until(lambda: platform.instances("echo") == [], timeout=5)
+    # billing stops once the process is gone, a moment after it leaves the routing table
+    assert wait_until(lambda: platform.metrics("echo")["instances"] == 0, timeout=5)
     t_gone = time.monotonic()
     m = platform.metrics("echo")
     # lifetime lies between (last use + idle timeout) and the moment we saw it gone

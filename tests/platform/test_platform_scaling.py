@@ -131,6 +131,8 @@ def test_idle_timeout_scales_to_zero_and_billing_stops(platform, echo_spec, wait
     pid = platform.invoke("echo", {}, timeout=5)["pid"]
     assert len(platform.instances("echo")) == 1
     assert wait_until(lambda: platform.instances("echo") == [], timeout=5)
+    # billing stops once the process is gone, a moment after it leaves the routing table
+    assert wait_until(lambda: platform.metrics("echo")["instances"] == 0, timeout=5)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     m1 = platform.metrics("echo")
     assert m1["instances"] == 0 and m1["instance_timeline"][-1][1] == 0

@@ -17,11 +17,11 @@ import httpx
 from veil.platform.errors import ActionError, PlatformError
 from veil.platform.instance import InstanceGone
 from veil.platform.pool import FunctionPool, Lease
+from veil.platform.spec import FunctionSpec
 
 
-def encode_activation(pool: FunctionPool, value: dict, deadline: float) -> bytes:
+def encode_activation(spec: FunctionSpec, value: dict, deadline: float) -> bytes:
     """The OpenWhisk /run body for `value`, with a fresh activation id."""
-    spec = pool.spec
     remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
     body = {
         "value": value,
@@ -52,7 +52,7 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
         raise PlatformError("bad_request", f"function {pool.name!r}: value must be a JSON object", status=400)
     arrival = time.monotonic()
     deadline = arrival + timeout
-    encode_activation(pool, value, deadline)  # fail fast on bad values, before taking a slot
+    encode_activation(pool.spec, value, deadline)  # fail fast on bad values, before taking a slot
     queued_s = 0.0
     first: tuple[Lease, InstanceGone] | None = None
     while True:
@@ -71,7 +71,7 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
         try:
             if remaining <= 0:
                 raise httpx.ReadTimeout("deadline passed before dispatch")
-            result = lease.instance.run(encode_activation(pool, value, deadline), remaining)
+            result = lease.instance.run(encode_activation(pool.spec, value, deadline), remaining)
         except InstanceGone as gone:
             crashed = pool.instance_gone(lease, gone)
             if instance_id is None and first is None:
