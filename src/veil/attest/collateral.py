@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -111,6 +111,13 @@ class DcapCollateral:
             fields[name] = value
         return cls(fields)
 
+    @staticmethod
+    @lru_cache(maxsize=32)
+    def parse(data: bytes) -> DcapCollateral:
+        """`from_json`, memoised by content: a verifier sees the same collateral many times,
+        and a parsed `DcapCollateral` is never modified (its derived values are cached)."""
+        return DcapCollateral.from_json(data)
+
     def to_json(self) -> bytes:
         return json.dumps(self.fields, sort_keys=True).encode()
 
@@ -191,6 +198,10 @@ class DcapCollateral:
                 expected=f"<= {now.isoformat()}",
                 actual=first.issued.isoformat(),
             )
+
+    @cached_property
+    def qvl(self) -> Any:
+        return self.to_qvl()
 
     def to_qvl(self) -> Any:
         """The `dcap_qvl.QuoteCollateralV3` for this collateral."""

@@ -259,8 +259,14 @@ def pem_chain(pem: bytes, field_name: str) -> list[bytes]:
 
     Canonical means re-encoding the DER gives back the same base64 text, so a flipped bit in
     base64 padding bits (which a lenient decoder maps to the same DER) is also refused.
-    Only newlines and NUL bytes may surround the certificates.
+    Only newlines and NUL bytes may surround the certificates. Memoised: a pure function of
+    the bytes (failures are not memoised and are recomputed, with the field named).
     """
+    return list(_pem_chain_cached(pem, field_name))
+
+
+@lru_cache(maxsize=256)
+def _pem_chain_cached(pem: bytes, field_name: str) -> tuple[bytes, ...]:
     ders: list[bytes] = []
     pos = 0
     for match in _PEM_RE.finditer(pem):
@@ -279,7 +285,7 @@ def pem_chain(pem: bytes, field_name: str) -> list[bytes]:
         raise VerificationError(f"{field_name}[{len(ders)}]", "unexpected bytes after the certificates (bad PEM)")
     if not ders:
         raise VerificationError(field_name, "no PEM certificate found")
-    return ders
+    return tuple(ders)
 
 
 @lru_cache(maxsize=256)
@@ -376,8 +382,20 @@ def _find_der_oid(der: bytes, dotted: str) -> bytes | None:
 # --- collateral checks ---------------------------------------------------------------------
 
 
+# (collateral digest, root pin) -> the time window in which its chains were found valid
+_CHAINS_OK: dict[tuple[str, str], tuple[datetime, datetime]] = {}
+
+
 def _check_collateral_chains(col: DcapCollateral, root_sha256: str, now: datetime) -> None:
-    """Strictly decode and verify the three issuer chains and the CRL signatures."""
+    """Strictly decode and verify the three issuer chains and the CRL signatures.
+
+    The outcome depends only on the collateral bytes, the pinned root and whether `now` lies
+    within every certificate's validity, so a success is remembered with that window.
+    """
+    key = (col.digest, root_sha256)
+    window = _CHAINS_OK.get(key)
+    if window is not None and window[0] <= now <= window[1]:
+        return
     chains = {}
     for name in ("pck_crl_issuer_chain", "tcb_info_issuer_chain", "qe_identity_issuer_chain"):
         ders = pem_chain(col.fields[name].encode(), f"collateral.{name}")
@@ -386,9 +404,14 @@ def _check_collateral_chains(col: DcapCollateral, root_sha256: str, now: datetim
     root = chains["pck_crl_issuer_chain"][-1]
     for crl_name, signer in (("pck_crl", pck_ca), ("root_ca_crl", root)):
         crl = _load_crl(col.fields[crl_name])
-        key = signer.public_key()
-        if crl is None or not isinstance(key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(key):
+        if crl is None or not isinstance(signer_key := signer.public_key(), ec.EllipticCurvePublicKey):
+            raise VerificationError(f"collateral.{crl_name}", "CRL does not parse or its issuer key is not ECDSA")
+        if not crl.is_signature_valid(signer_key):
             raise VerificationError(f"collateral.{crl_name}", "CRL signature does not verify under its issuer")
+    certs = [c for chain in chains.values() for c in chain]
+    if len(_CHAINS_OK) > 64:
+        _CHAINS_OK.clear()
+    _CHAINS_OK[key] = (max(c.not_valid_before_utc for c in certs), min(c.not_valid_after_utc for c in certs))
 
 
 @lru_cache(maxsize=64)
@@ -467,7 +490,7 @@ def _collateral_for(evidence: Evidence, trust: Any, now: datetime) -> DcapCollat
             "collateral",
             "no DCAP collateral: configure TrustConfig.collateral (offline file or PCCS) or send it with the evidence",
         )
-    return DcapCollateral.from_json(data)
+    return DcapCollateral.parse(data)
 
 
 def _verify_dcap(evidence: Evidence, trust: Any, now: datetime, expected_kind: str) -> VerifiedReport:
@@ -497,9 +520,9 @@ def _verify_dcap(evidence: Evidence, trust: Any, now: datetime, expected_kind: s
     now_secs = int(now.timestamp())
     try:
         if "intel_root_ca_sha256" in options:
-            result = dcap_qvl.verify_with_root_ca(evidence.raw, collateral.to_qvl(), pck_ders[-1], now_secs)
+            result = dcap_qvl.verify_with_root_ca(evidence.raw, collateral.qvl, pck_ders[-1], now_secs)
         else:
-            result = dcap_qvl.verify(evidence.raw, collateral.to_qvl(), now_secs)
+            result = dcap_qvl.verify(evidence.raw, collateral.qvl, now_secs)
     except ValueError as exc:
         raise _translate(exc) from None
 
