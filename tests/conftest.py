@@ -189,3 +189,25 @@ def keyservice_factory() -> Iterator:
 def veil_cli() -> list[str]:
     """argv prefix of the `veil` command (`python -m veil.cli`), for real-process tests."""
     return veil_command()
+
+
+@pytest.fixture
+def serve_app() -> Iterator:
+    """`serve_app(asgi_app) -> url`: serve any ASGI app on loopback for the test's duration."""
+    servers: list[UvicornThread] = []
+
+    def start(app: object) -> str:
+        server = UvicornThread(app)
+        server.start()
+        servers.append(server)
+        return server.url
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def free_tcp_port() -> int:
+    """A loopback TCP port that was free when the test started."""
+    return free_port()

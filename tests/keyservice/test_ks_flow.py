@@ -197,30 +197,25 @@ def test_evidence_from_untrusted_root_or_for_another_key_is_refused(keyservice_s
     assert (status, code) == (403, "attestation_refused")
 
 
-def test_simulated_evidence_refused_where_not_allowed(tmp_path, keyservice_server) -> None:
+def test_simulated_evidence_refused_where_not_allowed(keyservice_server, serve_app) -> None:
     """A KeyService whose policy disallows simulation refuses sim evidence even from a known root."""
-    from conftest import UvicornThread
+    import httpx
+
     from veil.attest.validate import Policy
     from veil.keyservice.api import create_app
     from veil.keyservice.service import KeyService
 
     ks = keyservice_server
     strict = KeyService(ks.service.store, ks.service.provider, ks.trust(), Policy(allow_simulated=False))
-    server = UvicornThread(create_app(strict))
-    server.start()
-    try:
-        import httpx
-
-        pair = hpke.HpkeKeyPair.generate()
-        with httpx.Client(base_url=server.url) as http:
-            challenge = b64d(http.post("/v1/attest/challenge").json()["challenge"])
-            ev = SimProvider(ks.sim_root, RUNTIME).get_evidence(wire.runtime_binding(pair.public_key, challenge))
-            body = {"v": 1, "challenge": b64e(challenge), "public_key": b64e(pair.public_key), "evidence": ev.to_json()}
-            answer = http.post("/v1/attest", json=body)
-        assert error_of(answer) == (403, "attestation_refused")
-        assert "simulated attestation is not allowed" in answer.json()["error"]["message"]
-    finally:
-        server.stop()
+    url = serve_app(create_app(strict))
+    pair = hpke.HpkeKeyPair.generate()
+    with httpx.Client(base_url=url) as http:
+        challenge = b64d(http.post("/v1/attest/challenge").json()["challenge"])
+        ev = SimProvider(ks.sim_root, RUNTIME).get_evidence(wire.runtime_binding(pair.public_key, challenge))
+        body = {"v": 1, "challenge": b64e(challenge), "public_key": b64e(pair.public_key), "evidence": ev.to_json()}
+        answer = http.post("/v1/attest", json=body)
+    assert error_of(answer) == (403, "attestation_refused")
+    assert "simulated attestation is not allowed" in answer.json()["error"]["message"]
 
 
 def test_unknown_session_is_refused(keyservice_server) -> None:
