@@ -53,6 +53,7 @@ class Costs:
         return float(samples[int(rng.integers(len(samples)))])
 
     def to_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.__dict__, indent=1, sort_keys=True))
 
     @classmethod
