@@ -101,13 +101,16 @@ class HEAction:
     def upload_keys(self, value: dict[str, Any]) -> dict[str, Any]:
         req = UploadKeys.parse(value, MAX_KEY_BYTES)
         kid = compute_key_id(req.keys)
+        server = self.model(req.model)
+        digest = server.compiled.params_digest()
         with self._lock:
-            if kid in self._keys:
+            cached = self._keys.get(kid)
+            if cached is not None and cached[0] == digest:
                 self._keys.move_to_end(kid)
                 return {"v": 1, "key_id": kid, "cached": True, "bytes": len(req.keys)}
-        server = self.model(req.model)
+        if cached is not None:
+            raise HEError("wrong_parameters", "evaluation keys were made for other parameters than this model's")
         blob = unpack_eval_keys(req.keys)
-        digest = server.compiled.params_digest()
         if blob.params_digest != digest:
             raise HEError("wrong_parameters", "evaluation keys were made for other parameters than this model's")
         if server.compiled.needs_relin() and blob.relin is None:
