@@ -251,3 +251,23 @@ def test_at_rest_round_trip_flip_and_row_binding(plaintext: bytes, record: str, 
 def test_aead_short_input_is_malformed() -> None:
     with pytest.raises(MalformedError):
         aead.decrypt(KEY, os.urandom(27), b"")
+
+
+@FAST
+@given(st.binary(max_size=64), st.binary(max_size=32), st.binary(max_size=32), st.binary(min_size=32, max_size=32))
+def test_native_hpke_matches_pyhpke_reference(plaintext: bytes, info: bytes, aad: bytes, eph: bytes) -> None:
+    """Our RFC 9180 implementation gives byte-identical output to pyhpke with the same ephemeral key."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from pyhpke import KEMKey, KEMKeyPair
+
+    sk = X25519PrivateKey.from_private_bytes(eph)
+    ours = hpke._seal_with(sk, RECIPIENT.public_key, plaintext, info=info, aad=aad)
+    eks = KEMKeyPair(KEMKey.from_pyca_cryptography_key(sk), KEMKey.from_pyca_cryptography_key(sk.public_key()))
+    enc, ctx = hpke.SUITE.create_sender_context(
+        hpke.SUITE.kem.deserialize_public_key(RECIPIENT.public_key), info=info, eks=eks
+    )
+    assert ours == enc + ctx.seal(plaintext, aad=aad)
+    recipient = hpke.SUITE.create_recipient_context(
+        ours[:32], KEMKey.from_pyca_cryptography_key(X25519PrivateKey.from_private_bytes(bytes(range(32)))), info=info
+    )
+    assert recipient.open(ours[32:], aad=aad) == plaintext
