@@ -22,7 +22,8 @@ def test_revoked_user_is_refused_within_the_key_cache_ttl(make_stack):
     x = lr.x_test[:2]
     for u in (victim, bystander):  # both warm: their keys are cached in the instance
         assert_matches_reference(lr, x, stack.infer(u, LR, x))
-        assert_matches_reference(stack.models[MLP], stack.models[MLP].x_test[:2], stack.infer(u, MLP, stack.models[MLP].x_test[:2]))
+        mx = stack.models[MLP].x_test[:2]
+        assert_matches_reference(stack.models[MLP], mx, stack.infer(u, MLP, mx))
 
     stack.owner.revoke(LR, victim.id)
     revoked_at = time.monotonic()

@@ -22,6 +22,10 @@ from veil.runtime import tensors
 
 SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 LR = "breast-cancer-lr"
+# the shape of OpenWhisk's guest API key (a well-known development default, not a secret)
+OW_GUEST_KEY = (
+    "23bc46b1-71f6-4ed5-8c54-816aa4f8c502:" + "123zO3xZCLrMN6v2BKK1dXYFpXlPkccOFqm12CdAsMgRU4VrNZ9lyGVCGuMDGIwP"
+)
 
 
 @dataclass
@@ -114,7 +118,7 @@ def _activation(value: dict) -> dict:
         "action_version": "0.0.1",
         "namespace": "guest",
         "deadline": str(int(time.time() * 1000) + 60_000),
-        "api_key": "23bc46b1-71f6-4ed5-8c54-816aa4f8c502:123zO3xZCLrMN6v2BKK1dXYFpXlPkccOFqm12CdAsMgRU4VrNZ9lyGVCGuMDGIwP",
+        "api_key": OW_GUEST_KEY,
     }
 
 

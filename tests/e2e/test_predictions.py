@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from e2e_support import assert_matches_reference
 
 ROWS = 40  # single-row requests per model
