@@ -47,7 +47,10 @@ def test_other_inflight_requests_on_a_crashed_instance_are_retried(platform, ech
     results: list = []
 
     def slow() -> None:
-        results.append(platform.invoke("echo", {"sleep": 0.5}, timeout=10))
+        try:
+            results.append(platform.invoke("echo", {"sleep": 0.5}, timeout=10))
+        except Exception as e:  # surfaced by the assertion below
+            results.append(e)
 
     threads = [threading.Thread(target=slow) for _ in range(2)]
     for t in threads:
@@ -56,7 +59,8 @@ def test_other_inflight_requests_on_a_crashed_instance_are_retried(platform, ech
     crash = platform.invoke("echo", {"sleep": 0.1, "crash_once": str(marker)}, timeout=10)
     for t in threads:
         t.join(10)
-    assert len(results) == 2 and all(r["echo"] == {"sleep": 0.5} for r in results)
+    assert len(results) == 2 and all(isinstance(r, dict) for r in results), results
+    assert all(r["echo"] == {"sleep": 0.5} for r in results)
     assert len({r["pid"] for r in results} | {crash["pid"]}) == 1  # all on the replacement
     assert platform.metrics("echo")["retries"] == 3
 

@@ -12,6 +12,13 @@ import pytest
 from veil.platform import ActionError, FunctionSpec, LocalPlatform, PlatformError
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_cold_start_then_warm_hit(platform, echo_spec):
     platform.deploy(echo_spec(init_value={"model": "m1"}))
     assert platform.instances("echo") == []
@@ -147,7 +154,7 @@ def test_packer_api_start_invoke_keep_alive_stop(platform, echo_spec, wait_until
 
     platform.set_keep_alive("echo", a, 0.1)  # only `a` idles out
     assert wait_until(lambda: [i.id for i in platform.instances("echo")] == [b], timeout=5)
-    assert not psutil.pid_exists(infos[a].pid) or psutil.Process(infos[a].pid).status() == "zombie"
+    assert wait_until(lambda: _gone(infos[a].pid))
     with pytest.raises(PlatformError) as ei:
         platform.invoke_instance("echo", a, {}, timeout=1)
     assert ei.value.code == "unknown_instance" and "idle timeout" in ei.value.message
@@ -194,7 +201,7 @@ def test_remove_stops_instances_and_keeps_metrics(platform, echo_spec):
     platform.deploy(echo_spec())
     pid = platform.invoke("echo", {}, timeout=5)["pid"]
     platform.remove("echo")
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert _gone(pid)
     with pytest.raises(PlatformError) as ei:
         platform.invoke("echo", {}, timeout=1)
     assert ei.value.code == "unknown_function"
@@ -211,7 +218,7 @@ def test_close_kills_every_instance(tmp_path, echo_spec):
     p.close()
     p.close()  # idempotent
     for pid in pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        assert _gone(pid)
     with pytest.raises(PlatformError) as ei:
         p.invoke("echo", {}, timeout=1)
     assert ei.value.code == "closed"

@@ -133,7 +133,7 @@ def test_idle_timeout_scales_to_zero_and_billing_stops(platform, echo_spec, wait
     assert wait_until(lambda: platform.instances("echo") == [], timeout=5)
     # billing stops once the process is gone, a moment after it leaves the routing table
     assert wait_until(lambda: platform.metrics("echo")["instances"] == 0, timeout=5)
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     m1 = platform.metrics("echo")
     assert m1["instances"] == 0 and m1["instance_timeline"][-1][1] == 0
     time.sleep(0.3)
@@ -166,3 +166,27 @@ def test_concurrent_cold_starts_respect_max_instances(platform, echo_spec):
     assert len(set(pids)) == 2
     m = platform.metrics("echo")
     assert m["cold_starts"] == 2 and m["peak_instances"] == 2
+
+
+def test_queue_is_first_come_first_served(platform, echo_spec, wait_until):
+    platform.deploy(echo_spec(concurrency=1, max_instances=1, max_queue=16))
+    platform.start_instance("echo")
+    order: list[int] = []
+    lock = threading.Lock()
+
+    def call(i: int, sleep: float) -> None:
+        platform.invoke("echo", {"i": i, "sleep": sleep}, timeout=20)
+        with lock:
+            order.append(i)
+
+    threads = [threading.Thread(target=call, args=(0, 0.3))]
+    threads[0].start()
+    assert wait_until(lambda: platform.metrics("echo")["inflight"] == 1)
+    for i in range(1, 7):
+        t = threading.Thread(target=call, args=(i, 0.02))
+        t.start()
+        threads.append(t)
+        assert wait_until(lambda i=i: platform.metrics("echo")["queued"] == i)
+    for t in threads:
+        t.join(20)
+    assert order == list(range(7))

@@ -211,9 +211,10 @@ class Instance:
         except httpx.TimeoutException:
             raise
         except httpx.TransportError as e:
-            # A crash shows up as a reset or a closed connection; give the exit a moment to be
-            # observable so we can tell a crash from a broken connection.
-            code = self.wait_exit(0.5)
+            # A crash shows up as a reset or a closed connection; give the exit time to be
+            # observable (a loaded host can take a while to tear a process down) so we can
+            # tell a crash from a connection that broke on its own.
+            code = self.wait_exit(2.0)
             what = f"exited with code {code}" if code is not None else "connection lost"
             raise InstanceGone(f"{what} ({type(e).__name__})", code) from None
         return self._parse_run(resp)

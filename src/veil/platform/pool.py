@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +68,8 @@ class FunctionPool:
         self.generation = 0
         self.cond = threading.Condition()
         self.instances: list[Instance] = []
-        self.queued = 0
+        self.queued = 0  # waiters of acquire (in _fifo) and of acquire_on
+        self._fifo: deque[object] = deque()
         self.closed = False
         self.metrics = FunctionMetrics(spec.name, origin)
         self._log_dir = log_dir
@@ -170,6 +171,11 @@ class FunctionPool:
         except Exception as e:  # a bug or an OS error must not leave waiters hanging
             log.exception("starting instance %s of %r failed", inst.id, self.name)
             error = PlatformError("start_failed", f"function {self.name!r}: instance {inst.id} failed to start: {e}")
+        if error is not None:
+            # Kill and bill the failed start before waiters hear of it, so what they observe
+            # next (instances, metrics) is already consistent.
+            inst.terminate(grace=0.5)
+            self.metrics.instance_ended(inst.id, time.monotonic())
         now = time.monotonic()
         with self.cond:
             stopped = inst.state == STOPPED
@@ -177,6 +183,7 @@ class FunctionPool:
                 inst.state = READY
                 inst.ready_mono = inst.last_used_mono = now
                 self._fail_streak = 0
+                self.metrics.instance_ready(now - inst.started_mono)
             elif not stopped:
                 inst.state = DEAD
                 inst.start_error = error
@@ -185,9 +192,12 @@ class FunctionPool:
                 self._remember_end(inst.id, "failed to start")
                 self._fail_streak += 1
                 self._next_min_start = now + min(30.0, 0.5 * 2**self._fail_streak)
+                self.metrics.start_failed()
             self.cond.notify_all()
-        if error is None and not stopped:
-            self.metrics.instance_ready(now - inst.started_mono)
+        if stopped:  # stopped while starting: this thread owns the process
+            inst.terminate(grace=0.5)
+            self.metrics.instance_ended(inst.id, time.monotonic())
+        elif error is None:
             log.info(
                 "function %r: instance %s ready on port %d in %.0f ms",
                 self.name,
@@ -195,18 +205,19 @@ class FunctionPool:
                 inst.port,
                 (now - inst.started_mono) * 1000,
             )
-            return
-        if error is not None and not stopped:
-            self.metrics.start_failed()
+        else:
             log.warning("%s", error.message)
-        inst.terminate(grace=0.5)
-        self.metrics.instance_ended(inst.id, time.monotonic())
 
     # -- slots -----------------------------------------------------------------------------
 
     def acquire(self, deadline: float) -> Lease:
-        """A slot on some instance, cold-starting or queueing as the rules above say."""
+        """A slot on some instance, cold-starting or queueing as the rules above say.
+
+        Waiters are served first come, first served: a newcomer never takes a freed slot while
+        others are queued, so queue times are fair and nobody starves until its deadline.
+        """
         t0 = time.monotonic()
+        ticket = object()
         with self.cond:
             reserved: Instance | None = None
             queued = False
@@ -226,23 +237,26 @@ class FunctionPool:
                             reserved = None
                             raise err
                     else:
-                        inst = self._pick_ready()
+                        my_turn = not self._fifo or self._fifo[0] is ticket
+                        inst = self._pick_ready() if my_turn else None
                         if inst is not None:
                             inst.inflight += 1
                             return Lease(inst, cold=False, queued_s=time.monotonic() - t0)
-                        inst = self._pick_starting()
-                        if inst is None and self._alive_count() < self.spec.max_instances:
-                            inst = self._begin_start()
+                        if my_turn:
+                            inst = self._pick_starting()
+                            if inst is None and self._alive_count() < self.spec.max_instances:
+                                inst = self._begin_start()
                         if inst is not None:
                             inst.inflight += 1
                             reserved = inst
                             if queued:
-                                self.queued -= 1
+                                self._leave_queue(ticket)
                                 queued = False
                             continue
                         if not queued:
                             if self.queued >= self.spec.max_queue:
                                 raise self._busy()
+                            self._fifo.append(ticket)
                             self.queued += 1
                             queued = True
                     remaining = deadline - time.monotonic()
@@ -251,10 +265,16 @@ class FunctionPool:
                     self.cond.wait(remaining)
             finally:
                 if queued:
-                    self.queued -= 1
+                    self._leave_queue(ticket)
                 if reserved is not None:  # leaving with an exception: give the slot back
                     reserved.inflight = max(0, reserved.inflight - 1)
                     self.cond.notify_all()
+
+    def _leave_queue(self, ticket: object) -> None:
+        """Drop a waiter's ticket and wake the others: the next in line may go now."""
+        self._fifo.remove(ticket)
+        self.queued -= 1
+        self.cond.notify_all()
 
     def acquire_on(self, instance_id: str, deadline: float) -> Lease:
         """A slot on one given instance (the packer's routing), waiting for room or readiness."""
