@@ -9,7 +9,9 @@ import time
 import pytest
 from e2e_support import assert_matches_reference
 
+from veil.deployment import TEE_FUNCTION
 from veil.errors import VeilError
+from veil.platform.local import PlatformError
 
 LR, MLP = "breast-cancer-lr", "digits-mlp"
 TTL_S = 2.0
@@ -62,6 +64,20 @@ def test_revoked_user_is_refused_within_the_key_cache_ttl(make_stack):
             assert time.monotonic() < deadline, "re-grant never took effect"
             time.sleep(0.1)
 
+    # the user, too, can withdraw: deleting the request key stops releases within the TTL
+    mlp = stack.models[MLP]
+    victim.keyservice.delete_request_key(MLP)
+    withdrawn_at = time.monotonic()
+    while True:
+        try:
+            assert_matches_reference(mlp, mlp.x_test[:2], stack.infer(victim, MLP, mlp.x_test[:2]))
+        except VeilError as exc:
+            assert (exc.code, exc.status) == ("no_request_key", 403), (exc.code, exc.message)
+            break
+        assert time.monotonic() - withdrawn_at < TTL_S + 1.0, "withdrawn request key still released"
+        time.sleep(0.1)
+    assert_matches_reference(mlp, mlp.x_test[:2], stack.infer(bystander, MLP, mlp.x_test[:2]))
+
 
 def test_keyservice_down_is_a_clear_error_not_a_hang(make_stack):
     stack = make_stack()
@@ -93,6 +109,14 @@ def test_keyservice_down_is_a_clear_error_not_a_hang(make_stack):
         assert (err.code, err.status) == ("keyservice_unavailable", 503), (err.code, err.message)
         assert "KeyService" in err.message and "unreachable" in err.message
 
+    # a cold start cannot attest: it fails fast, naming the cause
+    t0 = time.monotonic()
+    with pytest.raises(PlatformError) as started:
+        stack.platform.start_instance(TEE_FUNCTION)
+    assert time.monotonic() - t0 < 15
+    assert started.value.code == "start_failed"
+    assert "keyservice_unavailable" in started.value.message, started.value.message
+
     # the instance itself is fine: no crash, still serving what it can
-    assert stack.platform.metrics("veil-tee")["crashes"] == 0
+    assert stack.platform.metrics(TEE_FUNCTION)["crashes"] == 0
     assert_matches_reference(lr, x, stack.infer(stack.user, LR, x))
