@@ -51,6 +51,7 @@ def test_openwhisk_environment_and_activation_fields(platform, echo_spec):
     assert env["__OW_NAMESPACE"] == "ns1"
     assert env["__OW_API_HOST"] == "local"
     assert env["VEIL_PORT"] == str(platform.instances("echo")[0].port)
+    assert env["VEIL_THREADS"] == "4"  # the runtime's request threads follow concurrency
     act = r["activation"]
     assert len(act["activation_id"]) == 32 and int(act["activation_id"], 16) >= 0
     assert act["action_name"] == "/ns1/echo" and act["namespace"] == "ns1"

@@ -118,10 +118,12 @@ class FunctionPool:
             raise PlatformError("closed", f"function {self.name!r} was removed or the platform closed")
 
     def _instance_env(self, instance_id: str) -> dict[str, str]:
-        """Inherited env, the spec's env, then what OpenWhisk's invoker exports to an action."""
+        """Inherited env; defaults the spec's env may override (the runtime's request threads =
+        the function's concurrency); then what OpenWhisk's invoker exports to an action."""
         ns = self.spec.namespace
         return {
             **os.environ,
+            "VEIL_THREADS": str(self.spec.concurrency),
             **self.spec.env,
             "__OW_ACTION_NAME": f"/{ns}/{self.spec.name}",
             "__OW_ACTION_VERSION": "0.0.1",
