@@ -74,7 +74,7 @@ def test_state_survives_restart(tmp_path, keyservice_factory) -> None:
     runtime = second.runtime(RUNTIME)
     assert runtime.release("iris", m.user.identity.id) == (m.model_key, m.request_key)
     # The old clients (pinned key, registered identities) still work against the restarted service.
-    m.owner._http.close()
+    m.owner.close()
     from veil.keyservice.client import PrincipalClient
 
     owner = PrincipalClient(

@@ -7,6 +7,7 @@ each module exposes `main(argv: list[str]) -> int`.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import click
@@ -32,5 +33,6 @@ def bench(suite: str, args: tuple[str, ...]) -> None:
     spec = importlib.util.spec_from_file_location(f"veil_bench_{suite}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look modules up by name
     spec.loader.exec_module(module)
     raise SystemExit(module.main(list(args)))

@@ -7,13 +7,13 @@ and pins the attested HPKE key; it sends no secret before that. A runtime client
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
 import threading
+import urllib.parse
 from typing import Any
-
-import httpx
 
 from veil.attest.evidence import Evidence
 from veil.attest.providers import EvidenceProvider
@@ -29,37 +29,73 @@ from veil.keyservice import wire
 log = logging.getLogger("veil.keyservice.client")
 
 
-def _raise_for(response: httpx.Response) -> dict[str, Any]:
+def _raise_for(status: int, raw: bytes) -> dict[str, Any]:
     try:
-        body = response.json()
+        body = json.loads(raw)
     except ValueError:
         body = None
-    if response.is_success and isinstance(body, dict):
+    if 200 <= status < 300 and isinstance(body, dict):
         return body
     err = body.get("error", {}) if isinstance(body, dict) else {}
     raise VeilError(
-        err.get("message", f"KeyService answered HTTP {response.status_code}"),
+        err.get("message", f"KeyService answered HTTP {status}"),
         code=err.get("code", "keyservice_error"),
-        status=response.status_code,
+        status=status,
     )
 
 
 class _Http:
+    """Keep-alive HTTP/1.1 to the KeyService on the standard library, one connection per thread.
+
+    Deliberately not httpx: this module is part of the runtime's measured code and its import
+    time is part of every cold start (httpx pulls in its CLI's dependencies).
+    """
+
     def __init__(self, base_url: str, timeout: float) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        parsed = urllib.parse.urlsplit(self.base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"KeyService URL must be http(s)://host[:port], got {base_url!r}")
+        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, parsed.port
+        self._prefix = parsed.path.rstrip("/")
+        self._timeout = timeout
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            conn = self._local.conn = cls(self._host, self._port, timeout=self._timeout)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def _send(self, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None) -> dict:
-        try:
-            response = self._http.request(method, path, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise Unavailable(
-                f"KeyService at {self.base_url} unreachable: {type(exc).__name__}", code="keyservice_unavailable"
-            ) from None
-        return _raise_for(response)
+        for attempt in (0, 1):  # a kept-alive connection the server closed is retried once
+            conn = self._connection()
+            try:
+                conn.request(method, self._prefix + path, body=body, headers=headers or {})
+                response = conn.getresponse()
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop_connection()
+                stale = isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError)
+                if attempt == 0 and stale:
+                    continue
+                raise Unavailable(
+                    f"KeyService at {self.base_url} unreachable: {type(exc).__name__}", code="keyservice_unavailable"
+                ) from None
+            if response.will_close:
+                self._drop_connection()
+            return _raise_for(response.status, raw)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
-        self._http.close()
+        self._drop_connection()
 
 
 class PrincipalClient(_Http):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
-from veil.runtime.action_server import serve
+from veil.runtime.action_server import prewarm_imports, serve
 
 
 def main() -> None:
@@ -15,8 +16,12 @@ def main() -> None:
     host = os.environ.get(
         "VEIL_HOST", "0.0.0.0" if os.environ.get("__OW_API_HOST") not in (None, "local") else "127.0.0.1"
     )
+    init = os.environ.get("VEIL_INIT")
+    if os.environ.get("VEIL_PREWARM", "1") == "1" and init is None:
+        prewarm_imports()
     serve(
         int(os.environ.get("VEIL_PORT", "8080")),
+        init=json.loads(init) if init else None,
         threads=int(os.environ.get("VEIL_THREADS", "4")),
         queue=int(os.environ.get("VEIL_QUEUE", "32")),
         host=host,
