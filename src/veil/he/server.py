@@ -110,6 +110,10 @@ class ServerModel:
         for prog, step, (diags, bias) in zip(self.layout.layers, self.steps, self._prepared(), strict=True):
             needed = {i for row in diags for i, d in enumerate(row) if d is not None}
             babies = {i: (x if i == 0 else be.rotate(x, i, keys.galois)) for i in needed}
+            # Giant-step rotations are key switches whose cost grows with the number of primes:
+            # when the layer rescales, each partial sum is rescaled first (bias added to the
+            # unrotated group 0 before that rescale), so the rotations run one prime lighter.
+            early = step.rescale and diags[0] and any(d is not None for d in diags[0])
             acc = None
             for j, row in enumerate(diags):
                 inner = None
@@ -123,6 +127,10 @@ class ServerModel:
                         be.add_inplace(inner, term)
                 if inner is None:
                     continue
+                if early:
+                    if j == 0:
+                        be.add_plain_inplace(inner, bias)
+                    be.rescale_inplace(inner)
                 if j:
                     inner = be.rotate(inner, j * prog.baby, keys.galois)
                 if acc is None:
@@ -131,11 +139,13 @@ class ServerModel:
                     be.add_inplace(acc, inner)
             if acc is None:
                 raise HEError("bad_model", "a layer has only zero weights", 500)
-            # the last layer's bias sits in slots [0, m) only, so it survives the rotate-and-sum
-            # once; adding it before the rescale lets the sum's rotations run one prime lighter
-            be.add_plain_inplace(acc, bias)
-            if step.rescale:
-                be.rescale_inplace(acc)
+            if not early:
+                # the last layer's bias sits in slots [0, m) only, so it survives the
+                # rotate-and-sum once; adding it before the rescale lets the sum's rotations
+                # run one prime lighter
+                be.add_plain_inplace(acc, bias)
+                if step.rescale:
+                    be.rescale_inplace(acc)
             for s in prog.sum_steps:
                 be.add_inplace(acc, be.rotate(acc, s, keys.galois))
             if step.square:
