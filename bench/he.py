@@ -121,10 +121,7 @@ def worker_baseline(workdir: Path, reps: int) -> dict:
         if scaler is not None:  # the standard scaler as its own encrypted layer (no fusion)
             enc = enc * inv.tolist() + (-mu * inv).tolist()
         for i, (w, b) in enumerate(layers):
-            if w.shape[1] == 1:
-                enc = enc.dot(w[:, 0].tolist()) + b.tolist()
-            else:
-                enc = enc.mm(w.tolist()) + b.tolist()
+            enc = enc.dot(w[:, 0].tolist()) + b.tolist() if w.shape[1] == 1 else enc.mm(w.tolist()) + b.tolist()
             if i < len(layers) - 1 and meta["square"]:
                 enc = enc.square()
         result = ts.ckks_vector_from(ctx, enc.serialize())
@@ -181,15 +178,29 @@ def _prepare(task_name: str, workdir: Path) -> None:
     for i, op in enumerate(affines):
         np.save(workdir / f"bw{i}.npy", op.weight.T)  # (in, out) as TenSEAL's mm expects
         np.save(workdir / f"bb{i}.npy", op.bias)
-    meta = {"layers": len(affines), "square": len(ops) > len(affines), "scaler": scaler,
-            "accuracy_samples": len(task.x_test) if task_name == "breast_cancer_lr" else 60}
+    meta = {
+        "layers": len(affines),
+        "square": len(ops) > len(affines),
+        "scaler": scaler,
+        "accuracy_samples": len(task.x_test) if task_name == "breast_cancer_lr" else 60,
+    }
     (workdir / "baseline.json").write_text(json.dumps(meta))
 
 
 def _run_worker(side: str, workdir: Path, reps: int) -> dict:
     out = workdir / f"{side}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--workdir", str(workdir),
-           "--reps", str(reps), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--workdir",
+        str(workdir),
+        "--reps",
+        str(reps),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, env=_single_thread_env())
     return json.loads(out.read_text())
 
@@ -241,8 +252,13 @@ def main(argv: list[str]) -> int:
         fn = worker_veil if args.worker == "veil" else worker_baseline
         args.out.write_text(json.dumps(fn(args.workdir, args.reps)))
         return 0
-    report: dict = {"suite": "he", "reps": args.reps, "targets": TARGETS, "tasks": {},
-                    "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+    report: dict = {
+        "suite": "he",
+        "reps": args.reps,
+        "targets": TARGETS,
+        "tasks": {},
+        "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+    }
     for name in args.tasks.split(","):
         with tempfile.TemporaryDirectory(prefix=f"veil-bench-he-{name}-") as tmp:
             workdir = Path(tmp)

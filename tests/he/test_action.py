@@ -1,5 +1,6 @@
 """HEAction under bad input: every case is a clear HEError, and the instance keeps serving."""
 
+import contextlib
 import threading
 
 import pytest
@@ -129,10 +130,8 @@ def test_malformed_requests(action, lr_client, lr_task):
 @given(st.binary(max_size=200))
 def test_random_blobs_are_refused_cleanly(data):
     for fn in (lambda: unpack_eval_keys(data), lambda: check_header(data, "ciphertext", 10**6)):
-        try:
+        with contextlib.suppress(HEError):
             fn()
-        except HEError:
-            pass
 
 
 def test_concurrent_requests(action, mlp_remote, lr_remote, mlp_task, lr_task):

@@ -30,20 +30,50 @@ def test_cli_round_trip(tmp_path, lr_task):
     assert (keys / "secret.key").stat().st_mode & 0o077 == 0
     x = lr_task.x_test[:5]
     np.save(tmp_path / "x.npy", x)
-    r = runner.invoke(he, ["encrypt", "--spec", str(spec), "--keys", str(keys), "--input", str(tmp_path / "x.npy"),
-                           "--model", "bc", "--out", str(tmp_path / "req.json")])
+    r = runner.invoke(
+        he,
+        [
+            "encrypt",
+            "--spec",
+            str(spec),
+            "--keys",
+            str(keys),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "--model",
+            "bc",
+            "--out",
+            str(tmp_path / "req.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "req.json").read_text())["v"] == 1
-    r = runner.invoke(he, ["run", "--store", str(store), "--keys", str(keys), "--request", str(tmp_path / "req.json"),
-                           "--out", str(tmp_path / "resp.json")])
+    r = runner.invoke(
+        he,
+        [
+            "run",
+            "--store",
+            str(store),
+            "--keys",
+            str(keys),
+            "--request",
+            str(tmp_path / "req.json"),
+            "--out",
+            str(tmp_path / "resp.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(he, ["decrypt", "--spec", str(spec), "--keys", str(keys), "--response", str(tmp_path / "resp.json")])
+    r = runner.invoke(
+        he, ["decrypt", "--spec", str(spec), "--keys", str(keys), "--response", str(tmp_path / "resp.json")]
+    )
     assert r.exit_code == 0, r.output
     assert r.output.split() == [str(v) for v in lr_task.model.predict(x)]
 
 
 def test_cli_refuses_insecure_ring(tmp_path):
-    r = CliRunner().invoke(he, ["compile", "--task", "digits_mlp", "--poly-degree", "4096", "--out", str(tmp_path / "m")])
+    r = CliRunner().invoke(
+        he, ["compile", "--task", "digits_mlp", "--poly-degree", "4096", "--out", str(tmp_path / "m")]
+    )
     assert r.exit_code != 0 and "insecure_parameters" in r.output
 
 

@@ -35,8 +35,9 @@ def test_mlp_fused_equals_unfused(mlp_task, mlp_compiled):
 
 
 def test_general_quadratic_activation_folds_into_weights(mlp_task):
-    model = train_poly_mlp(mlp_task.x_train[:300], mlp_task.y_train[:300], hidden=(16, 8),
-                           act_coeffs=(0.1, 0.5, 0.25), epochs=3)
+    model = train_poly_mlp(
+        mlp_task.x_train[:300], mlp_task.y_train[:300], hidden=(16, 8), act_coeffs=(0.1, 0.5, 0.25), epochs=3
+    )
     plan = from_sklearn(model)
     fused = fuse(plan)
     assert len(fused.layers) == 3 and fused.n_squares == 2
@@ -74,9 +75,18 @@ def test_unsupported_models_are_refused(lr_task):
 
 def _onnx_mlp(w1, b1, w2, b2, coeffs):
     c0, c1, c2 = coeffs
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
-             [(w1, "W1"), (b1, "B1"), (w2, "W2"), (b2, "B2"),
-              (np.array(c2, np.float32), "c2"), (np.array(c1, np.float32), "c1"), (np.array(c0, np.float32), "c0")]]
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for a, n in [
+            (w1, "W1"),
+            (b1, "B1"),
+            (w2, "W2"),
+            (b2, "B2"),
+            (np.array(c2, np.float32), "c2"),
+            (np.array(c1, np.float32), "c1"),
+            (np.array(c0, np.float32), "c0"),
+        ]
+    ]
     nodes = [
         helper.make_node("Gemm", ["x", "W1", "B1"], ["h"], transB=1),
         helper.make_node("Mul", ["h", "h"], ["hh"]),
@@ -87,8 +97,13 @@ def _onnx_mlp(w1, b1, w2, b2, coeffs):
         helper.make_node("MatMul", ["act", "W2"], ["z"]),
         helper.make_node("Add", ["z", "B2"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "poly_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w1.shape[1]])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, w2.shape[1]])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "poly_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w1.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, w2.shape[1]])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -107,9 +122,12 @@ def test_onnx_graph_fused_equals_onnxruntime():
 
 
 def test_onnx_unsupported_op_refused():
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+    )
     with pytest.raises(PlanError, match="Relu"):
         from_onnx(helper.make_model(graph))
 

@@ -47,8 +47,16 @@ def he() -> None:
 @click.option("--model-id", default="model", show_default=True)
 @click.option("--precision", default=1e-4, show_default=True, help="Target absolute error of the outputs.")
 @click.option("--poly-degree", type=int, help="Pin the ring dimension N (refused if not 128-bit secure).")
-def compile_cmd(model: Path | None, task: str | None, calib: Path | None, out: Path | None,
-                publish_to: Path | None, model_id: str, precision: float, poly_degree: int | None) -> None:
+def compile_cmd(
+    model: Path | None,
+    task: str | None,
+    calib: Path | None,
+    out: Path | None,
+    publish_to: Path | None,
+    model_id: str,
+    precision: float,
+    poly_degree: int | None,
+) -> None:
     """Compile MODEL (ONNX file, or a pickled scikit-learn estimator you trust) to an HE plan."""
     from veil.he import store
     from veil.he.compiled import compile_model
@@ -77,8 +85,10 @@ def compile_cmd(model: Path | None, task: str | None, calib: Path | None, out: P
     except HEError as exc:
         raise _fail(exc) from None
     p = compiled.params
-    click.echo(f"compiled {model_id}: N={p.poly_modulus_degree} log2QP={p.log2_qp} primes={list(p.coeff_bits)} "
-               f"scale=2^{p.scale_bits} security={p.security} layers={len(compiled.plan.layers)}")
+    click.echo(
+        f"compiled {model_id}: N={p.poly_modulus_degree} log2QP={p.log2_qp} primes={list(p.coeff_bits)} "
+        f"scale=2^{p.scale_bits} security={p.security} layers={len(compiled.plan.layers)}"
+    )
 
 
 @he.command("keygen", context_settings=CONTEXT)
@@ -140,7 +150,9 @@ def run(store_dir: Path, keys: Path, request_path: Path, out: Path) -> None:
     body = _read_json(request_path)
     action = HEAction({"kind": "he", "store": str(store_dir)})
     try:
-        action.run({"op": "upload_keys", "v": 1, "model": body.get("model"), "keys": b64e((keys / "eval.keys").read_bytes())})
+        action.run(
+            {"op": "upload_keys", "v": 1, "model": body.get("model"), "keys": b64e((keys / "eval.keys").read_bytes())}
+        )
         resp = action.run({**body, "op": "infer"})
     except HEError as exc:
         raise _fail(exc) from None
@@ -189,8 +201,10 @@ def infer(gateway: str, model_id: str, spec: Path, keys: Path | None, inp: Path,
         transport.close()
     click.echo(" ".join(str(p) for p in result.predictions))
     t = result.timings_ms
-    click.echo(f"{result.packing}: encrypt {t['encrypt']:.1f} ms, server {t['server']:.1f} ms, decrypt {t['decrypt']:.1f} ms",
-               err=True)
+    click.echo(
+        f"{result.packing}: encrypt {t['encrypt']:.1f} ms, server {t['server']:.1f} ms, decrypt {t['decrypt']:.1f} ms",
+        err=True,
+    )
 
 
 @he.command("demo", context_settings=CONTEXT)

@@ -146,7 +146,9 @@ class HEAction:
         req = InferRequest.parse(value, be.ciphertext_bound(0))
         compiled = server.compiled
         if req.features != compiled.in_dim:
-            raise HEError("wrong_features", f"model {model_id} takes {compiled.in_dim} features, request says {req.features}")
+            raise HEError(
+                "wrong_features", f"model {model_id} takes {compiled.in_dim} features, request says {req.features}"
+            )
         if req.packing == LATENCY:
             expected = math.ceil(req.batch / server.layout.samples_per_ciphertext)
         else:

@@ -164,7 +164,9 @@ class HttpTransport:
             err = data.get("error", {}) if isinstance(data, dict) else {}
             if not isinstance(err, dict):
                 err = {"message": str(err)}
-            raise HEError(str(err.get("code", "http_error")), str(err.get("message", resp.text[:200])), resp.status_code)
+            raise HEError(
+                str(err.get("code", "http_error")), str(err.get("message", resp.text[:200])), resp.status_code
+            )
         return data
 
     def upload_keys(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +210,9 @@ class RemoteModel:
         t0 = time.perf_counter()
         batch = self.client.encrypt(x, packing)
         t1 = time.perf_counter()
-        body = InferRequest(self.model, self.client.key_id, batch.packing, batch.batch, batch.features, batch.ciphertexts).to_json()
+        body = InferRequest(
+            self.model, self.client.key_id, batch.packing, batch.batch, batch.features, batch.ciphertexts
+        ).to_json()
         try:
             raw = self.transport.infer(self.model, body)
         except HEError as exc:
@@ -220,5 +224,12 @@ class RemoteModel:
         resp = InferResponse.parse(raw)
         scores = self.client.decrypt(resp, batch.packing, batch.batch)
         t3 = time.perf_counter()
-        timings = {"encrypt": (t1 - t0) * 1e3, "server": (t2 - t1) * 1e3, "eval": resp.eval_ms, "decrypt": (t3 - t2) * 1e3}
-        return InferResult(scores, self.client.predict(scores), batch.packing, timings, sum(map(len, batch.ciphertexts)))
+        timings = {
+            "encrypt": (t1 - t0) * 1e3,
+            "server": (t2 - t1) * 1e3,
+            "eval": resp.eval_ms,
+            "decrypt": (t3 - t2) * 1e3,
+        }
+        return InferResult(
+            scores, self.client.predict(scores), batch.packing, timings, sum(map(len, batch.ciphertexts))
+        )

@@ -76,8 +76,7 @@ class CompiledModel:
             "params": self.params.to_dict(),
             "params_digest": self.params_digest(),
             "layers": [
-                {"in": lay.affine.in_dim, "out": lay.affine.out_dim, "square": lay.square}
-                for lay in self.plan.layers
+                {"in": lay.affine.in_dim, "out": lay.affine.out_dim, "square": lay.square} for lay in self.plan.layers
             ],
             "depth": len(self.params.coeff_bits) - 2,
             "ranges": self.plan.ranges,
@@ -136,13 +135,18 @@ class CompiledModel:
         if manifest.get("v") != FORMAT_VERSION or server.get("v") != FORMAT_VERSION:
             raise HEError("bad_model", "compiled model has an unknown format version", 500)
         layers = [
-            FusedLayer(Affine(arrays[f"w{i}"], arrays[f"b{i}"]), bool(sq))
-            for i, sq in enumerate(server["squares"])
+            FusedLayer(Affine(arrays[f"w{i}"], arrays[f"b{i}"]), bool(sq)) for i, sq in enumerate(server["squares"])
         ]
         plan = FusedPlan(
             layers, server["output"], list(server["classes"]), list(server["ranges"]), float(server["input_range"])
         )
-        return cls(plan, CKKSParams.from_dict(manifest["params"]), arrays["input_scale"], manifest["name"], manifest.get("meta", {}))
+        return cls(
+            plan,
+            CKKSParams.from_dict(manifest["params"]),
+            arrays["input_scale"],
+            manifest["name"],
+            manifest.get("meta", {}),
+        )
 
 
 def _cost_table(compiled: CompiledModel) -> dict[str, float]:
@@ -183,9 +187,15 @@ def compile_plan(
     fused.layers[0] = FusedLayer(Affine(first.affine.weight * scale[None, :], first.affine.bias), first.square)
     fused.calibrate(x_calib / scale, margin=margin)
     params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree)
-    meta = {"source": plan.source, "precision_target": precision, "calibration_samples": len(x_calib),
-            "unfused_ops": len(plan.ops), "fused_layers": len(fused.layers),
-            "scale_bits_log2": params.scale_bits, "max_range_log2": math.log2(max(fused.ranges))}
+    meta = {
+        "source": plan.source,
+        "precision_target": precision,
+        "calibration_samples": len(x_calib),
+        "unfused_ops": len(plan.ops),
+        "fused_layers": len(fused.layers),
+        "scale_bits_log2": params.scale_bits,
+        "max_range_log2": math.log2(max(fused.ranges)),
+    }
     return CompiledModel(fused, params, scale, name, meta)
 
 

@@ -173,8 +173,11 @@ def from_onnx(path_or_model: str | Path | Any, output: OutputKind = "multiclass"
             if op == "Mul" and a is not None and b is not None:
                 if a.stage != b.stage or a.degree() + b.degree() > 2:
                     raise PlanError(f"Mul {node.name!r}: product of degree > 2")
-                c = [a.c[0] * b.c[0], a.c[0] * b.c[1] + a.c[1] * b.c[0],
-                     a.c[0] * b.c[2] + a.c[1] * b.c[1] + a.c[2] * b.c[0]]
+                c = [
+                    a.c[0] * b.c[0],
+                    a.c[0] * b.c[1] + a.c[1] * b.c[0],
+                    a.c[0] * b.c[2] + a.c[1] * b.c[1] + a.c[2] * b.c[0],
+                ]
                 syms[out] = _Sym(a.stage, *c)
             elif op == "Mul":
                 s, k = (a, cb) if a is not None else (b, ca)

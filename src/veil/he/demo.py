@@ -56,8 +56,10 @@ def run_he_demo(
                 echo(f"[he]   sample {i}: encrypted -> {result.predictions[0]}, plaintext -> {plain}, {total:.1f} ms")
             batch = remote.infer(task.x_test)
             batch_agree = float(np.mean(batch.predictions == task.model.predict(task.x_test)))
-            echo(f"[he]   batch of {len(task.x_test)} ({batch.packing}): agreement {batch_agree:.3%}, "
-                 f"server {batch.timings_ms['server']:.0f} ms")
+            echo(
+                f"[he]   batch of {len(task.x_test)} ({batch.packing}): agreement {batch_agree:.3%}, "
+                f"server {batch.timings_ms['server']:.0f} ms"
+            )
             summary[model_id] = {
                 "poly_modulus_degree": compiled.params.poly_modulus_degree,
                 "log2_qp": compiled.params.log2_qp,

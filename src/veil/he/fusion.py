@@ -50,9 +50,7 @@ def fuse(plan: Plan) -> FusedPlan:
         current = pending if pending is not None else _identity(width)
         coeffs = list(op.coeffs) + [0.0] * (3 - len(op.coeffs))
         if op.degree > 2:
-            raise PlanError(
-                f"activation of degree {op.degree}: HE mode supports polynomials of degree <= 2"
-            )
+            raise PlanError(f"activation of degree {op.degree}: HE mode supports polynomials of degree <= 2")
         c0, c1, c2 = coeffs[0], coeffs[1], coeffs[2]
         if c2 == 0.0:
             pending = compose(Affine(c1 * np.eye(width), np.full(width, c0)), current)

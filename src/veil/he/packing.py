@@ -120,9 +120,7 @@ def _bsgs(count: int) -> tuple[int, int]:
     return baby, math.ceil(count / baby)
 
 
-def _layer_program(
-    weight: np.ndarray, bias: np.ndarray, n: int, slots: int, last: bool, square: bool
-) -> LatencyLayer:
+def _layer_program(weight: np.ndarray, bias: np.ndarray, n: int, slots: int, last: bool, square: bool) -> LatencyLayer:
     m, d = weight.shape
     m_pad = _pow2(m)
     w_pad = np.zeros((m_pad, n))
@@ -169,9 +167,7 @@ def latency_layout(plan: FusedPlan, slots: int) -> LatencyLayout:
     layout = LatencyLayout(n=n, slots=slots)
     for idx, layer in enumerate(plan.layers):
         last = idx == len(plan.layers) - 1
-        layout.layers.append(
-            _layer_program(layer.affine.weight, layer.affine.bias, n, slots, last, layer.square)
-        )
+        layout.layers.append(_layer_program(layer.affine.weight, layer.affine.bias, n, slots, last, layer.square))
     return layout
 
 

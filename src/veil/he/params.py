@@ -79,9 +79,7 @@ def check_secure(n: int, coeff_bits: tuple[int, ...] | list[int]) -> None:
         raise InsecureParametersError(f"poly_modulus_degree {n} is not one of {sorted(HE_STD_128)}")
     total = int(sum(coeff_bits))
     if total > HE_STD_128[n]:
-        raise InsecureParametersError(
-            f"log2(QP) = {total} exceeds {HE_STD_128[n]} bits, the 128-bit limit for N = {n}"
-        )
+        raise InsecureParametersError(f"log2(QP) = {total} exceeds {HE_STD_128[n]} bits, the 128-bit limit for N = {n}")
     if any(b > MAX_PRIME_BITS or b < 2 for b in coeff_bits):
         raise InsecureParametersError(f"prime sizes {list(coeff_bits)} must be within 2..{MAX_PRIME_BITS} bits")
 
@@ -163,6 +161,5 @@ def select_params(
             check_secure(n, bits)
             return CKKSParams(n, tuple(int(b) for b in bits), int(scale_bits), final_wbits)
     raise InsecureParametersError(
-        "no 128-bit secure parameters hold this plan at the requested precision ("
-        + "; ".join(refusals) + ")"
+        "no 128-bit secure parameters hold this plan at the requested precision (" + "; ".join(refusals) + ")"
     )

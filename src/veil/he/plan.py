@@ -148,8 +148,5 @@ def postprocess(scores: np.ndarray, output: OutputKind, classes: list) -> np.nda
     scores = np.asarray(scores)
     if output == "regression":
         return scores[:, 0] if scores.shape[1] == 1 else scores
-    if output == "binary":
-        idx = (scores[:, 0] > 0).astype(int)
-    else:
-        idx = np.argmax(scores, axis=1)
+    idx = (scores[:, 0] > 0).astype(int) if output == "binary" else np.argmax(scores, axis=1)
     return np.asarray(classes)[idx] if classes else idx

@@ -269,9 +269,7 @@ class SealSecretKey:
     def eval_keys(self, galois_elements: list[int], relin: bool) -> tuple[bytes | None, bytes | None]:
         """Seeded (half-size) relinearization and Galois keys for the given Galois elements."""
         relin_bytes = _save(self._keygen.create_relin_keys()) if relin else None
-        galois_bytes = (
-            _save(self._keygen.create_galois_keys(sorted(galois_elements))) if galois_elements else None
-        )
+        galois_bytes = _save(self._keygen.create_galois_keys(sorted(galois_elements))) if galois_elements else None
         return relin_bytes, galois_bytes
 
     def encrypt(self, values: np.ndarray, scale: float) -> bytes:

@@ -46,7 +46,7 @@ def schedule(compiled: CompiledModel, backend: SealBackend) -> list[Step]:
             w_scale = backend.prime(level) * delta / scale
             out_scale, out_level = delta, level + 1
         else:
-            w_scale = 2.0 ** compiled.params.final_weight_bits
+            w_scale = 2.0**compiled.params.final_weight_bits
             out_scale, out_level = scale * w_scale, level
         if layer.square:
             out_scale = out_scale * out_scale / backend.prime(out_level)

@@ -154,6 +154,10 @@ class InferResponse:
         eval_ms = value.get("eval_ms", 0.0)
         cts = [_b64(c, "ciphertexts") for c in _field(value, "ciphertexts", list)]
         return cls(
-            _field(value, "model", str), _field(value, "key_id", str), _field(value, "packing", str),
-            _field(value, "batch", int), cts, float(eval_ms) if isinstance(eval_ms, int | float) else 0.0,
+            _field(value, "model", str),
+            _field(value, "key_id", str),
+            _field(value, "packing", str),
+            _field(value, "batch", int),
+            cts,
+            float(eval_ms) if isinstance(eval_ms, int | float) else 0.0,
         )
