@@ -164,12 +164,6 @@ def _models_cached(stack) -> set[str]:
     return {m for s in stack.instance_stats().values() for m in s["models_cached"]}
 
 
-STORE_MISMATCH_BUG = (
-    "product bug: RuntimeCore._load_model (src/veil/runtime/core.py) maps only IntegrityError to "
-    "model_integrity; a stored file that is not this model's sealed file (another model's, or not "
-    "a sealed model at all) raises MalformedError from chunked.open_stream/read_header and reaches "
-    "the user as 400 'malformed', blaming the request for a tampered store"
-)
 
 
 @pytest.mark.parametrize(
@@ -180,8 +174,8 @@ STORE_MISMATCH_BUG = (
         "flip-header-byte",
         "truncate",
         "drop-final-chunk",
-        pytest.param("other-models-file", marks=pytest.mark.xfail(strict=True, reason=STORE_MISMATCH_BUG)),
-        pytest.param("not-a-sealed-file", marks=pytest.mark.xfail(strict=True, reason=STORE_MISMATCH_BUG)),
+        "other-models-file",
+        "not-a-sealed-file",
     ],
 )
 def test_tampered_sealed_model_is_refused_and_not_cached(stack, healthy, damage):

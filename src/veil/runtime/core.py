@@ -67,7 +67,8 @@ class RuntimeCore:
         with self._store.open(model) as sealed:
             try:
                 plaintext = chunked.open_bytes(model_key, sealed, model=model)
-            except IntegrityError:
+            except (IntegrityError, MalformedError):
+                # a swapped, foreign or damaged file in the untrusted store, not a bad request
                 raise Forbidden(
                     f"sealed model {model!r} failed authentication (tampered or wrong key)", code="model_integrity"
                 ) from None
