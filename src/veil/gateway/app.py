@@ -127,4 +127,12 @@ def create_app(
         obj = parse_json_object(await read_body(request, MAX_ENVELOPE))
         return await call(he_router, model, {**obj, "op": "infer", "model": model}, "he")
 
+    @app.get("/v1/he/models/{model}/spec")
+    async def he_spec(model: str) -> dict:
+        """The public client spec of an HE model (parameters, packing): no secrets in it."""
+        if he_router is None:
+            raise VeilError("HE mode is not deployed", code="not_deployed", status=404)
+        check_identifier(model, "model")
+        return await call(he_router, model, {"op": "spec", "model": model}, "he")
+
     return app
