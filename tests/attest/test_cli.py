@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from attest_helpers import VECTORS
 from click.testing import CliRunner
 
-from conftest import VECTORS
 from veil.cli.attest import attest
 
 

@@ -7,8 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from attest_helpers import SGX_TIME
 
-from conftest import SGX_TIME
 from veil.attest.collateral import DcapCollateral, OfflineCollateral, PccsCollateral
 from veil.attest.errors import VerificationError
 from veil.attest.evidence import Evidence

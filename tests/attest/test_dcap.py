@@ -7,10 +7,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from attest_helpers import SGX_TIME, TDX_TIME, load_vector
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SGX_TIME, TDX_TIME, load_vector
 from veil.attest import dcap
 from veil.attest.collateral import OfflineCollateral
 from veil.attest.errors import VerificationError

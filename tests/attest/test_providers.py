@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
+from attest_helpers import SNP_TIME, EmulatedConfigfs, cert_table, snp_with_report_data, with_report_data
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from conftest import SNP_TIME, EmulatedConfigfs, cert_table, snp_with_report_data, with_report_data
 from veil.attest import snp
 from veil.attest.errors import AttestationError
 from veil.attest.gramine import GramineProvider

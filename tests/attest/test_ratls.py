@@ -6,11 +6,11 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from attest_helpers import SGX_TIME, with_report_data
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import SGX_TIME, with_report_data
 from veil.attest import ratls
 from veil.attest.collateral import OfflineCollateral
 from veil.attest.errors import VerificationError

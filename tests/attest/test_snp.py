@@ -7,13 +7,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from attest_helpers import SNP_TIME, cert_table, load_vector
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SNP_TIME, cert_table, load_vector
 from veil.attest import snp
 from veil.attest.errors import PolicyError, VerificationError
 from veil.attest.evidence import Evidence
