@@ -50,6 +50,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--day-s", type=float, default=3600.0, help="simulated compressed day length (s)")
     p.add_argument("--real-minutes", type=float, default=0.0, help="real replay length (0: none)")
     p.add_argument("--parallel", action="store_true", help="replay the policies at the same time")
+    p.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma-separated subset to replay")
     p.add_argument("--capacity", type=int, default=4, help="requests in flight per instance")
     p.add_argument("--memory-mb", type=int, default=512)
     p.add_argument("--idle-timeout", type=float, default=60.0, help="fixed keep-alive of baselines")
@@ -143,6 +144,16 @@ def run_real_policy(name: str, trace: Trace, args: argparse.Namespace, costs: Co
     return summary, records, spans, summary["duration_s"]
 
 
+def _dump_records(path: Path, records: list[RequestRecord]) -> None:
+    """Per-request results of a real run, for looking at the tail."""
+    with path.open("w") as fh:
+        fh.write("at_s,model,latency_ms,cold,ok,instance,error\n")
+        for r in records:
+            fh.write(
+                f"{r.at:.4f},{r.model},{r.latency_s * 1000:.2f},{int(r.cold)},{int(r.ok)},{r.instance},{r.error}\n"
+            )
+
+
 def compare(sim: dict[str, dict], real: dict[str, dict]) -> dict:
     """Per policy and metric: sim, real and the relative difference (sim - real) / real."""
     out: dict[str, dict] = {}
@@ -156,6 +167,8 @@ def compare(sim: dict[str, dict], real: dict[str, dict]) -> dict:
 
 
 def targets(per: dict[str, dict]) -> dict:
+    if not all(n in per for n in POLICY_NAMES):
+        return {}
     v, s, p = per["veil"], per["sesemi"], per["per-model"]
     return {
         "gb_s_vs_per_model": {
@@ -243,15 +256,19 @@ def main(argv: list[str]) -> int:
         real_trace = generate(real_cfg)
         real_trace.to_csv(args.trace_dir / "packer-real.csv")
         print(f"replaying {len(real_trace)} requests over {args.real_minutes} min per policy ...", file=sys.stderr)
+        chosen = [n for n in POLICY_NAMES if n in args.policies.split(",")]
         if args.parallel:
-            with ThreadPoolExecutor(len(POLICY_NAMES)) as pool:
-                futures = {n: pool.submit(run_real_policy, n, real_trace, args, costs) for n in POLICY_NAMES}
+            with ThreadPoolExecutor(len(chosen)) as pool:
+                futures = {n: pool.submit(run_real_policy, n, real_trace, args, costs) for n in chosen}
                 real = {n: f.result() for n, f in futures.items()}
         else:
-            real = {n: run_real_policy(n, real_trace, args, costs) for n in POLICY_NAMES}
+            real = {n: run_real_policy(n, real_trace, args, costs) for n in chosen}
+        for n, r in real.items():
+            _dump_records(args.trace_dir / f"packer-real-{n}.csv", r[1])
         sim_real = run_sim(real_trace, args, costs)
         real_summ = {n: r[0] for n, r in real.items()}
         sim_summ = {n: r[0] for n, r in sim_real.items()}
+        sim_summ = {n: sim_summ[n] for n in real_summ}
         report["real"] = {
             "trace": real_cfg.__dict__ | {"requests": len(real_trace)},
             "parallel": args.parallel,

@@ -68,12 +68,14 @@ def summarize(requests: list[RequestRecord], spans: list[InstanceSpan], end: flo
     gb_s = sum(s.memory_mb / 1024.0 * ((s.stopped if s.stopped is not None else end) - s.created) for s in spans)
     ok = [r for r in requests if r.ok]
     lat_ms = [r.latency_s * 1000.0 for r in ok]
+    steady = [r.latency_s * 1000.0 for r in ok if r.at - origin >= warmup_s]
     peak = max((n for _, n in timeline(spans, end)), default=0)
     return {
         "gb_s": round(gb_s, 3),
         "cold_start_fraction": round(sum(r.cold for r in requests) / len(requests), 4) if requests else 0.0,
         "p50_ms": round(percentile(lat_ms, 50), 2),
         "p99_ms": round(percentile(lat_ms, 99), 2),
+        "p99_after_warmup_ms": round(percentile(steady, 99), 2),
         "mean_ms": round(sum(lat_ms) / len(lat_ms), 2) if lat_ms else math.nan,
         "max_instances": peak,
         "instances_started": len(spans),

@@ -58,6 +58,8 @@ class VeilPolicy(Policy):
         self._warm: dict[str, _Ewma] = {}
         self._cold: dict[str, _Ewma] = {}
         self._start = _Ewma(start_prior_s)
+        self._work: dict[str, float] = {}  # instance -> estimated seconds of admitted work
+        self._cost: dict[int, float] = {}  # id(route in flight) -> its share of that work
 
     # -- cost estimates ----------------------------------------------------------------------
 
@@ -90,11 +92,27 @@ class VeilPolicy(Policy):
         return None
 
     def _queue_wait(self, inst: Instance, model: str) -> float:
-        """Expected wait for a slot: requests beyond capacity share `capacity` slots."""
-        ahead = inst.total_inflight - inst.capacity + 1
-        if ahead <= 0:
+        """Expected wait for a slot on a full instance: the work already admitted to it (warm
+        runs, and the loads of models still loading, which dominate during a burst of cold
+        requests) spread over its `capacity` slots."""
+        if inst.total_inflight < inst.capacity:
             return 0.0
-        return self.exec_estimate(model) * ahead / inst.capacity
+        return self._work.get(inst.id, 0.0) / inst.capacity
+
+    def _admit(
+        self,
+        inst: Instance,
+        model: str,
+        now: float,
+        *,
+        start: bool = False,
+        evict: tuple[str, ...] = (),
+    ) -> Route:
+        route = super()._admit(inst, model, now, start=start, evict=evict)
+        cost = self.exec_estimate(model) + (self.load_estimate(model) if route.load else 0.0)
+        self._work[inst.id] = self._work.get(inst.id, 0.0) + cost
+        self._cost[id(route)] = cost
+        return route
 
     def _start_left(self, inst: Instance, now: float) -> float:
         return 0.0 if inst.ready else max(0.0, inst.created_at + self._start.value - now)
@@ -143,6 +161,9 @@ class VeilPolicy(Policy):
         super().started(instance, now, ok)
 
     def _on_complete(self, route: Route, now: float, exec_s: float, ok: bool) -> None:
+        cost = self._cost.pop(id(route), 0.0)
+        if route.instance in self._work:
+            self._work[route.instance] = max(0.0, self._work[route.instance] - cost)
         if not ok:
             return
         table = self._cold if route.load else self._warm
@@ -154,6 +175,10 @@ class VeilPolicy(Policy):
         if inst.model_inflight(model) > 0 or model in inst.loading:
             return None
         return inst.resident[model] + self.keepalive.keepalive(model)
+
+    def _drop(self, instance: str) -> None:
+        super()._drop(instance)
+        self._work.pop(instance, None)
 
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
