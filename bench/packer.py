@@ -35,7 +35,7 @@ from veil.packer.metrics import InstanceSpan, RequestRecord  # noqa: E402
 from veil.platform import FunctionSpec, LocalPlatform  # noqa: E402
 
 POLICY_NAMES = ("per-model", "sesemi", "veil")
-METRICS = ("gb_s", "cold_start_fraction", "p50_ms", "p99_ms", "max_instances")
+METRICS = ("gb_s", "cold_start_fraction", "p50_ms", "p99_ms", "p99_after_warmup_ms", "max_instances")
 
 
 def _args(argv: list[str]) -> argparse.Namespace:

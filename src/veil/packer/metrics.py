@@ -63,8 +63,16 @@ def timeline(spans: list[InstanceSpan], end: float) -> list[tuple[float, int]]:
     return out
 
 
-def summarize(requests: list[RequestRecord], spans: list[InstanceSpan], end: float, origin: float = 0.0) -> dict:
-    """The report's per-policy figures (JSON-safe)."""
+def summarize(
+    requests: list[RequestRecord],
+    spans: list[InstanceSpan],
+    end: float,
+    origin: float = 0.0,
+    warmup_s: float = 10.0,
+) -> dict:
+    """The report's per-policy figures (JSON-safe). `p99_after_warmup_ms` leaves out requests
+    that arrived in the first `warmup_s` (when every policy starts from zero instances), to
+    tell the steady-state tail from the start-up burst; the headline `p99_ms` keeps them."""
     gb_s = sum(s.memory_mb / 1024.0 * ((s.stopped if s.stopped is not None else end) - s.created) for s in spans)
     ok = [r for r in requests if r.ok]
     lat_ms = [r.latency_s * 1000.0 for r in ok]
