@@ -106,13 +106,17 @@ def test_concurrent_invokes_keep_the_books_straight():
             model = f"m{i % 5}"
             try:
                 packer.invoke(model, {"model": model})
-                return True
-            except PlatformError:
-                return False
+                return model, "ok"
+            except PlatformError as exc:
+                return model, exc.code
 
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(one, range(200)))
-        assert results.count(False) == 40
+        failing = [code for model, code in results if model == "m3"]
+        others = [code for model, code in results if model != "m3"]
+        assert len(failing) == 40 and "ok" not in failing  # the injected failures all surface
+        # under CPU load the policy may refuse a few requests outright ("busy"); nothing else fails
+        assert set(others) <= {"ok", "busy"} and others.count("ok") >= 150
         assert all_idle(packer)
         stats = packer.stats()
         assert stats["requests"] == 200
