@@ -153,16 +153,23 @@ class LocalDeployment:
             "VEIL_THREADS": str(o.concurrency),
             **o.runtime_env,
         }
-        command = [sys.executable, "-m", "veil.runtime"]
-        self.tee_spec = FunctionSpec(
-            name=TEE_FUNCTION,
-            command=command,
-            memory_mb=o.memory_mb,
-            concurrency=o.concurrency,
-            max_instances=o.max_instances,
-            idle_timeout_s=o.idle_timeout_s,
-            env=env,
-            init_value={
+
+        def runtime_function(name: str, init_value: dict[str, Any]) -> FunctionSpec:
+            """Both modes run the same runtime program; only the init value differs."""
+            return FunctionSpec(
+                name=name,
+                command=[sys.executable, "-m", "veil.runtime"],
+                memory_mb=o.memory_mb,
+                concurrency=o.concurrency,
+                max_instances=o.max_instances,
+                idle_timeout_s=o.idle_timeout_s,
+                env=env,
+                init_value=init_value,
+            )
+
+        self.tee_spec = runtime_function(
+            TEE_FUNCTION,
+            {
                 "kind": "tee",
                 "keyservice_url": ks_url,
                 "store": str(self.store_dir),
@@ -178,18 +185,7 @@ class LocalDeployment:
             self.router = DirectRouter(self.platform, TEE_FUNCTION)
         self.he_router = None
         if o.he:
-            self.platform.deploy(
-                FunctionSpec(
-                    name=HE_FUNCTION,
-                    command=command,
-                    memory_mb=o.memory_mb,
-                    concurrency=o.concurrency,
-                    max_instances=o.max_instances,
-                    idle_timeout_s=o.idle_timeout_s,
-                    env=env,
-                    init_value={"kind": "he", "store": str(self.store_dir)},
-                )
-            )
+            self.platform.deploy(runtime_function(HE_FUNCTION, {"kind": "he", "store": str(self.store_dir)}))
             self.he_router = DirectRouter(self.platform, HE_FUNCTION)
 
     def _start_gateway(self) -> str:

@@ -11,6 +11,7 @@ import click
 
 from veil.crypto.identity import Identity
 from veil.crypto.keys import SymmetricKey
+from veil.errors import VeilError
 from veil.sdk import Deployment
 
 DEFAULT_DEPLOYMENT = Path(".veil/deployment.json")
@@ -73,3 +74,11 @@ def save_request_keys(client_dir: Path, keys: dict[str, SymmetricKey]) -> None:
     _write_private(
         client_dir / "request-keys.json", json.dumps({m: k.material().hex() for m, k in keys.items()}).encode()
     )
+
+
+def run_or_fail(fn):
+    """Run `fn`; a VeilError becomes a one-line CLI error (code: message), never a traceback."""
+    try:
+        return fn()
+    except VeilError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None

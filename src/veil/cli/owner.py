@@ -6,21 +6,13 @@ from pathlib import Path
 
 import click
 
-from veil.cli._client import client_dir_option, deployment_option, load_deployment, load_identity
-from veil.errors import VeilError
+from veil.cli._client import client_dir_option, deployment_option, load_deployment, load_identity, run_or_fail
 
 
 def _owner(deployment_path: Path, client_dir: Path, *, create: bool = False):
     from veil.sdk import ModelOwner
 
     return ModelOwner(load_deployment(deployment_path), load_identity(client_dir, "owner", create=create))
-
-
-def _run(fn):
-    try:
-        return fn()
-    except VeilError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from None
 
 
 @click.group("owner")
@@ -34,7 +26,7 @@ def owner() -> None:
 def init(deployment_path: Path, client_dir: Path) -> None:
     """Create (or reuse) the owner identity, verify the KeyService's attestation, register."""
     o = _owner(deployment_path, client_dir, create=True)
-    _run(o.register)
+    run_or_fail(o.register)
     click.echo(o.id)
 
 
@@ -54,7 +46,7 @@ def publish(
 ) -> None:
     """Seal ONNX_FILE under a fresh model key, upload the ciphertext, register the key."""
     o = _owner(deployment_path, client_dir)
-    result = _run(lambda: o.publish(model_id, onnx_file, allowed_measurements=list(measurements) or None))
+    result = run_or_fail(lambda: o.publish(model_id, onnx_file, allowed_measurements=list(measurements) or None))
     click.echo(
         f"published {model_id}: {result['plaintext_bytes']} bytes sealed to {result['sealed_bytes']}; "
         f"allowed measurements {', '.join(m[:16] + '…' for m in result['measurements'])}"
@@ -68,7 +60,7 @@ def publish(
 @client_dir_option
 def grant(model_id: str, user_id: str, deployment_path: Path, client_dir: Path) -> None:
     """Allow USER_ID (a principal id from `veil user init`) to use MODEL_ID."""
-    _run(lambda: _owner(deployment_path, client_dir).grant(model_id, user_id))
+    run_or_fail(lambda: _owner(deployment_path, client_dir).grant(model_id, user_id))
     click.echo(f"granted {user_id[:16]}… on {model_id}")
 
 
@@ -79,7 +71,7 @@ def grant(model_id: str, user_id: str, deployment_path: Path, client_dir: Path) 
 @client_dir_option
 def revoke(model_id: str, user_id: str, deployment_path: Path, client_dir: Path) -> None:
     """Revoke USER_ID on MODEL_ID (effective within the runtime key-cache TTL, 60 s by default)."""
-    _run(lambda: _owner(deployment_path, client_dir).revoke(model_id, user_id))
+    run_or_fail(lambda: _owner(deployment_path, client_dir).revoke(model_id, user_id))
     click.echo(f"revoked {user_id[:16]}… on {model_id}")
 
 
@@ -90,5 +82,5 @@ def revoke(model_id: str, user_id: str, deployment_path: Path, client_dir: Path)
 @client_dir_option
 def set_measurements(model_id: str, measurements: tuple[str, ...], deployment_path: Path, client_dir: Path) -> None:
     """Replace the runtime measurements allowed to receive MODEL_ID's key."""
-    _run(lambda: _owner(deployment_path, client_dir).set_measurements(model_id, list(measurements)))
+    run_or_fail(lambda: _owner(deployment_path, client_dir).set_measurements(model_id, list(measurements)))
     click.echo(f"{model_id}: {len(measurements)} measurement(s) allowed")

@@ -14,9 +14,9 @@ from veil.cli._client import (
     load_deployment,
     load_identity,
     load_request_keys,
+    run_or_fail,
     save_request_keys,
 )
-from veil.errors import VeilError
 
 
 def _user(deployment_path: Path, client_dir: Path, *, create: bool = False):
@@ -25,13 +25,6 @@ def _user(deployment_path: Path, client_dir: Path, *, create: bool = False):
     u = ModelUser(load_deployment(deployment_path), load_identity(client_dir, "user", create=create))
     u.request_keys.update(load_request_keys(client_dir))
     return u
-
-
-def _run(fn):
-    try:
-        return fn()
-    except VeilError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from None
 
 
 @click.group("user")
@@ -48,7 +41,7 @@ def init(deployment_path: Path, client_dir: Path) -> None:
     Prints the user id to give to the model owner.
     """
     u = _user(deployment_path, client_dir, create=True)
-    _run(u.register)
+    run_or_fail(u.register)
     click.echo(u.id)
 
 
@@ -65,7 +58,7 @@ def init(deployment_path: Path, client_dir: Path) -> None:
 def request_access(model_id: str, measurements: tuple[str, ...], deployment_path: Path, client_dir: Path) -> None:
     """Create a request key for MODEL_ID and give it (HPKE-sealed) to the attested KeyService."""
     u = _user(deployment_path, client_dir)
-    _run(lambda: u.request_access(model_id, allowed_measurements=list(measurements) or None))
+    run_or_fail(lambda: u.request_access(model_id, allowed_measurements=list(measurements) or None))
     save_request_keys(client_dir, u.request_keys)
     click.echo(f"request key registered for {model_id}")
 
@@ -98,6 +91,6 @@ def infer(model_id: str, input_path: Path, input_name: str, deployment_path: Pat
     x = _load_input(input_path)
     if x.dtype == np.float64:
         x = x.astype(np.float32)
-    outputs = _run(lambda: u.infer(model_id, x, input_name=input_name))
+    outputs = run_or_fail(lambda: u.infer(model_id, x, input_name=input_name))
     click.echo(json.dumps({k: v.tolist() for k, v in outputs.items()}))
     click.echo(f"round trip {u.last_timings.get('round_trip_ms', 0):.1f} ms", err=True)
