@@ -21,10 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+from veil.deployment import wait_http
 
 MEASUREMENT = "a1" * 32  # the runtime measurement the owner and the user allow in this benchmark
 
@@ -39,17 +40,12 @@ def start_keyservice(state: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "veil.cli", "keyservice", "serve", "--allow-simulated"]
     cmd += ["--state-dir", str(state), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"KeyService exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("KeyService did not start within 30 s")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
 
 
 def setup_policy(url: str, state: Path) -> str:

@@ -6,7 +6,6 @@ talk to the untrusted gateway only in ciphertext: sealed model files and request
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -227,9 +226,4 @@ class ModelUser(_Principal):
         return request_id, env.to_json()
 
 
-def ciphertext_only(blob: bytes, secrets: list[bytes]) -> bool:
-    """True if none of `secrets` (raw) occurs in `blob`: a quick check the demo prints."""
-    return not any(s and s in blob for s in secrets)
-
-
-__all__ = ["Deployment", "ModelOwner", "ModelUser", "ciphertext_only", "io"]
+__all__ = ["Deployment", "ModelOwner", "ModelUser"]

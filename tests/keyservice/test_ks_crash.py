@@ -20,6 +20,7 @@ from veil.crypto.at_rest import Sealer
 from veil.crypto.identity import Identity
 from veil.crypto.kdf import derive_key
 from veil.crypto.keys import SymmetricKey
+from veil.deployment import wait_http
 from veil.keyservice.client import PrincipalClient
 from veil.keyservice.server import sealing_key, sim_root_path
 from veil.keyservice.store import Store, verify_audit_chain
@@ -31,17 +32,12 @@ def start(veil_cli: list[str], state: Path, port: int, log: Path) -> subprocess.
     """`veil keyservice serve` in its own process; returns once /healthz answers."""
     cmd = [*veil_cli, "keyservice", "serve", "--allow-simulated", "--state-dir", str(state), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"KeyService exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("KeyService did not start")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", 30, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        raise RuntimeError(f"KeyService did not start ({exc}): {log.read_text()[-2000:]}") from None
+    return proc
 
 
 @pytest.mark.timeout(120)

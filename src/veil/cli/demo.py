@@ -73,8 +73,8 @@ def demo(workdir: Path | None, samples: int, with_he: bool) -> None:
             _tee_story(console, stack, info, models, samples, ModelOwner, ModelUser)
             if with_he:
                 _he_story(console, stack, info)
-            m = stack.platform.metrics("veil-tee") if "veil-tee" in str(stack.platform.metrics()) else {}
-            if m:
+            m = stack.platform.metrics(stack.tee_spec.name)
+            if m.get("requests"):
                 console.print(
                     f"[bold]Platform[/]: {m.get('cold_starts')} cold start(s), {m.get('warm_hits')} warm hits, "
                     f"{m.get('gb_seconds', 0):.2f} GB-s billed"

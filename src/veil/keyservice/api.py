@@ -10,7 +10,7 @@ from veil.crypto.envelope import check_identifier
 from veil.errors import BadRequest
 from veil.http import install_error_handlers, parse_json_object, read_body
 from veil.keyservice import wire
-from veil.keyservice.service import KeyService, _check_measurements, decode_field
+from veil.keyservice.service import KeyService, check_measurements, decode_field
 
 
 def _version(obj: dict) -> None:
@@ -57,7 +57,7 @@ def create_app(ks: KeyService) -> FastAPI:
     async def put_model_key(model: str, request: Request) -> dict:
         check_identifier(model, "model")
         caller, obj = await signed(request)
-        measurements = _check_measurements(obj["measurements"]) if "measurements" in obj else None
+        measurements = check_measurements(obj["measurements"]) if "measurements" in obj else None
         ks.put_model_key(caller, model, decode_field(obj, "sealed_model_key"), measurements)
         return {"v": wire.VERSION, "model": model, "owner": caller}
 
@@ -65,7 +65,7 @@ def create_app(ks: KeyService) -> FastAPI:
     async def put_measurements(model: str, request: Request) -> dict:
         check_identifier(model, "model")
         caller, obj = await signed(request)
-        ks.set_model_measurements(caller, model, _check_measurements(obj.get("measurements")))
+        ks.set_model_measurements(caller, model, check_measurements(obj.get("measurements")))
         return {"v": wire.VERSION, "model": model}
 
     @app.put("/v1/models/{model}/grants/{user}")
@@ -86,7 +86,7 @@ def create_app(ks: KeyService) -> FastAPI:
     async def put_request_key(model: str, request: Request) -> dict:
         check_identifier(model, "model")
         caller, obj = await signed(request)
-        measurements = _check_measurements(obj.get("measurements"))
+        measurements = check_measurements(obj.get("measurements"))
         ks.put_request_key(caller, model, decode_field(obj, "sealed_request_key"), measurements)
         return {"v": wire.VERSION, "model": model, "user": caller}
 

@@ -43,7 +43,7 @@ class Session:
     expires: float
 
 
-def _check_measurements(value: object, field: str = "measurements") -> list[str]:
+def check_measurements(value: object, field: str = "measurements") -> list[str]:
     if not isinstance(value, list) or not all(isinstance(m, str) and 0 < len(m) <= 512 for m in value):
         raise BadRequest(f"{field}: must be a list of non-empty strings (≤ 512 chars)", code="malformed")
     if len(value) > MAX_MEASUREMENTS:
@@ -351,6 +351,3 @@ def decode_field(obj: dict, name: str) -> bytes:
     if name not in obj:
         raise BadRequest(f"{name}: missing", code="malformed")
     return b64d(obj[name], name)
-
-
-__all__ = ["KeyService", "Session", "decode_field", "_check_measurements"]
