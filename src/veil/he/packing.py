@@ -1,19 +1,39 @@
 """Slot layouts and the cost model that picks one per request.
 
-Latency mode: each sample owns a block of 2n slots holding [x, x] (x zero-padded to n, the
-widest layer rounded up to a power of two), so rotations by k < n are cyclic within a block. A
-layer is a diagonal mat-vec, z = sum_k d_k * rot(x, k), evaluated baby-step/giant-step so it
-needs about 2*sqrt(#diagonals) rotations. Hidden layers use the n diagonals of the stacked
-[W; W] (masked to the first half of each block) and end with one rotation that copies the
-result to the second half, restoring [y, y]. The last layer uses only m diagonals (m = outputs
-rounded up to a power of two) and sums the n/m partial results with log2(n/m) rotations.
-Only the rotations this needs get Galois keys.
+Latency mode serves one request as fast as it can, with one of three programs chosen when the
+model is compiled (the client spec names it):
 
-Throughput mode: one ciphertext per feature, sample s in slot s of every ciphertext. A layer
-is a plain weighted sum of ciphertexts: no rotations and no Galois keys, the whole slot count of
-samples at once.
+- **coeff** (one affine layer, no activation: logistic/linear regression, linear SVM). The
+  client encodes sample s as the polynomial sum_i x_si X**(s*S + i); the server multiplies by
+  the polynomial sum_r sum_i W_ri X**(r*D + D-1-i) and adds the bias. Coefficient
+  s*S + r*D + D-1 of the product is (W x_s + b)_r. One plaintext product, no rotation, no
+  Galois key (`slots` converts between coefficients and slots).
+- **rows** (one or two layers that fit in the slots, e.g. a small MLP). The client sends x in
+  every row block as [x, x] (blocks of 2D, D = input width rounded up to a power of two, one
+  block per output unit of the first layer). Layer 1 multiplies block r by [W_r, W_r] and sums
+  each block with log2(D) rotations, so block r holds y_r in its first D+1 slots. Layer 2
+  multiplies block r, slot q by V_qr and sums across blocks with log2(blocks) rotations: slot q
+  of each sample's first block holds z_q, every other slot is zero. This uses the slots a
+  per-sample block would leave empty instead of spending rotations on baby steps.
+- **bsgs** (anything else). Each sample owns a block of 2n slots holding [x, x] (x zero-padded to
+  n, the widest layer rounded up to a power of two), so rotations by k < n are cyclic within a
+  block. A layer is a diagonal mat-vec, z = sum_k d_k * rot(x, k), evaluated baby-step/giant-step
+  so it needs about 2*sqrt(#diagonals) rotations. Hidden layers use the n diagonals of the
+  stacked [W; W] (masked to the first half of each block) and end with one rotation that copies
+  the result to the second half, restoring [y, y]. The last layer uses only m diagonals (m =
+  outputs rounded up to a power of two) and sums the n/m partial results with log2(n/m)
+  rotations.
 
-All numpy here; `server` turns the diagonals into SEAL plaintexts.
+Only the rotations a program needs get Galois keys.
+
+Throughput mode: samples in slots, one ciphertext per *pair* of features, feature i in the real
+part and feature i+h in the imaginary part (h = ceil(d/2)). Multiplying by the complex weight
+W_ji - 1j*W_j,i+h puts W_ji x_i + W_j,i+h x_i+h in the real part, so the first layer costs half
+the products and the client uploads half the ciphertexts. Before an activation the real part is
+taken with one conjugation (c + conj(c) = 2 Re c, the 1/2 folded into the weights); the last
+layer, whose inputs are real, packs two outputs per ciphertext the same way.
+
+All numpy here; `server` turns the vectors into SEAL plaintexts.
 """
 
 from __future__ import annotations
@@ -25,14 +45,21 @@ import numpy as np
 
 from veil.he.params import CKKSParams, latency_block
 from veil.he.plan import FusedPlan
+from veil.he.slots import coeffs_to_slots, slots_to_coeffs
 
 LATENCY = "latency"
 THROUGHPUT = "throughput"
 PACKINGS = (LATENCY, THROUGHPUT)
+COEFF, ROWS, BSGS = "coeff", "rows", "bsgs"
+LATENCY_KINDS = (COEFF, ROWS, BSGS)
 
 
 def _pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def _log2(x: int) -> int:
+    return int(math.log2(x))
 
 
 @dataclass
@@ -71,20 +98,73 @@ class LatencyLayer:
 
 
 @dataclass
+class SlotLayer:
+    """A rows-program layer: one plaintext product, the bias, then rotate-and-sum by `sum_steps`."""
+
+    weights: np.ndarray  # a full slot vector (real), or N/2 complex slot values for coeff
+    bias: np.ndarray
+    sum_steps: list[int]
+    square: bool
+
+    def rotation_steps(self) -> set[int]:
+        return set(self.sum_steps)
+
+    def rotation_count(self) -> int:
+        return len(self.sum_steps)
+
+    def mult_count(self) -> int:
+        return 1
+
+
+@dataclass
 class LatencyLayout:
-    """Block geometry plus the per-layer programs of a plan in latency mode."""
+    """Latency-mode geometry (shared by client and server) plus the server's per-layer programs.
+
+    kind coeff: n = D (input width), blocks = M (outputs); a sample spans S = (M+1)*D coefficients.
+    kind rows: n = D (input width rounded up), blocks = M (first layer's outputs rounded up);
+    a sample spans M blocks of 2D slots. kind bsgs: n = half-block, blocks = 1.
+    """
 
     n: int
     slots: int
-    layers: list[LatencyLayer] = field(default_factory=list)
+    kind: str = BSGS
+    blocks: int = 1
+    layers: list = field(default_factory=list)  # SlotLayer (coeff, rows) or LatencyLayer (bsgs)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LATENCY_KINDS:
+            raise ValueError(f"unknown latency layout {self.kind!r}")
+        if self.n < 1 or self.blocks < 1 or self.samples_per_ciphertext < 1:
+            raise ValueError(
+                f"a {self.kind} layout of n={self.n}, blocks={self.blocks} does not fit {self.slots} slots"
+            )
 
     @property
     def block(self) -> int:
         return 2 * self.n
 
     @property
+    def complex_slots(self) -> bool:
+        """Coefficient packing needs complex slot values (a real polynomial is not real in slots)."""
+        return self.kind == COEFF
+
+    @property
+    def sample_stride(self) -> int:
+        if self.kind == COEFF:
+            return (self.blocks + 1) * self.n
+        return self.blocks * self.block
+
+    @property
     def samples_per_ciphertext(self) -> int:
-        return self.slots // self.block
+        capacity = 2 * self.slots if self.kind == COEFF else self.slots
+        return capacity // self.sample_stride
+
+    def to_spec(self) -> dict:
+        return {"kind": self.kind, "n": self.n, "blocks": self.blocks}
+
+    @classmethod
+    def from_spec(cls, spec: dict, slots: int) -> LatencyLayout:
+        return cls(n=int(spec["n"]), slots=slots, kind=str(spec["kind"]), blocks=int(spec["blocks"]))
 
     def rotation_steps(self) -> list[int]:
         steps: set[int] = set()
@@ -93,26 +173,40 @@ class LatencyLayout:
         return sorted(s % self.slots for s in steps)
 
     def pack(self, x: np.ndarray) -> list[np.ndarray]:
-        """Client side: samples (batch, d) -> slot vectors, blocks [x, x] one sample each."""
-        per = self.samples_per_ciphertext
+        """Client side: samples (batch, d) -> the vectors to encode, one per ciphertext."""
+        per, stride = self.samples_per_ciphertext, self.sample_stride
         vectors = []
         for start in range(0, len(x), per):
             chunk = x[start : start + per]
+            if self.kind == COEFF:
+                coeffs = np.zeros(2 * self.slots)
+                for s, row in enumerate(chunk):
+                    coeffs[s * stride : s * stride + row.size] = row
+                vectors.append(coeffs_to_slots(coeffs, 2 * self.slots))
+                continue
             vec = np.zeros(self.slots)
+            copies = self.blocks if self.kind == ROWS else 1
             for s, row in enumerate(chunk):
-                base = s * self.block
-                vec[base : base + row.size] = row
-                vec[base + self.n : base + self.n + row.size] = row
+                for r in range(copies):
+                    base = s * stride + r * self.block
+                    vec[base : base + row.size] = row
+                    vec[base + self.n : base + self.n + row.size] = row
             vectors.append(vec)
         return vectors
 
     def unpack(self, vectors: list[np.ndarray], batch: int, out_dim: int) -> np.ndarray:
+        """Client side: decoded result vectors (complex for coeff) -> scores (batch, out_dim)."""
+        per, stride = self.samples_per_ciphertext, self.sample_stride
         rows = []
         for vec in vectors:
-            for s in range(self.samples_per_ciphertext):
-                if len(rows) < batch:
-                    rows.append(vec[s * self.block : s * self.block + out_dim])
-        return np.asarray(rows)
+            if self.kind == COEFF:
+                coeffs = slots_to_coeffs(vec, 2 * self.slots)
+                positions = np.arange(out_dim) * self.n + self.n - 1
+                values = [coeffs[s * stride + positions] for s in range(per)]
+            else:
+                values = [vec[s * stride : s * stride + out_dim] for s in range(per)]
+            rows.extend(np.real(v) for v in values)
+        return np.asarray(rows[:batch])
 
 
 def _bsgs(count: int) -> tuple[int, int]:
@@ -159,25 +253,161 @@ def _layer_program(weight: np.ndarray, bias: np.ndarray, n: int, slots: int, las
     return LatencyLayer("full", baby, giant, diagonals, np.tile(bias_block, blocks), [], -n, square)
 
 
-def latency_layout(plan: FusedPlan, slots: int) -> LatencyLayout:
-    """Latency-mode programs for every layer of `plan` in a ring with `slots` slots."""
-    n = latency_block(plan)
-    if slots < 2 * n:
+def _coeff_program(plan: FusedPlan, layout: LatencyLayout) -> SlotLayer:
+    """One affine layer as a polynomial product: output r of sample s at s*S + r*D + D-1."""
+    affine = plan.layers[0].affine
+    m, d = affine.weight.shape
+    n_ring, stride = 2 * layout.slots, layout.sample_stride
+    weight = np.zeros(n_ring)
+    for r in range(m):
+        weight[r * d + d - 1 - np.arange(d)] = affine.weight[r]
+    bias = np.zeros(n_ring)
+    for s in range(layout.samples_per_ciphertext):
+        bias[s * stride + np.arange(m) * d + d - 1] = affine.bias
+    return SlotLayer(coeffs_to_slots(weight, n_ring), coeffs_to_slots(bias, n_ring), [], False)
+
+
+def _rows_programs(plan: FusedPlan, layout: LatencyLayout) -> list[SlotLayer]:
+    """Layer 1 per row block, then (if any) layer 2 per column across the blocks."""
+    first = plan.layers[0].affine
+    m, d = first.weight.shape
+    big, block, stride = layout.n, layout.block, layout.sample_stride
+    weights, bias = np.zeros(layout.slots), np.zeros(layout.slots)
+    for s in range(layout.samples_per_ciphertext):
+        for r in range(m):
+            base = s * stride + r * block
+            weights[base : base + d] = first.weight[r]
+            weights[base + big : base + big + d] = first.weight[r]
+            # one bias copy in every window the in-block sum reads (slot 0 or slot D)
+            bias[base] = bias[base + big] = first.bias[r]
+    steps = [big >> (k + 1) for k in range(_log2(big))]
+    programs = [SlotLayer(weights, bias, steps, plan.layers[0].square)]
+    if len(plan.layers) == 2:
+        second = plan.layers[1].affine
+        q = second.out_dim
+        weights, bias = np.zeros(layout.slots), np.zeros(layout.slots)
+        for s in range(layout.samples_per_ciphertext):
+            for r in range(m):
+                weights[s * stride + r * block : s * stride + r * block + q] = second.weight[:, r]
+            bias[s * stride : s * stride + q] = second.bias
+        steps = [block * (layout.blocks >> (k + 1)) for k in range(_log2(layout.blocks))]
+        programs.append(SlotLayer(weights, bias, steps, plan.layers[1].square))
+    return programs
+
+
+def _fitting_kind(plan: FusedPlan, slots: int) -> tuple[str, int, int]:
+    """The cheapest latency program this plan fits: (kind, n, blocks)."""
+    first = plan.layers[0].affine
+    if len(plan.layers) == 1 and not plan.layers[0].square and (first.out_dim + 1) * first.in_dim <= 2 * slots:
+        return COEFF, first.in_dim, first.out_dim
+    big, blocks = _pow2(first.in_dim), _pow2(first.out_dim)
+    if len(plan.layers) == 2 and blocks * 2 * big <= slots and plan.layers[1].affine.out_dim <= big:
+        return ROWS, big, blocks
+    return BSGS, latency_block(plan), 1
+
+
+def latency_layout(plan: FusedPlan, slots: int, kind: str = "auto") -> LatencyLayout:
+    """Latency-mode programs for every layer of `plan` in a ring with `slots` slots.
+
+    `kind` "auto" takes coeff, else rows, else bsgs, whichever the plan fits first; naming a
+    kind the plan does not fit raises ValueError.
+    """
+    best, n, blocks = _fitting_kind(plan, slots)
+    if kind == "auto":
+        kind = best
+    if kind == BSGS:
+        n, blocks = latency_block(plan), 1
+    elif kind != best:
+        raise ValueError(f"this plan does not fit the {kind} latency program (it fits {best})")
+    if kind == BSGS and slots < 2 * n:
         raise ValueError(f"{slots} slots cannot hold a latency block of {2 * n}")
-    layout = LatencyLayout(n=n, slots=slots)
-    for idx, layer in enumerate(plan.layers):
-        last = idx == len(plan.layers) - 1
-        layout.layers.append(_layer_program(layer.affine.weight, layer.affine.bias, n, slots, last, layer.square))
+    layout = LatencyLayout(n=n, slots=slots, kind=kind, blocks=blocks)
+    if kind == COEFF:
+        layout.layers.append(_coeff_program(plan, layout))
+    elif kind == ROWS:
+        layout.layers.extend(_rows_programs(plan, layout))
+    else:
+        for idx, layer in enumerate(plan.layers):
+            last = idx == len(plan.layers) - 1
+            layout.layers.append(_layer_program(layer.affine.weight, layer.affine.bias, n, slots, last, layer.square))
     return layout
 
 
+# ------------------------------------------------------------------------------ throughput
+
+
+@dataclass
+class ThroughputLayer:
+    """One layer over ciphertexts of samples: out[j] = sum_i weights[j, i] * in[i] + bias[j].
+
+    Weights and bias are complex (see the module docstring); `conjugate` takes the real part
+    (c + conj(c)) after the layer, before its square, when the inputs were feature pairs.
+    """
+
+    weights: np.ndarray  # (out_cts, in_cts) complex
+    bias: np.ndarray  # (out_cts,) complex
+    square: bool
+    conjugate: bool
+
+
+def _pairs(d: int) -> int:
+    return (d + 1) // 2
+
+
+def throughput_in_cts(plan: FusedPlan) -> int:
+    """Ciphertexts per group of samples the client sends: one per feature pair."""
+    return _pairs(plan.in_dim)
+
+
+def throughput_out_cts(plan: FusedPlan) -> int:
+    """Result ciphertexts per group: one per output pair, or per output for a one-layer plan."""
+    return plan.out_dim if len(plan.layers) == 1 else _pairs(plan.out_dim)
+
+
+def throughput_program(plan: FusedPlan) -> list[ThroughputLayer]:
+    programs = []
+    for idx, layer in enumerate(plan.layers):
+        w, b = layer.affine.weight, layer.affine.bias.astype(np.complex128)
+        m, d = w.shape
+        if idx == 0:  # inputs are feature pairs: the real part carries W x
+            h = _pairs(d)
+            cw = w[:, :h].astype(np.complex128)
+            cw[:, : d - h] -= 1j * w[:, h:]
+            conj = len(plan.layers) > 1 or layer.square
+            if conj:  # c + conj(c) doubles the real part
+                cw, b = cw / 2, b / 2
+            programs.append(ThroughputLayer(cw, b, layer.square, conj))
+            continue
+        if idx == len(plan.layers) - 1:  # real inputs: two outputs per ciphertext
+            h = _pairs(m)
+            cw, cb = w[:h].astype(np.complex128), b[:h].copy()
+            cw[: m - h] += 1j * w[h:]
+            cb[: m - h] += 1j * b[h:].real
+            programs.append(ThroughputLayer(cw, cb, layer.square, False))
+            continue
+        programs.append(ThroughputLayer(w.astype(np.complex128), b, layer.square, False))
+    return programs
+
+
 def throughput_pack(x: np.ndarray, slots: int) -> list[list[np.ndarray]]:
-    """Client side: samples (batch, d) -> for each group of `slots` samples, one vector per feature."""
+    """Client side: samples (batch, d) -> per group of `slots` samples, one vector per feature pair."""
+    h = _pairs(x.shape[1])
     groups = []
     for start in range(0, len(x), slots):
         chunk = x[start : start + slots]
-        groups.append([chunk[:, f].copy() for f in range(x.shape[1])])
+        vectors = chunk[:, :h].astype(np.complex128)
+        vectors[:, : x.shape[1] - h] += 1j * chunk[:, h:]
+        groups.append([vectors[:, i].copy() for i in range(h)])
     return groups
+
+
+def throughput_unpack(vectors: list[np.ndarray], plan_layers: int, out_dim: int) -> np.ndarray:
+    """Client side: one group's decoded result vectors (complex) -> scores (samples, out_dim)."""
+    if plan_layers == 1:
+        return np.stack([np.real(v) for v in vectors], axis=1)
+    h = _pairs(out_dim)
+    cols = [np.real(v) for v in vectors] + [np.imag(v) for v in vectors[: out_dim - h]]
+    return np.stack(cols, axis=1)
 
 
 # ------------------------------------------------------------------------------- cost model
@@ -208,21 +438,23 @@ def estimate_ms(plan: FusedPlan, params: CKKSParams, layout: LatencyLayout, pack
         cost, k = 0.0, k0
         for layer, fused in zip(layout.layers, plan.layers, strict=True):
             cost += layer.rotation_count() * rot(k) + layer.mult_count() * mul(k)
-            k -= 1
+            k = max(1, k - 1)
             if fused.square:
                 cost += rot(k) + mul(k)
-                k -= 1
+                k = max(1, k - 1)
         return unit * cts * (cost + 0.9 * k0 + 0.5)
     groups = math.ceil(batch / params.slots)
-    cost, k = 0.9 * k0 * plan.in_dim, k0
-    for fused in plan.layers:
-        w = fused.affine.weight
-        cost += np.count_nonzero(w) * (mul(k) + 0.02 * k) + w.shape[0] * 0.1 * k
-        k -= 1
-        if fused.square:
-            cost += w.shape[0] * (rot(k) + mul(k))
-            k -= 1
-    return unit * groups * (cost + 0.5 * plan.out_dim)
+    cost, k = 0.9 * k0 * throughput_in_cts(plan), k0
+    for prog in throughput_program(plan):
+        outs = prog.weights.shape[0]
+        cost += np.count_nonzero(prog.weights) * (mul(k) + 0.02 * k) + outs * 0.1 * k
+        k = max(1, k - 1)
+        if prog.conjugate:
+            cost += outs * rot(k)
+        if prog.square:
+            cost += outs * (rot(k) + mul(k))
+            k = max(1, k - 1)
+    return unit * groups * (cost + 0.5 * throughput_out_cts(plan))
 
 
 def choose_packing(plan: FusedPlan, params: CKKSParams, layout: LatencyLayout, batch: int) -> str:
