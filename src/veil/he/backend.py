@@ -23,9 +23,10 @@ class CKKSBackend(Protocol):
     levels: int  # number of data primes a fresh ciphertext carries
 
     def encode(self, values: np.ndarray | float, scale: float, level: int) -> Plaintext:
-        """Encode a real vector (or a constant in every slot) at `level` (0 = fresh)."""
+        """Encode a real or complex vector (or a constant in every slot) at `level` (0 = fresh)."""
 
-    def decode(self, plain: Plaintext) -> np.ndarray: ...
+    def decode(self, plain: Plaintext, complex_slots: bool = False) -> np.ndarray:
+        """Slot values; complex when the plaintext packs coefficients (see `slots`)."""
 
     def prime(self, level: int) -> int:
         """The prime a rescale at `level` drops (the last data prime at that level)."""
@@ -53,6 +54,9 @@ class CKKSBackend(Protocol):
         """3**step mod 2N: the Galois element a rotation by `step` applies."""
 
     def scale(self, a: Ciphertext) -> float: ...
+
+    def size(self, a: Ciphertext) -> int:
+        """Polynomials in the ciphertext: 3 after a product not yet relinearized."""
 
     def level(self, a: Ciphertext) -> int: ...
 

@@ -45,9 +45,16 @@ class HEClient:
         self._secret = (
             SealSecretKey(self.backend) if secret_key is None else SealSecretKey.load(self.backend, secret_key)
         )
-        self.layout = LatencyLayout(n=int(spec["latency_block"]), slots=self.params.slots)
+        try:
+            if "latency" in spec:
+                self.layout = LatencyLayout.from_spec(spec["latency"], self.params.slots)
+            else:  # specs written before the coeff and rows programs
+                self.layout = LatencyLayout(n=int(spec["latency_block"]), slots=self.params.slots)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HEError("bad_spec", f"client spec has no usable latency layout ({exc})") from None
         self.input_scale = np.asarray(spec["input_scale"], dtype=np.float64)
         self._blob: bytes | None = None
+        self._key_id: str | None = None
 
     def __repr__(self) -> str:
         return f"HEClient(model={self.spec.get('name')!r}, N={self.params.poly_modulus_degree})"
@@ -74,7 +81,9 @@ class HEClient:
 
     @property
     def key_id(self) -> str:
-        return key_id(self.eval_keys())
+        if self._key_id is None:  # hashing a 10 MiB blob per request would cost milliseconds
+            self._key_id = key_id(self.eval_keys())
+        return self._key_id
 
     def choose_packing(self, batch: int) -> str:
         """Cost model: latency blocks per ciphertext vs one full-slot group per feature set."""
@@ -103,12 +112,13 @@ class HEClient:
 
     def decrypt(self, response: InferResponse | EncryptedBatch, packing: str, batch: int) -> np.ndarray:
         """Raw scores (batch, out_dim) from the server's result ciphertexts."""
-        vectors = [self._secret.decrypt(c) for c in response.ciphertexts]
         if packing == LATENCY:
+            vectors = [self._secret.decrypt(c, complex_slots=self.layout.complex_slots) for c in response.ciphertexts]
             expected = math.ceil(batch / self.layout.samples_per_ciphertext)
             if len(vectors) != expected:
                 raise HEError("bad_response", f"expected {expected} result ciphertexts, got {len(vectors)}")
             return self.layout.unpack(vectors, batch, self.out_dim)
+        vectors = [self._secret.decrypt(c) for c in response.ciphertexts]
         groups = math.ceil(batch / self.params.slots)
         if len(vectors) != groups * self.out_dim:
             raise HEError("bad_response", "result has the wrong number of ciphertexts")

@@ -21,7 +21,7 @@ from veil.crypto.encoding import canonical_json
 from veil.he.compiler import from_onnx, from_sklearn
 from veil.he.errors import HEError, PlanError
 from veil.he.fusion import fuse
-from veil.he.packing import latency_layout
+from veil.he.packing import BSGS, LatencyLayout, latency_layout
 from veil.he.params import CKKSParams, select_params
 from veil.he.plan import Affine, FusedLayer, FusedPlan, Plan
 
@@ -37,6 +37,10 @@ class CompiledModel:
     input_scale: np.ndarray
     name: str = "model"
     meta: dict[str, Any] = field(default_factory=dict)
+    latency: str = "auto"  # the latency program (packing.COEFF, ROWS or BSGS); "auto" picks
+
+    def latency_layout(self) -> LatencyLayout:
+        return latency_layout(self.plan, self.params.slots, self.latency)
 
     @property
     def in_dim(self) -> int:
@@ -47,7 +51,7 @@ class CompiledModel:
         return self.plan.out_dim
 
     def rotation_steps(self) -> list[int]:
-        return latency_layout(self.plan, self.params.slots).rotation_steps()
+        return self.latency_layout().rotation_steps()
 
     def galois_elements(self) -> list[int]:
         two_n = 2 * self.params.poly_modulus_degree
@@ -95,7 +99,7 @@ class CompiledModel:
             "output": self.plan.output,
             "classes": self.plan.classes,
             "input_scale": self.input_scale.tolist(),
-            "latency_block": latency_layout(self.plan, self.params.slots).n,
+            "latency": self.latency_layout().to_spec(),
             "depth_levels": self.params.data_levels,
             "galois_elements": self.galois_elements(),
             "relin": self.needs_relin(),
@@ -117,6 +121,7 @@ class CompiledModel:
             "classes": self.plan.classes,
             "ranges": self.plan.ranges,
             "input_range": self.plan.input_range,
+            "latency": self.latency_layout().kind,
         }
         (directory / "plan.json").write_text(json.dumps(server, indent=1))
         (directory / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
@@ -146,6 +151,7 @@ class CompiledModel:
             arrays["input_scale"],
             manifest["name"],
             manifest.get("meta", {}),
+            str(server.get("latency", "bsgs")),
         )
 
 
@@ -153,13 +159,20 @@ def _cost_table(compiled: CompiledModel) -> dict[str, float]:
     """Per-request cost estimates the client's packing choice uses (ms, batch 1 and a full batch)."""
     from veil.he.packing import LATENCY, THROUGHPUT, estimate_ms
 
-    layout = latency_layout(compiled.plan, compiled.params.slots)
+    layout = compiled.latency_layout()
     return {
         "latency_per_ct": estimate_ms(compiled.plan, compiled.params, layout, LATENCY, 1),
         "samples_per_ct": layout.samples_per_ciphertext,
         "throughput_per_group": estimate_ms(compiled.plan, compiled.params, layout, THROUGHPUT, 1),
         "slots": compiled.params.slots,
     }
+
+
+def _latency_kind(plan: FusedPlan, params: CKKSParams, latency: str) -> str:
+    try:
+        return latency_layout(plan, params.slots, latency).kind
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def input_normalisation(x: np.ndarray) -> np.ndarray:
@@ -176,8 +189,9 @@ def compile_plan(
     poly_modulus_degree: int | None = None,
     name: str = "model",
     margin: float = 2.0,
+    latency: str = "auto",
 ) -> CompiledModel:
-    """Fuse, normalise inputs, calibrate ranges on `x_calib` and pick parameters."""
+    """Fuse, normalise inputs, calibrate ranges on `x_calib`, pick parameters and the latency program."""
     x_calib = np.asarray(x_calib, dtype=np.float64)
     if x_calib.ndim != 2 or x_calib.shape[1] != plan.in_dim:
         raise PlanError(f"calibration data must have shape (n, {plan.in_dim})")
@@ -187,6 +201,8 @@ def compile_plan(
     fused.layers[0] = FusedLayer(Affine(first.affine.weight * scale[None, :], first.affine.bias), first.square)
     fused.calibrate(x_calib / scale, margin=margin)
     params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree)
+    if params.final_weight_bits is not None and _latency_kind(fused, params, latency) == BSGS:
+        params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree, lazy_final=False)
     meta = {
         "source": plan.source,
         "precision_target": precision,
@@ -196,7 +212,9 @@ def compile_plan(
         "scale_bits_log2": params.scale_bits,
         "max_range_log2": math.log2(max(fused.ranges)),
     }
-    return CompiledModel(fused, params, scale, name, meta)
+    kind = _latency_kind(fused, params, latency)
+    meta["latency_program"] = kind
+    return CompiledModel(fused, params, scale, name, meta, kind)
 
 
 def compile_model(
@@ -205,10 +223,11 @@ def compile_model(
     precision: float = 1e-4,
     poly_modulus_degree: int | None = None,
     name: str = "model",
+    latency: str = "auto",
 ) -> CompiledModel:
     """`veil he compile` in Python: a fitted scikit-learn model, ONNX path or ModelProto."""
     if isinstance(model, str | Path) or type(model).__name__ == "ModelProto":
         plan = from_onnx(model)
     else:
         plan = from_sklearn(model)
-    return compile_plan(plan, x_calib, precision, poly_modulus_degree, name)
+    return compile_plan(plan, x_calib, precision, poly_modulus_degree, name, latency=latency)

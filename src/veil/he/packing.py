@@ -26,12 +26,10 @@ model is compiled (the client spec names it):
 
 Only the rotations a program needs get Galois keys.
 
-Throughput mode: samples in slots, one ciphertext per *pair* of features, feature i in the real
-part and feature i+h in the imaginary part (h = ceil(d/2)). Multiplying by the complex weight
-W_ji - 1j*W_j,i+h puts W_ji x_i + W_j,i+h x_i+h in the real part, so the first layer costs half
-the products and the client uploads half the ciphertexts. Before an activation the real part is
-taken with one conjugation (c + conj(c) = 2 Re c, the 1/2 folded into the weights); the last
-layer, whose inputs are real, packs two outputs per ciphertext the same way.
+Throughput mode: one ciphertext per feature, sample s in slot s of every ciphertext. A layer
+is a plain weighted sum of ciphertexts: no rotations and no Galois keys, the whole slot count of
+samples at once. Squares are relinearized lazily: the next layer's weighted sums run on the
+three-part products and only its outputs are relinearized (relinearization is linear).
 
 All numpy here; `server` turns the vectors into SEAL plaintexts.
 """
@@ -336,78 +334,13 @@ def latency_layout(plan: FusedPlan, slots: int, kind: str = "auto") -> LatencyLa
 # ------------------------------------------------------------------------------ throughput
 
 
-@dataclass
-class ThroughputLayer:
-    """One layer over ciphertexts of samples: out[j] = sum_i weights[j, i] * in[i] + bias[j].
-
-    Weights and bias are complex (see the module docstring); `conjugate` takes the real part
-    (c + conj(c)) after the layer, before its square, when the inputs were feature pairs.
-    """
-
-    weights: np.ndarray  # (out_cts, in_cts) complex
-    bias: np.ndarray  # (out_cts,) complex
-    square: bool
-    conjugate: bool
-
-
-def _pairs(d: int) -> int:
-    return (d + 1) // 2
-
-
-def throughput_in_cts(plan: FusedPlan) -> int:
-    """Ciphertexts per group of samples the client sends: one per feature pair."""
-    return _pairs(plan.in_dim)
-
-
-def throughput_out_cts(plan: FusedPlan) -> int:
-    """Result ciphertexts per group: one per output pair, or per output for a one-layer plan."""
-    return plan.out_dim if len(plan.layers) == 1 else _pairs(plan.out_dim)
-
-
-def throughput_program(plan: FusedPlan) -> list[ThroughputLayer]:
-    programs = []
-    for idx, layer in enumerate(plan.layers):
-        w, b = layer.affine.weight, layer.affine.bias.astype(np.complex128)
-        m, d = w.shape
-        if idx == 0:  # inputs are feature pairs: the real part carries W x
-            h = _pairs(d)
-            cw = w[:, :h].astype(np.complex128)
-            cw[:, : d - h] -= 1j * w[:, h:]
-            conj = len(plan.layers) > 1 or layer.square
-            if conj:  # c + conj(c) doubles the real part
-                cw, b = cw / 2, b / 2
-            programs.append(ThroughputLayer(cw, b, layer.square, conj))
-            continue
-        if idx == len(plan.layers) - 1:  # real inputs: two outputs per ciphertext
-            h = _pairs(m)
-            cw, cb = w[:h].astype(np.complex128), b[:h].copy()
-            cw[: m - h] += 1j * w[h:]
-            cb[: m - h] += 1j * b[h:].real
-            programs.append(ThroughputLayer(cw, cb, layer.square, False))
-            continue
-        programs.append(ThroughputLayer(w.astype(np.complex128), b, layer.square, False))
-    return programs
-
-
 def throughput_pack(x: np.ndarray, slots: int) -> list[list[np.ndarray]]:
-    """Client side: samples (batch, d) -> per group of `slots` samples, one vector per feature pair."""
-    h = _pairs(x.shape[1])
+    """Client side: samples (batch, d) -> for each group of `slots` samples, one vector per feature."""
     groups = []
     for start in range(0, len(x), slots):
         chunk = x[start : start + slots]
-        vectors = chunk[:, :h].astype(np.complex128)
-        vectors[:, : x.shape[1] - h] += 1j * chunk[:, h:]
-        groups.append([vectors[:, i].copy() for i in range(h)])
+        groups.append([chunk[:, f].copy() for f in range(x.shape[1])])
     return groups
-
-
-def throughput_unpack(vectors: list[np.ndarray], plan_layers: int, out_dim: int) -> np.ndarray:
-    """Client side: one group's decoded result vectors (complex) -> scores (samples, out_dim)."""
-    if plan_layers == 1:
-        return np.stack([np.real(v) for v in vectors], axis=1)
-    h = _pairs(out_dim)
-    cols = [np.real(v) for v in vectors] + [np.imag(v) for v in vectors[: out_dim - h]]
-    return np.stack(cols, axis=1)
 
 
 # ------------------------------------------------------------------------------- cost model
@@ -444,17 +377,15 @@ def estimate_ms(plan: FusedPlan, params: CKKSParams, layout: LatencyLayout, pack
                 k = max(1, k - 1)
         return unit * cts * (cost + 0.9 * k0 + 0.5)
     groups = math.ceil(batch / params.slots)
-    cost, k = 0.9 * k0 * throughput_in_cts(plan), k0
-    for prog in throughput_program(plan):
-        outs = prog.weights.shape[0]
-        cost += np.count_nonzero(prog.weights) * (mul(k) + 0.02 * k) + outs * 0.1 * k
+    cost, k = 0.9 * k0 * plan.in_dim, k0
+    for fused in plan.layers:
+        w = fused.affine.weight
+        cost += np.count_nonzero(w) * (mul(k) + 0.02 * k) + w.shape[0] * 0.1 * k
         k = max(1, k - 1)
-        if prog.conjugate:
-            cost += outs * rot(k)
-        if prog.square:
-            cost += outs * (rot(k) + mul(k))
+        if fused.square:
+            cost += w.shape[0] * mul(k) + rot(k)
             k = max(1, k - 1)
-    return unit * groups * (cost + 0.5 * throughput_out_cts(plan))
+    return unit * groups * (cost + 0.5 * plan.out_dim)
 
 
 def choose_packing(plan: FusedPlan, params: CKKSParams, layout: LatencyLayout, batch: int) -> str:

@@ -109,11 +109,14 @@ def select_params(
     plan: FusedPlan,
     precision: float = 1e-4,
     poly_modulus_degree: int | None = None,
+    lazy_final: bool = True,
 ) -> CKKSParams:
     """The smallest secure parameter set for `plan` with output error about `precision`.
 
     `plan` must be calibrated (`FusedPlan.calibrate`). Passing `poly_modulus_degree` pins N; a
     plan that does not fit it securely is refused rather than given fewer bits of precision.
+    `lazy_final` allows leaving the last layer unrescaled (see below); the caller refuses it for
+    programs that rotate ciphertexts at the input scale (bsgs baby steps).
     """
     if not plan.ranges:
         raise PlanError("calibrate the plan on sample inputs before selecting parameters")
@@ -142,11 +145,12 @@ def select_params(
         wbits = max(MIN_SCALE_BITS, math.ceil(math.log2(0.3 * math.sqrt(last.in_dim) * last_in_range / precision)))
         options = []
         q0_lazy = scale_bits + wbits + range_bits
-        # Leaving the last layer unrescaled saves a prime, but then the last prime is large and
-        # key switching on a low-scale ciphertext at that level is noisy (noise ~ q0/P). Only a
-        # single-output single layer has no such rotation (its rotations follow the product).
-        lazy_ok = len(plan.layers) == 1 and last.out_dim == 1
-        if lazy_ok and q0_lazy <= MAX_PRIME_BITS:
+        # Leaving the last layer unrescaled saves a prime, so every ciphertext carries one prime
+        # fewer (products, key switches, uploads all scale with the primes). The price: the
+        # first prime q0 is large, and key-switching noise ~ q0/P * N. That is harmless on a
+        # product's large scale (rows and coeff programs rotate before rescaling, throughput
+        # relinearizes after its last product) but not on a fresh input at scale 2**scale_bits.
+        if (lazy_final or (len(plan.layers) == 1 and last.out_dim == 1)) and q0_lazy <= MAX_PRIME_BITS:
             options.append(((q0_lazy, *([scale_bits] * mids)), wbits))
         options.append(((scale_bits + range_bits, *([scale_bits] * (mids + 1))), None))
         for data_bits, final_wbits in options:

@@ -118,13 +118,16 @@ class SealBackend:
         if isinstance(values, float | int | np.floating):
             self.encoder.encode(float(values), self._parms_ids[level], float(scale), plain)
         else:
-            vec = np.asarray(values, dtype=np.float64).reshape(-1)
+            vec = np.asarray(values)
+            vec = vec.astype(np.complex128 if np.iscomplexobj(vec) else np.float64).reshape(-1)
             if vec.size > self.slot_count:
                 raise HEError("bad_request", f"{vec.size} values do not fit {self.slot_count} slots")
             self.encoder.encode(vec.tolist(), self._parms_ids[level], float(scale), plain)
         return plain
 
-    def decode(self, plain: Any) -> np.ndarray:
+    def decode(self, plain: Any, complex_slots: bool = False) -> np.ndarray:
+        if complex_slots:
+            return np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)
         return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
 
     def prime(self, level: int) -> int:
@@ -176,6 +179,10 @@ class SealBackend:
 
     def scale(self, a: Any) -> float:
         return float(a.scale)
+
+    def size(self, a: Any) -> int:
+        """Number of polynomials (2 normally, 3 after an unrelinearized product)."""
+        return int(a.size())
 
     def level(self, a: Any) -> int:
         return self._parms_ids.index(a.parms_id())
@@ -277,7 +284,7 @@ class SealSecretKey:
         plain = self._backend.encode(values, scale, 0)
         return _save(self._encryptor.encrypt_symmetric(plain))
 
-    def decrypt(self, data: bytes, level: int | None = None) -> np.ndarray:
+    def decrypt(self, data: bytes, level: int | None = None, complex_slots: bool = False) -> np.ndarray:
         """Decrypt a server result; checks it belongs to this key's parameters first."""
         backend = self._backend
         check_header(data, "ciphertext", backend.ciphertext_bound(0))
@@ -288,6 +295,8 @@ class SealSecretKey:
             raise HEError("bad_ciphertext", f"result does not load ({exc})") from None
         if level is not None and backend.level(ct) != level:
             raise HEError("bad_ciphertext", "result is at an unexpected level")
+        if ct.size() != 2:
+            raise HEError("bad_ciphertext", "result must be a 2-component ciphertext")
         plain = seal.Plaintext()
         self._decryptor.decrypt(ct, plain)
-        return backend.decode(plain)
+        return backend.decode(plain, complex_slots)

@@ -1,5 +1,10 @@
 """The server: evaluate a compiled plan on ciphertexts, in either packing.
 
+Latency mode runs the layout's program (`packing`): coeff and rows are one product and a
+rotate-and-sum per layer, bsgs the diagonal method. Squares are relinearized lazily: the
+three-part result goes through the next product and rescale and is relinearized only before a
+rotation, another square or the reply, where it is cheaper (fewer primes left).
+
 Per layer: weights are encoded at the scale of the prime the layer's rescale will drop (times
 the input scale's drift), the bias is added before that single rescale, so every layer leaves
 its result at exactly the input scale and the next layer's plaintexts can be prepared once per
@@ -17,7 +22,7 @@ import numpy as np
 
 from veil.he.compiled import CompiledModel
 from veil.he.errors import HEError
-from veil.he.packing import LATENCY, THROUGHPUT, LatencyLayout, latency_layout
+from veil.he.packing import BSGS, LATENCY, THROUGHPUT, LatencyLayout, latency_layout
 from veil.he.seal_backend import EvalKeys, SealBackend
 
 
@@ -65,9 +70,9 @@ class ServerModel:
         self.compiled = compiled
         self.backend = backend or SealBackend(compiled.params)
         self.steps = schedule(compiled, self.backend)
-        self.layout: LatencyLayout = latency_layout(compiled.plan, self.backend.slot_count)
+        self.layout: LatencyLayout = latency_layout(compiled.plan, self.backend.slot_count, compiled.latency)
         self._plain_lock = threading.Lock()
-        self._latency_plain: list[tuple[list[list[Any]], Any]] | None = None
+        self._latency_plain: list[tuple[Any, Any]] | None = None
         self.galois_elements = frozenset(compiled.galois_elements())
 
     @property
@@ -78,19 +83,22 @@ class ServerModel:
     def output_level(self) -> int:
         return self.steps[-1].level_out
 
-    def _prepared(self) -> list[tuple[list[list[Any]], Any]]:
-        """Latency-mode diagonals and biases as plaintexts, encoded once per warm instance."""
+    def _prepared(self) -> list[tuple[Any, Any]]:
+        """Latency-mode weights (diagonals for bsgs) and biases as plaintexts, encoded once per warm instance."""
         with self._plain_lock:
             if self._latency_plain is None:
                 be = self.backend
                 prepared = []
                 for prog, step in zip(self.layout.layers, self.steps, strict=True):
-                    diags = [
-                        [None if d is None else be.encode(d, step.weight_scale, step.level) for d in row]
-                        for row in prog.diagonals
-                    ]
+                    if self.layout.kind == BSGS:
+                        weights: Any = [
+                            [None if d is None else be.encode(d, step.weight_scale, step.level) for d in row]
+                            for row in prog.diagonals
+                        ]
+                    else:
+                        weights = be.encode(prog.weights, step.weight_scale, step.level)
                     bias = be.encode(prog.bias, step.scale_in * step.weight_scale, step.level)
-                    prepared.append((diags, bias))
+                    prepared.append((weights, bias))
                 self._latency_plain = prepared
             return self._latency_plain
 
@@ -98,12 +106,39 @@ class ServerModel:
         if self.compiled.needs_relin() and keys.relin is None:
             raise HEError("missing_keys", "this model needs relinearization keys; upload them first")
         if packing == LATENCY:
-            if keys.galois is None or not self.galois_elements <= keys.elements:
+            if self.galois_elements and (keys.galois is None or not self.galois_elements <= keys.elements):
                 raise HEError("missing_keys", "latency packing needs the model's Galois keys")
-            return [self._latency_one(ct, keys) for ct in cts]
+            if self.layout.kind == BSGS:
+                return [self._latency_one(ct, keys) for ct in cts]
+            return [self._slot_program(ct, keys) for ct in cts]
         if packing == THROUGHPUT:
             return self._throughput(cts, keys)
         raise HEError("bad_request", f"unknown packing {packing!r}")
+
+    def _slot_program(self, x: Any, keys: EvalKeys) -> Any:
+        """coeff and rows programs: per layer one product, the bias, one rescale, rotate-and-sum."""
+        be = self.backend
+        for prog, step, (weights, bias) in zip(self.layout.layers, self.steps, self._prepared(), strict=True):
+            acc = be.multiply_plain(x, weights)
+            be.add_plain_inplace(acc, bias)
+            if prog.sum_steps:
+                acc = self._relinearized(acc, keys)
+            # rotate before the rescale: key-switching noise grows with (largest prime / special
+            # prime), so it must land on the product's large scale, not on the rescaled one
+            for s in prog.sum_steps:
+                be.add_inplace(acc, be.rotate(acc, s, keys.galois))
+            if step.rescale:
+                be.rescale_inplace(acc)
+            if step.square:
+                acc = self._square(acc, keys, relinearize=False)
+            x = acc
+        return self._relinearized(x, keys)
+
+    def _relinearized(self, ct: Any, keys: EvalKeys) -> Any:
+        """Relinearize a three-part product only when something needs two parts (lazy)."""
+        if self.backend.size(ct) > 2:
+            self.backend.relinearize_inplace(ct, keys.relin)
+        return ct
 
     def _latency_one(self, x: Any, keys: EvalKeys) -> Any:
         be = self.backend
@@ -155,10 +190,12 @@ class ServerModel:
             x = acc
         return x
 
-    def _square(self, ct: Any, keys: EvalKeys) -> Any:
+    def _square(self, ct: Any, keys: EvalKeys, relinearize: bool = True) -> Any:
+        """Square and rescale; without `relinearize` the three-part result is left for later."""
         be = self.backend
-        out = be.square(ct)
-        be.relinearize_inplace(out, keys.relin)
+        out = be.square(self._relinearized(ct, keys))
+        if relinearize:
+            be.relinearize_inplace(out, keys.relin)
         be.rescale_inplace(out)
         return out
 
@@ -182,7 +219,7 @@ class ServerModel:
                 if step.rescale:
                     be.rescale_inplace(acc)
                 if step.square:
-                    acc = self._square(acc, keys)
+                    acc = self._square(acc, keys, relinearize=False)
                 outs.append(acc)
             feats = outs
-        return feats
+        return [self._relinearized(ct, keys) for ct in feats]
