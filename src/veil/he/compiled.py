@@ -21,7 +21,7 @@ from veil.crypto.encoding import canonical_json
 from veil.he.compiler import from_onnx, from_sklearn
 from veil.he.errors import HEError, PlanError
 from veil.he.fusion import fuse
-from veil.he.packing import BSGS, LatencyLayout, latency_layout
+from veil.he.packing import COEFF, LatencyLayout, latency_layout
 from veil.he.params import CKKSParams, select_params
 from veil.he.plan import Affine, FusedLayer, FusedPlan, Plan
 
@@ -201,7 +201,7 @@ def compile_plan(
     fused.layers[0] = FusedLayer(Affine(first.affine.weight * scale[None, :], first.affine.bias), first.square)
     fused.calibrate(x_calib / scale, margin=margin)
     params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree)
-    if params.final_weight_bits is not None and _latency_kind(fused, params, latency) == BSGS:
+    if params.final_weight_bits is not None and _latency_kind(fused, params, latency) != COEFF:
         params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree, lazy_final=False)
     meta = {
         "source": plan.source,
