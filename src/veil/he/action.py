@@ -21,7 +21,7 @@ from veil.he import store
 from veil.he.errors import HEError
 from veil.he.keys import key_id as compute_key_id
 from veil.he.keys import unpack_eval_keys
-from veil.he.packing import LATENCY
+from veil.he.packing import LATENCY, throughput_group
 from veil.he.seal_backend import EvalKeys, SealBackend
 from veil.he.server import ServerModel
 from veil.he.wire import InferRequest, InferResponse, UploadKeys, check_model_id
@@ -152,7 +152,7 @@ class HEAction:
         if req.packing == LATENCY:
             expected = math.ceil(req.batch / server.layout.samples_per_ciphertext)
         else:
-            expected = compiled.in_dim * math.ceil(req.batch / be.slot_count)
+            expected = compiled.in_dim * math.ceil(req.batch / throughput_group(be.slot_count))
         if len(req.ciphertexts) != expected:
             raise HEError(
                 "wrong_features",
@@ -165,8 +165,7 @@ class HEAction:
         if req.packing == LATENCY:
             out = server.evaluate(LATENCY, cts, keys)
         else:
-            slots = be.slot_count
-            groups = math.ceil(req.batch / slots)
+            groups = math.ceil(req.batch / throughput_group(be.slot_count))
             out = []
             for g in range(groups):
                 out.extend(server.evaluate(req.packing, cts[g * compiled.in_dim : (g + 1) * compiled.in_dim], keys))

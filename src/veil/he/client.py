@@ -18,7 +18,14 @@ import numpy as np
 
 from veil.he.errors import HEError
 from veil.he.keys import EvalKeyBlob, key_id
-from veil.he.packing import LATENCY, THROUGHPUT, LatencyLayout, throughput_pack
+from veil.he.packing import (
+    LATENCY,
+    THROUGHPUT,
+    LatencyLayout,
+    throughput_group,
+    throughput_pack,
+    throughput_unpack,
+)
 from veil.he.params import CKKSParams
 from veil.he.plan import postprocess
 from veil.he.seal_backend import SealBackend, SealSecretKey
@@ -118,14 +125,19 @@ class HEClient:
             if len(vectors) != expected:
                 raise HEError("bad_response", f"expected {expected} result ciphertexts, got {len(vectors)}")
             return self.layout.unpack(vectors, batch, self.out_dim)
-        vectors = [self._secret.decrypt(c) for c in response.ciphertexts]
-        groups = math.ceil(batch / self.params.slots)
-        if len(vectors) != groups * self.out_dim:
+        vectors = [self._secret.decrypt(c, complex_slots=True) for c in response.ciphertexts]
+        group = throughput_group(self.params.slots)
+        groups = math.ceil(batch / group)
+        split = bool(self.spec.get("throughput_split", False))
+        per_group = self.out_dim * (2 if split else 1)
+        if len(vectors) != groups * per_group:
             raise HEError("bad_response", "result has the wrong number of ciphertexts")
-        rows = []
-        for g in range(groups):
-            part = np.stack(vectors[g * self.out_dim : (g + 1) * self.out_dim], axis=1)
-            rows.append(part[: min(self.params.slots, batch - g * self.params.slots)])
+        rows = [
+            throughput_unpack(
+                vectors[g * per_group : (g + 1) * per_group], split, self.out_dim, min(group, batch - g * group)
+            )
+            for g in range(groups)
+        ]
         return np.concatenate(rows, axis=0)
 
     def predict(self, scores: np.ndarray) -> np.ndarray:

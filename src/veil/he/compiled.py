@@ -21,7 +21,7 @@ from veil.crypto.encoding import canonical_json
 from veil.he.compiler import from_onnx, from_sklearn
 from veil.he.errors import HEError, PlanError
 from veil.he.fusion import fuse
-from veil.he.packing import COEFF, LatencyLayout, latency_layout
+from veil.he.packing import COEFF, LatencyLayout, latency_layout, throughput_splits
 from veil.he.params import CKKSParams, select_params
 from veil.he.plan import Affine, FusedLayer, FusedPlan, Plan
 
@@ -54,8 +54,12 @@ class CompiledModel:
         return self.latency_layout().rotation_steps()
 
     def galois_elements(self) -> list[int]:
+        """Latency rotations (3**step mod 2N), plus conjugation (2N - 1) if throughput splits."""
         two_n = 2 * self.params.poly_modulus_degree
-        return sorted({pow(3, s, two_n) for s in self.rotation_steps()})
+        elements = {pow(3, s, two_n) for s in self.rotation_steps()}
+        if throughput_splits(self.plan):
+            elements.add(two_n - 1)
+        return sorted(elements)
 
     def needs_relin(self) -> bool:
         return self.plan.n_squares > 0
@@ -103,6 +107,7 @@ class CompiledModel:
             "depth_levels": self.params.data_levels,
             "galois_elements": self.galois_elements(),
             "relin": self.needs_relin(),
+            "throughput_split": throughput_splits(self.plan),
             "cost": _cost_table(self),
         }
 
@@ -157,14 +162,14 @@ class CompiledModel:
 
 def _cost_table(compiled: CompiledModel) -> dict[str, float]:
     """Per-request cost estimates the client's packing choice uses (ms, batch 1 and a full batch)."""
-    from veil.he.packing import LATENCY, THROUGHPUT, estimate_ms
+    from veil.he.packing import LATENCY, THROUGHPUT, estimate_ms, throughput_group
 
     layout = compiled.latency_layout()
     return {
         "latency_per_ct": estimate_ms(compiled.plan, compiled.params, layout, LATENCY, 1),
         "samples_per_ct": layout.samples_per_ciphertext,
         "throughput_per_group": estimate_ms(compiled.plan, compiled.params, layout, THROUGHPUT, 1),
-        "slots": compiled.params.slots,
+        "slots": throughput_group(compiled.params.slots),
     }
 
 

@@ -26,10 +26,14 @@ model is compiled (the client spec names it):
 
 Only the rotations a program needs get Galois keys.
 
-Throughput mode: one ciphertext per feature, sample s in slot s of every ciphertext. A layer
-is a plain weighted sum of ciphertexts: no rotations and no Galois keys, the whole slot count of
-samples at once. Squares are relinearized lazily: the next layer's weighted sums run on the
-three-part products and only its outputs are relinearized (relinearization is linear).
+Throughput mode: one ciphertext per feature and two samples per slot: sample s of a group of
+2*(N/2) in the real part of slot s, sample s + N/2 in the imaginary part. A layer is a weighted
+sum of ciphertexts with real scalar weights, which act on both parts independently: no rotation
+and no Galois key for linear models. A square would mix the parts, so before the first square
+one conjugation splits the stream: c + conj(c) = 2 Re c and c - conj(c) = 2i Im c (the 1/2 is
+folded into the layer's weights), squared separately, the second negated. Squares are
+relinearized lazily: the next layer's weighted sums run on the three-part products and only
+its outputs are relinearized (relinearization is linear).
 
 All numpy here; `server` turns the vectors into SEAL plaintexts.
 """
@@ -334,13 +338,48 @@ def latency_layout(plan: FusedPlan, slots: int, kind: str = "auto") -> LatencyLa
 # ------------------------------------------------------------------------------ throughput
 
 
+def throughput_group(slots: int) -> int:
+    """Samples per group of ciphertexts: two per slot (real and imaginary part)."""
+    return 2 * slots
+
+
+def throughput_splits(plan: FusedPlan) -> bool:
+    """Whether the complex stream is split into two real ones (needed before the first square)."""
+    return plan.n_squares > 0
+
+
+def throughput_out_cts(plan: FusedPlan) -> int:
+    """Result ciphertexts per group: one per output, or two (one per sample half) after a split."""
+    return plan.out_dim * (2 if throughput_splits(plan) else 1)
+
+
 def throughput_pack(x: np.ndarray, slots: int) -> list[list[np.ndarray]]:
-    """Client side: samples (batch, d) -> for each group of `slots` samples, one vector per feature."""
+    """Client side: samples (batch, d) -> per group of 2*slots samples, one complex vector per feature.
+
+    Sample s of a group sits in slot s (real part) for s < slots, else in slot s - slots
+    (imaginary part). Real weights act on both parts independently.
+    """
     groups = []
-    for start in range(0, len(x), slots):
-        chunk = x[start : start + slots]
-        groups.append([chunk[:, f].copy() for f in range(x.shape[1])])
+    for start in range(0, len(x), 2 * slots):
+        chunk = x[start : start + 2 * slots]
+        vectors = np.zeros((slots, x.shape[1]), dtype=np.complex128)
+        vectors[: min(slots, len(chunk))] = chunk[:slots]
+        if len(chunk) > slots:
+            vectors[: len(chunk) - slots] += 1j * chunk[slots:]
+        groups.append([vectors[:, f].copy() for f in range(x.shape[1])])
     return groups
+
+
+def throughput_unpack(vectors: list[np.ndarray], split: bool, out_dim: int, samples: int) -> np.ndarray:
+    """Client side: one group's decoded result vectors -> scores (samples, out_dim)."""
+    slots = len(vectors[0])
+    if split:  # out_dim real results for the first half, then out_dim for the second
+        first = np.stack([np.real(v) for v in vectors[:out_dim]], axis=1)
+        second = np.stack([np.real(v) for v in vectors[out_dim:]], axis=1)
+    else:
+        first = np.stack([np.real(v) for v in vectors], axis=1)
+        second = np.stack([np.imag(v) for v in vectors], axis=1)
+    return np.concatenate([first, second[: max(0, samples - slots)]], axis=0)[:samples]
 
 
 # ------------------------------------------------------------------------------- cost model
@@ -376,16 +415,16 @@ def estimate_ms(plan: FusedPlan, params: CKKSParams, layout: LatencyLayout, pack
                 cost += rot(k) + mul(k)
                 k = max(1, k - 1)
         return unit * cts * (cost + 0.9 * k0 + 0.5)
-    groups = math.ceil(batch / params.slots)
+    groups = math.ceil(batch / throughput_group(params.slots))
     cost, k = 0.9 * k0 * plan.in_dim, k0
     for fused in plan.layers:
         w = fused.affine.weight
         cost += np.count_nonzero(w) * (mul(k) + 0.02 * k) + w.shape[0] * 0.1 * k
         k = max(1, k - 1)
-        if fused.square:
-            cost += w.shape[0] * mul(k) + rot(k)
+        if fused.square:  # the split (a conjugation) and two squares per unit
+            cost += w.shape[0] * (rot(k) + 2 * mul(k))
             k = max(1, k - 1)
-    return unit * groups * (cost + 0.5 * plan.out_dim)
+    return unit * groups * (cost + 0.5 * throughput_out_cts(plan))
 
 
 def choose_packing(plan: FusedPlan, params: CKKSParams, layout: LatencyLayout, batch: int) -> str:

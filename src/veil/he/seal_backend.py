@@ -117,6 +117,8 @@ class SealBackend:
         plain = seal.Plaintext()
         if isinstance(values, float | int | np.floating):
             self.encoder.encode(float(values), self._parms_ids[level], float(scale), plain)
+        elif isinstance(values, complex | np.complexfloating):
+            self.encoder.encode(complex(values), self._parms_ids[level], float(scale), plain)
         else:
             vec = np.asarray(values)
             vec = vec.astype(np.complex128 if np.iscomplexobj(vec) else np.float64).reshape(-1)
@@ -151,6 +153,20 @@ class SealBackend:
     def multiply_plain(self, a: Any, p: Any) -> Any:
         out = seal.Ciphertext()
         self.evaluator.multiply_plain(a, p, out)
+        return out
+
+    def sub(self, a: Any, b: Any) -> Any:
+        out = seal.Ciphertext()
+        self.evaluator.sub(a, b, out)
+        return out
+
+    def negate_inplace(self, a: Any) -> None:
+        self.evaluator.negate_inplace(a)
+
+    def conjugate(self, a: Any, galois_keys: Any) -> Any:
+        """Complex conjugate of every slot (Galois element 2N - 1)."""
+        out = seal.Ciphertext()
+        self.evaluator.complex_conjugate(a, galois_keys, out)
         return out
 
     def multiply(self, a: Any, b: Any) -> Any:

@@ -22,7 +22,7 @@ import numpy as np
 
 from veil.he.compiled import CompiledModel
 from veil.he.errors import HEError
-from veil.he.packing import BSGS, LATENCY, THROUGHPUT, LatencyLayout, latency_layout
+from veil.he.packing import BSGS, LATENCY, THROUGHPUT, LatencyLayout, latency_layout, throughput_splits
 from veil.he.seal_backend import EvalKeys, SealBackend
 
 
@@ -74,6 +74,8 @@ class ServerModel:
         self._plain_lock = threading.Lock()
         self._latency_plain: list[tuple[Any, Any]] | None = None
         self.galois_elements = frozenset(compiled.galois_elements())
+        self.splits = throughput_splits(compiled.plan)
+        self.conjugation = 2 * compiled.params.poly_modulus_degree - 1
 
     @property
     def input_scale(self) -> float:
@@ -112,6 +114,8 @@ class ServerModel:
                 return [self._latency_one(ct, keys) for ct in cts]
             return [self._slot_program(ct, keys) for ct in cts]
         if packing == THROUGHPUT:
+            if self.splits and (keys.galois is None or self.conjugation not in keys.elements):
+                raise HEError("missing_keys", "throughput packing of this model needs the conjugation key")
             return self._throughput(cts, keys)
         raise HEError("bad_request", f"unknown packing {packing!r}")
 
@@ -200,26 +204,55 @@ class ServerModel:
         return out
 
     def _throughput(self, feats: list[Any], keys: EvalKeys) -> list[Any]:
-        be = self.backend
+        """Weighted sums over feature ciphertexts; one complex stream, two real ones after a split."""
+        streams = [feats]
+        split = False
         for layer, step in zip(self.compiled.plan.layers, self.steps, strict=True):
-            w, b = layer.affine.weight, layer.affine.bias
-            outs = []
-            for j in range(w.shape[0]):
-                acc = None
-                for i in np.flatnonzero(np.abs(w[j]) * step.weight_scale >= 1.0):
-                    term = be.multiply_plain(feats[i], be.encode(float(w[j, i]), step.weight_scale, step.level))
-                    if acc is None:
-                        acc = term
-                    else:
-                        be.add_inplace(acc, term)
-                if acc is None:  # a dead unit: x0 / weight_scale stays far below the precision target
-                    tiny = be.encode(1.0 / step.weight_scale, step.weight_scale, step.level)
-                    acc = be.multiply_plain(feats[0], tiny)
-                be.add_plain_inplace(acc, be.encode(float(b[j]), step.scale_in * step.weight_scale, step.level))
-                if step.rescale:
-                    be.rescale_inplace(acc)
-                if step.square:
-                    acc = self._square(acc, keys, relinearize=False)
-                outs.append(acc)
-            feats = outs
-        return [self._relinearized(ct, keys) for ct in feats]
+            halve = layer.square and not split  # the split below doubles the parts
+            outs_per_stream = []
+            for cts in streams:
+                outs_per_stream.append(
+                    [self._weighted_sum(cts, layer, j, step, halve, not split) for j in range(layer.affine.out_dim)]
+                )
+            if layer.square:
+                if not split:
+                    outs_per_stream = self._split(outs_per_stream[0], keys)
+                    split = True
+                squared = [[self._square(ct, keys, relinearize=False) for ct in outs] for outs in outs_per_stream]
+                for ct in squared[1]:  # (c - conj c)^2 = (i y')^2 = -y'^2 with the halved weights
+                    self.backend.negate_inplace(ct)
+                outs_per_stream = squared
+            streams = outs_per_stream
+        return [self._relinearized(ct, keys) for outs in streams for ct in outs]
+
+    def _weighted_sum(self, cts: list[Any], layer: Any, j: int, step: Step, halve: bool, complex_bias: bool) -> Any:
+        be = self.backend
+        w = layer.affine.weight[j] * (0.5 if halve else 1.0)
+        bias = float(layer.affine.bias[j]) * (0.5 if halve else 1.0)
+        acc = None
+        for i in np.flatnonzero(np.abs(w) * step.weight_scale >= 1.0):
+            term = be.multiply_plain(cts[i], be.encode(float(w[i]), step.weight_scale, step.level))
+            if acc is None:
+                acc = term
+            else:
+                be.add_inplace(acc, term)
+        if acc is None:  # a dead unit: x0 / weight_scale stays far below the precision target
+            acc = be.multiply_plain(cts[0], be.encode(1.0 / step.weight_scale, step.weight_scale, step.level))
+        # the bias goes to both samples of a slot while the stream is complex
+        value: complex | float = complex(bias, bias) if complex_bias else bias
+        be.add_plain_inplace(acc, be.encode(value, step.scale_in * step.weight_scale, step.level))
+        if step.rescale:
+            be.rescale_inplace(acc)
+        return acc
+
+    def _split(self, outs: list[Any], keys: EvalKeys) -> list[list[Any]]:
+        """One complex stream -> [2 Re, 2i Im] with one conjugation per ciphertext."""
+        be = self.backend
+        real, imag = [], []
+        for ct in outs:
+            ct = self._relinearized(ct, keys)
+            conj = be.conjugate(ct, keys.galois)
+            imag.append(be.sub(ct, conj))
+            be.add_inplace(ct, conj)
+            real.append(ct)
+        return [real, imag]
