@@ -160,7 +160,8 @@ class HEAction:
                 f"{expected} ciphertexts, got {len(req.ciphertexts)}",
             )
         keys = self._keys_for(req.key_id, compiled.params_digest())
-        cts = [be.load_ciphertext(c, 0, server.input_scale) for c in req.ciphertexts]
+        level = 0 if req.packing == LATENCY else compiled.params.throughput_level
+        cts = [be.load_ciphertext(c, level, server.input_scale) for c in req.ciphertexts]
         t0 = time.perf_counter()
         if req.packing == LATENCY:
             out = server.evaluate(LATENCY, cts, keys)

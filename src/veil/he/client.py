@@ -108,13 +108,15 @@ class HEClient:
         packing = packing or self.choose_packing(len(x))
         xs = x / self.input_scale
         scale = 2.0**self.params.scale_bits
+        level = 0
         if packing == LATENCY:
             vectors = self.layout.pack(xs)
         elif packing == THROUGHPUT:
             vectors = [v for group in throughput_pack(xs, self.params.slots) for v in group]
+            level = self.params.throughput_level
         else:
             raise HEError("bad_request", f"unknown packing {packing!r}")
-        cts = [self._secret.encrypt(v, scale) for v in vectors]
+        cts = [self._secret.encrypt(v, scale, level) for v in vectors]
         return EncryptedBatch(packing, len(x), self.in_dim, cts)
 
     def decrypt(self, response: InferResponse | EncryptedBatch, packing: str, batch: int) -> np.ndarray:

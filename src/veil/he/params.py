@@ -34,7 +34,10 @@ class CKKSParams:
 
     `final_weight_bits` is the scale of the last layer's weights when that layer is not
     rescaled (its result is decrypted at scale 2**scale_bits * 2**final_weight_bits); None when
-    every layer is rescaled.
+    every layer is rescaled. `throughput_level` is the level throughput ciphertexts start at:
+    1 when the chain has a prime more than the throughput schedule needs (then throughput
+    leaves its last layer unrescaled with `final_weight_bits` while latency rescales every
+    layer, see `select_params`).
     """
 
     poly_modulus_degree: int
@@ -42,6 +45,7 @@ class CKKSParams:
     scale_bits: int
     final_weight_bits: int | None = None
     security: str = "tc128"
+    throughput_level: int = 0
 
     @property
     def log2_qp(self) -> int:
@@ -70,6 +74,7 @@ class CKKSParams:
             scale_bits=int(d["scale_bits"]),
             final_weight_bits=None if d.get("final_weight_bits") is None else int(d["final_weight_bits"]),
             security=str(d.get("security", "tc128")),
+            throughput_level=int(d.get("throughput_level", 0)),
         )
 
 
@@ -151,9 +156,15 @@ def select_params(
         # product's large scale (rows and coeff programs rotate before rescaling, throughput
         # relinearizes after its last product) but not on a fresh input at scale 2**scale_bits.
         if (lazy_final or (len(plan.layers) == 1 and last.out_dim == 1)) and q0_lazy <= MAX_PRIME_BITS:
-            options.append(((q0_lazy, *([scale_bits] * mids)), wbits))
-        options.append(((scale_bits + range_bits, *([scale_bits] * (mids + 1))), None))
-        for data_bits, final_wbits in options:
+            options.append(((q0_lazy, *([scale_bits] * mids)), wbits, 0))
+        elif q0_lazy <= MAX_PRIME_BITS:
+            # both: latency starts at level 0 and rescales every layer (its last weights are
+            # vectors, whose encoding error needs a full-size scale); throughput starts one prime
+            # lower, so every product it makes carries one prime fewer, and leaves its last
+            # layer (scalar weights, exact to 2**-wbits) unrescaled in the large q0
+            options.append(((q0_lazy, *([scale_bits] * (mids + 1))), wbits, 1))
+        options.append(((scale_bits + range_bits, *([scale_bits] * (mids + 1))), None, 0))
+        for data_bits, final_wbits, thr_level in options:
             # key-switching noise shrinks with the special prime, which costs no ciphertext size:
             # take the largest the budget allows; a few bits under the largest data prime only
             # adds noise far below the scale
@@ -163,7 +174,7 @@ def select_params(
                 refusals.append(f"N={n}: log2(QP)={sum(data_bits) + max(data_bits)} > {HE_STD_128[n]}")
                 continue
             check_secure(n, bits)
-            return CKKSParams(n, tuple(int(b) for b in bits), int(scale_bits), final_wbits)
+            return CKKSParams(n, tuple(int(b) for b in bits), int(scale_bits), final_wbits, "tc128", thr_level)
     raise InsecureParametersError(
         "no 128-bit secure parameters hold this plan at the requested precision (" + "; ".join(refusals) + ")"
     )

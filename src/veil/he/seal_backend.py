@@ -295,9 +295,9 @@ class SealSecretKey:
         galois_bytes = _save(self._keygen.create_galois_keys(sorted(galois_elements))) if galois_elements else None
         return relin_bytes, galois_bytes
 
-    def encrypt(self, values: np.ndarray, scale: float) -> bytes:
-        """Seeded symmetric encryption: the second polynomial travels as a 64-byte seed."""
-        plain = self._backend.encode(values, scale, 0)
+    def encrypt(self, values: np.ndarray, scale: float, level: int = 0) -> bytes:
+        """Seeded symmetric encryption at `level`: the second polynomial travels as a 64-byte seed."""
+        plain = self._backend.encode(values, scale, level)
         return _save(self._encryptor.encrypt_symmetric(plain))
 
     def decrypt(self, data: bytes, level: int | None = None, complex_slots: bool = False) -> np.ndarray:

@@ -39,19 +39,25 @@ class Step:
     level_out: int
 
 
-def schedule(compiled: CompiledModel, backend: SealBackend) -> list[Step]:
-    """Walk the plan through the modulus chain: which prime each rescale drops, which scales."""
-    delta = 2.0**compiled.params.scale_bits
-    level, scale = 0, delta
+def schedule(compiled: CompiledModel, backend: SealBackend, start_level: int = 0) -> list[Step]:
+    """Walk the plan through the modulus chain from `start_level`: which prime each rescale drops.
+
+    A chain one prime short of the plan's depth leaves the last layer unrescaled, with its
+    weights at 2**final_weight_bits.
+    """
+    params = compiled.params
+    delta = 2.0**params.scale_bits
+    level, scale = start_level, delta
     steps = []
     last = len(compiled.plan.layers) - 1
+    spare = backend.levels - 1 - start_level - (len(compiled.plan.layers) + compiled.plan.n_squares)
     for i, layer in enumerate(compiled.plan.layers):
-        rescale = not (i == last and compiled.params.final_weight_bits is not None)
+        rescale = not (i == last and spare < 0 and params.final_weight_bits is not None)
         if rescale:
             w_scale = backend.prime(level) * delta / scale
             out_scale, out_level = delta, level + 1
         else:
-            w_scale = 2.0**compiled.params.final_weight_bits
+            w_scale = 2.0**params.final_weight_bits
             out_scale, out_level = scale * w_scale, level
         if layer.square:
             out_scale = out_scale * out_scale / backend.prime(out_level)
@@ -70,6 +76,7 @@ class ServerModel:
         self.compiled = compiled
         self.backend = backend or SealBackend(compiled.params)
         self.steps = schedule(compiled, self.backend)
+        self.throughput_steps = schedule(compiled, self.backend, compiled.params.throughput_level)
         self.layout: LatencyLayout = latency_layout(compiled.plan, self.backend.slot_count, compiled.latency)
         self._plain_lock = threading.Lock()
         self._latency_plain: list[tuple[Any, Any]] | None = None
@@ -207,7 +214,7 @@ class ServerModel:
         """Weighted sums over feature ciphertexts; one complex stream, two real ones after a split."""
         streams = [feats]
         split = False
-        for layer, step in zip(self.compiled.plan.layers, self.steps, strict=True):
+        for layer, step in zip(self.compiled.plan.layers, self.throughput_steps, strict=True):
             halve = layer.square and not split  # the split below doubles the parts
             outs_per_stream = []
             for cts in streams:
@@ -216,8 +223,13 @@ class ServerModel:
                 )
             if layer.square:
                 if not split:
+                    # conjugate on the product's large scale, before the rescale: key-switching
+                    # noise ~ q0/P * N would be visible at the rescaled scale 2**scale_bits
                     outs_per_stream = self._split(outs_per_stream[0], keys)
                     split = True
+                    if step.rescale:
+                        for ct in outs_per_stream[0] + outs_per_stream[1]:
+                            self.backend.rescale_inplace(ct)
                 squared = [[self._square(ct, keys, relinearize=False) for ct in outs] for outs in outs_per_stream]
                 for ct in squared[1]:  # (c - conj c)^2 = (i y')^2 = -y'^2 with the halved weights
                     self.backend.negate_inplace(ct)
@@ -241,7 +253,7 @@ class ServerModel:
         # the bias goes to both samples of a slot while the stream is complex
         value: complex | float = complex(bias, bias) if complex_bias else bias
         be.add_plain_inplace(acc, be.encode(value, step.scale_in * step.weight_scale, step.level))
-        if step.rescale:
+        if step.rescale and not halve:  # a split rescales after its conjugation
             be.rescale_inplace(acc)
         return acc
 
