@@ -36,10 +36,16 @@ def test_selector_picks_expected_ring(widths, squares, expected_n):
 
 
 def test_depth_sets_prime_count():
-    p1 = select_params(_plan([64, 32, 10], 1))
-    assert p1.data_levels == 4  # q0 + affine + square + affine rescales
-    p2 = select_params(_plan([16, 16, 16, 16, 4], 3))
-    assert p2.data_levels == 8
+    # every layer rescaled: q0 + affine + square + affine; throughput starts a prime lower and
+    # leaves its last layer unrescaled in the large q0
+    p1 = select_params(_plan([64, 32, 10], 1), last_layer="throughput-unrescaled")
+    assert p1.data_levels == 4
+    assert p1.throughput_level == 1 and p1.final_weight_bits is not None
+    assert p1.coeff_bits[0] >= p1.scale_bits + p1.final_weight_bits
+    # a lazy last layer everywhere (coeff programs): one prime fewer
+    assert select_params(_plan([64, 32, 10], 1)).data_levels == 3
+    p2 = select_params(_plan([16, 16, 16, 16, 4], 3), last_layer="rescaled")
+    assert p2.data_levels == 8 and p2.final_weight_bits is None
 
 
 def test_more_precision_costs_bits():

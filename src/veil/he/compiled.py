@@ -21,7 +21,7 @@ from veil.crypto.encoding import canonical_json
 from veil.he.compiler import from_onnx, from_sklearn
 from veil.he.errors import HEError, PlanError
 from veil.he.fusion import fuse
-from veil.he.packing import COEFF, LatencyLayout, latency_layout, throughput_splits
+from veil.he.packing import COEFF, ROWS, LatencyLayout, latency_layout, throughput_splits
 from veil.he.params import CKKSParams, select_params
 from veil.he.plan import Affine, FusedLayer, FusedPlan, Plan
 
@@ -206,8 +206,10 @@ def compile_plan(
     fused.layers[0] = FusedLayer(Affine(first.affine.weight * scale[None, :], first.affine.bias), first.square)
     fused.calibrate(x_calib / scale, margin=margin)
     params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree)
-    if params.final_weight_bits is not None and _latency_kind(fused, params, latency) != COEFF:
-        params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree, lazy_final=False)
+    kind = _latency_kind(fused, params, latency)
+    if kind != COEFF:  # see select_params: only coeff programs may leave latency's last layer unrescaled
+        mode = "throughput-unrescaled" if kind == ROWS else "rescaled"
+        params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree, last_layer=mode)
     meta = {
         "source": plan.source,
         "precision_target": precision,
