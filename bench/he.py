@@ -53,6 +53,7 @@ def worker_veil(workdir: Path, reps: int) -> dict:
     from veil.he import store
     from veil.he.action import HEAction
     from veil.he.client import ActionTransport, HEClient, RemoteModel
+    from veil.he.packing import throughput_group
 
     x = np.load(workdir / "x_test.npy")
     plain_scores = np.load(workdir / "plain_scores.npy")
@@ -73,9 +74,9 @@ def worker_veil(workdir: Path, reps: int) -> dict:
     # accuracy over the whole test set, one request per sample as a user would send them
     scores = np.concatenate([remote.infer(x[i : i + 1], packing="latency").scores for i in range(len(x))])
     pred = client.predict(scores)
-    # batch mode: one full group of slots in throughput packing
-    slots = client.params.slots
-    big = np.resize(x, (slots, x.shape[1]))
+    # batch mode: one full group in throughput packing (two samples per slot)
+    group = throughput_group(client.params.slots)
+    big = np.resize(x, (group, x.shape[1]))
     thr = []
     for _ in range(max(1, reps // 5)):
         t0 = time.perf_counter()
@@ -96,6 +97,8 @@ def worker_veil(workdir: Path, reps: int) -> dict:
         "poly_modulus_degree": client.params.poly_modulus_degree,
         "coeff_bits": list(client.params.coeff_bits),
         "galois_keys": len(client.spec["galois_elements"]),
+        "latency_program": client.layout.kind,
+        "throughput_level": client.params.throughput_level,
     }
 
 
