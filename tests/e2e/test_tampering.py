@@ -164,8 +164,6 @@ def _models_cached(stack) -> set[str]:
     return {m for s in stack.instance_stats().values() for m in s["models_cached"]}
 
 
-
-
 @pytest.mark.parametrize(
     "damage",
     [

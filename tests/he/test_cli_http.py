@@ -23,7 +23,7 @@ def test_cli_round_trip(tmp_path, lr_task):
     store = tmp_path / "store"
     r = runner.invoke(he, ["compile", "--task", "breast_cancer_lr", "--publish", str(store), "--model-id", "bc"])
     assert r.exit_code == 0, r.output
-    assert "N=4096" in r.output and "tc128" in r.output
+    assert "N=2048" in r.output and "tc128" in r.output and "latency=coeff" in r.output
     spec = store / "he" / "bc" / "client.json"
     keys = tmp_path / "keys"
     assert runner.invoke(he, ["keygen", "--spec", str(spec), "--out", str(keys)]).exit_code == 0

@@ -47,6 +47,13 @@ def he() -> None:
 @click.option("--model-id", default="model", show_default=True)
 @click.option("--precision", default=1e-4, show_default=True, help="Target absolute error of the outputs.")
 @click.option("--poly-degree", type=int, help="Pin the ring dimension N (refused if not 128-bit secure).")
+@click.option(
+    "--latency-program",
+    type=click.Choice(["auto", "coeff", "rows", "bsgs"]),
+    default="auto",
+    show_default=True,
+    help="Latency-mode program: auto takes the cheapest the model fits (docs/he.md).",
+)
 def compile_cmd(
     model: Path | None,
     task: str | None,
@@ -56,6 +63,7 @@ def compile_cmd(
     model_id: str,
     precision: float,
     poly_degree: int | None,
+    latency_program: str,
 ) -> None:
     """Compile MODEL (ONNX file, or a pickled scikit-learn estimator you trust) to an HE plan."""
     from veil.he import store
@@ -77,7 +85,9 @@ def compile_cmd(
     else:
         raise click.ClickException("give MODEL or --task")
     try:
-        compiled = compile_model(source, x_calib, precision=precision, poly_modulus_degree=poly_degree, name=model_id)
+        compiled = compile_model(
+            source, x_calib, precision, poly_modulus_degree=poly_degree, name=model_id, latency=latency_program
+        )
         if out:
             compiled.save(out)
         if publish_to:
@@ -87,7 +97,7 @@ def compile_cmd(
     p = compiled.params
     click.echo(
         f"compiled {model_id}: N={p.poly_modulus_degree} log2QP={p.log2_qp} primes={list(p.coeff_bits)} "
-        f"scale=2^{p.scale_bits} security={p.security} layers={len(compiled.plan.layers)}"
+        f"scale=2^{p.scale_bits} security={p.security} layers={len(compiled.plan.layers)} latency={compiled.latency}"
     )
 
 

@@ -102,7 +102,7 @@ class HEAction:
         req = UploadKeys.parse(value, MAX_KEY_BYTES)
         kid = compute_key_id(req.keys)
         server = self.model(req.model)
-        digest = server.compiled.params_digest()
+        digest = server.params_digest
         with self._lock:
             cached = self._keys.get(kid)
             if cached is not None and cached[0] == digest:
@@ -159,7 +159,7 @@ class HEAction:
                 f"{req.packing} packing of {req.batch} samples x {compiled.in_dim} features needs "
                 f"{expected} ciphertexts, got {len(req.ciphertexts)}",
             )
-        keys = self._keys_for(req.key_id, compiled.params_digest())
+        keys = self._keys_for(req.key_id, server.params_digest)
         level = 0 if req.packing == LATENCY else compiled.params.throughput_level
         cts = [be.load_ciphertext(c, level, server.input_scale) for c in req.ciphertexts]
         t0 = time.perf_counter()

@@ -86,7 +86,7 @@ class CompiledModel:
             "layers": [
                 {"in": lay.affine.in_dim, "out": lay.affine.out_dim, "square": lay.square} for lay in self.plan.layers
             ],
-            "depth": len(self.params.coeff_bits) - 2,
+            "depth": self.params.data_levels - 1,
             "ranges": self.plan.ranges,
             "meta": self.meta,
         }
@@ -207,7 +207,9 @@ def compile_plan(
     fused.calibrate(x_calib / scale, margin=margin)
     params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree)
     kind = _latency_kind(fused, params, latency)
-    if kind != COEFF:  # see select_params: only coeff programs may leave latency's last layer unrescaled
+    if kind == COEFF:  # nothing rotates or relinearizes: one prime, often a smaller ring
+        params = select_params(fused, precision, poly_modulus_degree, coefficient_packing=True)
+    else:  # see select_params: only coeff programs may leave latency's last layer unrescaled
         mode = "throughput-unrescaled" if kind == ROWS else "rescaled"
         params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree, last_layer=mode)
     meta = {

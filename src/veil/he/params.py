@@ -28,6 +28,10 @@ LAST_LAYER_MODES = ("unrescaled", "throughput-unrescaled", "rescaled")
 # calibrated on the test models: at 1.0 the digits MLP's worst throughput logit was 1e-3 off;
 # at 2.0 (one more bit) the worst errors are 9e-5 (latency) and 3e-4 (throughput)
 NOISE_CONSTANT = 2.0
+# Coefficient packing reads one coefficient: its noise is the fresh noise weighted by the
+# weights, without the sqrt(N) of the slot embedding. Measured on breast_cancer: error * scale
+# = 3.1 * gain; 8 keeps the estimate above the worst test sample with margin.
+COEFF_NOISE_CONSTANT = 8.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class CKKSParams:
     final_weight_bits: int | None = None
     security: str = "tc128"
     throughput_level: int = 0
+    key_switching: bool = True  # False: one data prime and no special prime (nothing rotates or relinearizes)
 
     @property
     def log2_qp(self) -> int:
@@ -60,7 +65,7 @@ class CKKSParams:
     @property
     def data_levels(self) -> int:
         """Number of primes a fresh ciphertext carries (all but the special prime)."""
-        return len(self.coeff_bits) - 1
+        return len(self.coeff_bits) - (1 if self.key_switching else 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -77,6 +82,7 @@ class CKKSParams:
             final_weight_bits=None if d.get("final_weight_bits") is None else int(d["final_weight_bits"]),
             security=str(d.get("security", "tc128")),
             throughput_level=int(d.get("throughput_level", 0)),
+            key_switching=bool(d.get("key_switching", True)),
         )
 
 
@@ -117,6 +123,7 @@ def select_params(
     precision: float = 1e-4,
     poly_modulus_degree: int | None = None,
     last_layer: str = "unrescaled",
+    coefficient_packing: bool = False,
 ) -> CKKSParams:
     """The smallest secure parameter set for `plan` with output error about `precision`.
 
@@ -125,9 +132,13 @@ def select_params(
     `last_layer`: "unrescaled" leaves the last layer unrescaled in every packing (coeff
     programs), "throughput-unrescaled" only in throughput (rows programs), "rescaled" nowhere
     (bsgs, whose baby steps rotate inputs at the input scale, where a large q0 adds noise).
+    `coefficient_packing` (one affine layer, no square): nothing is ever key-switched, so the
+    chain is a single prime without a special prime, and the noise is that of a coefficient.
     """
     if last_layer not in LAST_LAYER_MODES:
         raise PlanError(f"last_layer must be one of {LAST_LAYER_MODES}")
+    if coefficient_packing:
+        return _select_coefficient_params(plan, precision, poly_modulus_degree)
     if not plan.ranges:
         raise PlanError("calibrate the plan on sample inputs before selecting parameters")
     if precision <= 0:
@@ -187,3 +198,26 @@ def select_params(
     raise InsecureParametersError(
         "no 128-bit secure parameters hold this plan at the requested precision (" + "; ".join(refusals) + ")"
     )
+
+
+def _select_coefficient_params(plan: FusedPlan, precision: float, poly_modulus_degree: int | None) -> CKKSParams:
+    """One prime q0 = scale + final weight bits + range, in the smallest ring that allows it."""
+    if len(plan.layers) != 1 or plan.layers[0].square:
+        raise PlanError("coefficient packing takes one affine layer without a square")
+    affine = plan.layers[0].affine
+    range_bits = math.ceil(math.log2(max([plan.input_range, *plan.ranges, 1.0]))) + 1
+    scale_bits = max(MIN_SCALE_BITS, math.ceil(math.log2(COEFF_NOISE_CONSTANT * _noise_gain(plan) / precision)))
+    wbits = max(MIN_SCALE_BITS, math.ceil(math.log2(0.3 * math.sqrt(affine.in_dim) * plan.input_range / precision)))
+    q0 = scale_bits + wbits + range_bits
+    if q0 > MAX_PRIME_BITS:
+        raise InsecureParametersError(
+            f"scale {scale_bits} + weights {wbits} + range {range_bits} bits exceed one prime"
+        )
+    candidates = [poly_modulus_degree] if poly_modulus_degree else sorted(HE_STD_128)
+    for n in candidates:
+        if n not in HE_STD_128:
+            raise InsecureParametersError(f"poly_modulus_degree {n} is not one of {sorted(HE_STD_128)}")
+        if q0 <= HE_STD_128[n] and (affine.out_dim + 1) * affine.in_dim <= n:
+            check_secure(n, (q0,))
+            return CKKSParams(n, (q0,), scale_bits, wbits, "tc128", 0, key_switching=False)
+    raise InsecureParametersError(f"no 128-bit secure ring holds a {q0}-bit prime and this layer's coefficients")

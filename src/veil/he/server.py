@@ -81,6 +81,7 @@ class ServerModel:
         self._plain_lock = threading.Lock()
         self._latency_plain: list[tuple[Any, Any]] | None = None
         self.galois_elements = frozenset(compiled.galois_elements())
+        self.params_digest = compiled.params_digest()  # per request it would cost a JSON dump and a hash
         self.splits = throughput_splits(compiled.plan)
         self.conjugation = 2 * compiled.params.poly_modulus_degree - 1
 
