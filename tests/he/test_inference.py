@@ -68,6 +68,9 @@ def test_programs_are_chosen_by_shape(lr_compiled, mlp_compiled):
     assert lr_compiled.latency == "coeff"  # one affine layer: a polynomial product
     assert lr_compiled.galois_elements() == []  # no rotation, no conjugation: no Galois key
     assert not lr_compiled.needs_relin()
+    # nothing to key-switch: a single prime without a special prime, in the smallest ring
+    assert not lr_compiled.params.key_switching and len(lr_compiled.params.coeff_bits) == 1
+    assert lr_compiled.params.poly_modulus_degree == 2048
     assert mlp_compiled.latency == "rows"
     assert mlp_compiled.params.throughput_level == 1  # throughput runs one prime lighter
 

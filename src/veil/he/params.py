@@ -28,10 +28,6 @@ LAST_LAYER_MODES = ("unrescaled", "throughput-unrescaled", "rescaled")
 # calibrated on the test models: at 1.0 the digits MLP's worst throughput logit was 1e-3 off;
 # at 2.0 (one more bit) the worst errors are 9e-5 (latency) and 3e-4 (throughput)
 NOISE_CONSTANT = 2.0
-# Coefficient packing reads one coefficient: its noise is the fresh noise weighted by the
-# weights, without the sqrt(N) of the slot embedding. Measured on breast_cancer: error * scale
-# = 3.1 * gain; 8 keeps the estimate above the worst test sample with margin.
-COEFF_NOISE_CONSTANT = 8.0
 
 
 @dataclass(frozen=True)
@@ -201,23 +197,29 @@ def select_params(
 
 
 def _select_coefficient_params(plan: FusedPlan, precision: float, poly_modulus_degree: int | None) -> CKKSParams:
-    """One prime q0 = scale + final weight bits + range, in the smallest ring that allows it."""
+    """One prime q0 = scale + weight bits + range, in the smallest ring that allows it.
+
+    The scale is sized for throughput's slot noise (which has the sqrt(N) a coefficient does
+    not); the weights, exact to 2**-wbits in both packings, get whatever q0 has left over what
+    their rounding needs.
+    """
     if len(plan.layers) != 1 or plan.layers[0].square:
         raise PlanError("coefficient packing takes one affine layer without a square")
     affine = plan.layers[0].affine
     range_bits = math.ceil(math.log2(max([plan.input_range, *plan.ranges, 1.0]))) + 1
-    scale_bits = max(MIN_SCALE_BITS, math.ceil(math.log2(COEFF_NOISE_CONSTANT * _noise_gain(plan) / precision)))
-    wbits = max(MIN_SCALE_BITS, math.ceil(math.log2(0.3 * math.sqrt(affine.in_dim) * plan.input_range / precision)))
-    q0 = scale_bits + wbits + range_bits
-    if q0 > MAX_PRIME_BITS:
-        raise InsecureParametersError(
-            f"scale {scale_bits} + weights {wbits} + range {range_bits} bits exceed one prime"
-        )
+    gain = _noise_gain(plan)
+    need_wbits = math.ceil(math.log2(0.3 * math.sqrt(affine.in_dim) * plan.input_range / precision))
     candidates = [poly_modulus_degree] if poly_modulus_degree else sorted(HE_STD_128)
+    refusals: list[str] = []
     for n in candidates:
         if n not in HE_STD_128:
             raise InsecureParametersError(f"poly_modulus_degree {n} is not one of {sorted(HE_STD_128)}")
-        if q0 <= HE_STD_128[n] and (affine.out_dim + 1) * affine.in_dim <= n:
-            check_secure(n, (q0,))
-            return CKKSParams(n, (q0,), scale_bits, wbits, "tc128", 0, key_switching=False)
-    raise InsecureParametersError(f"no 128-bit secure ring holds a {q0}-bit prime and this layer's coefficients")
+        scale_bits = max(MIN_SCALE_BITS, math.ceil(math.log2(NOISE_CONSTANT * math.sqrt(n) * gain / precision)))
+        cap = min(MAX_PRIME_BITS, HE_STD_128[n])
+        wbits = cap - scale_bits - range_bits
+        if wbits < need_wbits or (affine.out_dim + 1) * affine.in_dim > n:
+            refusals.append(f"N={n}: {scale_bits}+{need_wbits}+{range_bits} bits or the coefficients do not fit")
+            continue
+        check_secure(n, (cap,))
+        return CKKSParams(n, (cap,), scale_bits, wbits, "tc128", 0, key_switching=False)
+    raise InsecureParametersError("no 128-bit secure ring holds this layer (" + "; ".join(refusals) + ")")
