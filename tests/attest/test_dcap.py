@@ -177,6 +177,17 @@ _COLLATERAL_FIELDS = [
 ]
 
 
+def test_a_crl_with_a_flipped_version_fails_naming_it() -> None:
+    """Found by the property below: cryptography raises InvalidVersion, not ValueError."""
+    sgx_evidence, _ = _evidence("sgx")
+    fields = json.loads(sgx_evidence.collateral)
+    fields["pck_crl"] = _flip(bytes.fromhex(fields["pck_crl"]), 9, 0).hex()
+    tampered = replace(sgx_evidence, collateral=json.dumps(fields).encode())
+    with pytest.raises(VerificationError) as info:
+        verify(tampered, TrustConfig(), SGX_TIME)
+    assert info.value.field.startswith("collateral"), str(info.value)
+
+
 @settings(max_examples=120, deadline=None)
 @given(data=st.data())
 def test_any_flipped_bit_in_collateral_fails_naming_it(data: st.DataObject) -> None:

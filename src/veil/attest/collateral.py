@@ -146,7 +146,7 @@ class DcapCollateral:
     def _crl(self, name: str) -> x509.CertificateRevocationList:
         try:
             return x509.load_der_x509_crl(bytes.fromhex(self.fields[name]))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
             raise VerificationError(f"collateral.{name}", f"not a DER CRL ({exc})") from None
 
     @cached_property

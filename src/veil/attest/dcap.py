@@ -418,7 +418,7 @@ def _check_collateral_chains(col: DcapCollateral, root_sha256: str, now: datetim
 def _load_crl(hex_der: str) -> x509.CertificateRevocationList | None:
     try:
         return x509.load_der_x509_crl(bytes.fromhex(hex_der))
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # a flipped version byte raises InvalidVersion
         return None
 
 
