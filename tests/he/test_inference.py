@@ -55,6 +55,17 @@ def test_latency_batches_span_several_ciphertexts(lr_remote, lr_task, lr_compile
     np.testing.assert_allclose(mlp_remote.infer(x, packing="latency").scores, mlp_compiled.predict_plain(x), atol=1e-3)
 
 
+def test_rows_with_several_samples_per_ciphertext(tmp_path, mlp_task):
+    """A larger ring packs two digits samples per ciphertext; the cross-block sums stay per sample."""
+    compiled = compile_model(mlp_task.model, mlp_task.x_train, name="mlp16k", poly_modulus_degree=16384)
+    assert compiled.latency == "rows" and compiled.latency_layout().samples_per_ciphertext == 2
+    store.publish(tmp_path, "mlp16k", compiled)
+    action = HEAction({"kind": "he", "store": str(tmp_path)})
+    remote = RemoteModel(HEClient(store.client_spec(tmp_path, "mlp16k")), ActionTransport(action), "mlp16k")
+    x = mlp_task.x_test[:3]  # one full ciphertext and one half-empty
+    np.testing.assert_allclose(remote.infer(x, packing="latency").scores, compiled.predict_plain(x), atol=1e-3)
+
+
 def test_throughput_fills_both_halves_of_the_slots(lr_remote, lr_task, lr_compiled):
     # 2 * 2048 slots hold 4096 samples per group: 4099 needs a second group with 3 samples
     slots = lr_compiled.params.slots

@@ -221,7 +221,7 @@ def compile_plan(
         "scale_bits_log2": params.scale_bits,
         "max_range_log2": math.log2(max(fused.ranges)),
     }
-    kind = _latency_kind(fused, params, latency)
+    kind = _latency_kind(fused, params, kind)  # the program the parameters were chosen for, or an error
     meta["latency_program"] = kind
     return CompiledModel(fused, params, scale, name, meta, kind)
 

@@ -270,7 +270,7 @@ def _coeff_program(plan: FusedPlan, layout: LatencyLayout) -> SlotLayer:
 
 
 def _rows_programs(plan: FusedPlan, layout: LatencyLayout) -> list[SlotLayer]:
-    """Layer 1 per row block, then (if any) layer 2 per column across the blocks."""
+    """Layer 1 per row block, then layer 2 per column across the blocks (rows takes two layers)."""
     first = plan.layers[0].affine
     m, d = first.weight.shape
     big, block, stride = layout.n, layout.block, layout.sample_stride
@@ -283,18 +283,16 @@ def _rows_programs(plan: FusedPlan, layout: LatencyLayout) -> list[SlotLayer]:
             # one bias copy in every window the in-block sum reads (slot 0 or slot D)
             bias[base] = bias[base + big] = first.bias[r]
     steps = [big >> (k + 1) for k in range(_log2(big))]
-    programs = [SlotLayer(weights, bias, steps, plan.layers[0].square)]
-    if len(plan.layers) == 2:
-        second = plan.layers[1].affine
-        q = second.out_dim
-        weights, bias = np.zeros(layout.slots), np.zeros(layout.slots)
-        for s in range(layout.samples_per_ciphertext):
-            for r in range(m):
-                weights[s * stride + r * block : s * stride + r * block + q] = second.weight[:, r]
-            bias[s * stride : s * stride + q] = second.bias
-        steps = [block * (layout.blocks >> (k + 1)) for k in range(_log2(layout.blocks))]
-        programs.append(SlotLayer(weights, bias, steps, plan.layers[1].square))
-    return programs
+    row_layer = SlotLayer(weights, bias, steps, plan.layers[0].square)
+    second = plan.layers[1].affine
+    q = second.out_dim
+    weights, bias = np.zeros(layout.slots), np.zeros(layout.slots)
+    for s in range(layout.samples_per_ciphertext):
+        for r in range(m):
+            weights[s * stride + r * block : s * stride + r * block + q] = second.weight[:, r]
+        bias[s * stride : s * stride + q] = second.bias
+    steps = [block * (layout.blocks >> (k + 1)) for k in range(_log2(layout.blocks))]
+    return [row_layer, SlotLayer(weights, bias, steps, plan.layers[1].square)]
 
 
 def _fitting_kind(plan: FusedPlan, slots: int) -> tuple[str, int, int]:
