@@ -232,15 +232,55 @@ def test_bad_init_is_a_clear_error_and_leaves_the_action_uninitialised(stack, ru
     assert runtime.post("/run", _activation({"op": "stats"})).status_code == 200
 
 
-def test_plaintext_path_needs_the_operator_switch_too(stack, runtime):
-    """`allow_plaintext` in the init value alone does not open the benchmark path: the instance
-    also needs VEIL_BENCH_ALLOW_PLAINTEXT=1 in its environment, which this one lacks."""
-    assert runtime.post("/init", {"value": _init_value(stack, allow_plaintext=True)}).status_code == 200
+@pytest.fixture
+def runtime_with_bench_switches(stack, tmp_path) -> Iterator[Runtime]:
+    """A runtime whose operator set every switch the old benchmark-only plaintext path read."""
+    port = free_port()
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    env = python_env(
+        VEIL_PORT=str(port),
+        VEIL_SIM_ROOT=str(stack.deployment.keyservice_dir / "sim-root.key"),
+        VEIL_BENCH_ALLOW_PLAINTEXT="1",
+    )
+    with out.open("wb") as fo, err.open("wb") as fe:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "veil.runtime"], env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL
+        )
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0)
+    try:
+        wait_until(lambda: _healthy(http, proc), timeout=30)
+        yield Runtime(proc, f"http://127.0.0.1:{port}", out, err, http)
+    finally:
+        http.close()
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _healthy(http: httpx.Client, proc: subprocess.Popen) -> bool:
+    assert proc.poll() is None, f"runtime exited with {proc.returncode}"
+    try:
+        return http.get("/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_no_init_or_environment_setting_gives_a_plaintext_answer(stack, runtime_with_bench_switches):
+    """The measured runtime has no plaintext path: whatever `/init` and the environment say, a
+    plaintext request for a granted user's model is refused and returns no prediction."""
+    runtime = runtime_with_bench_switches
+    init = _init_value(stack, allow_plaintext=True, copies_per_thread=True)
+    assert runtime.post("/init", {"value": init}).status_code == 200
     x = stack.models[LR].x_test[:1]
-    value = {"plain": {"model": LR, "user": stack.user.id, "tensors": b64e(tensors.encode({"input": x}))}}
-    r = runtime.post("/run", _activation(value))
-    assert r.status_code == 403, r.text
-    assert error_of(r)["code"] == "plaintext_disabled"
+    encoded = b64e(tensors.encode({"input": x}))
+    for value in (
+        {"plain": {"model": LR, "user": stack.user.id, "tensors": encoded}},
+        {"op": "plain", "model": LR, "user": stack.user.id, "tensors": encoded},
+        {"model": LR, "user": stack.user.id, "tensors": encoded},
+    ):
+        r = runtime.post("/run", _activation(value))
+        assert r.status_code == 400, r.text
+        assert error_of(r)["code"] == "malformed"
+        assert "tensors" not in r.json() and "envelope" not in r.json()
 
 
 def test_unknown_paths_and_methods(runtime):

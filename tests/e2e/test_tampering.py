@@ -310,7 +310,7 @@ def test_user_without_grant_is_refused(stack, healthy):
     assert (info.value.code, info.value.status) == ("not_granted", 403), info.value.message
 
 
-def test_plaintext_benchmark_path_is_refused_by_default(stack, healthy):
+def test_warm_instance_has_no_plaintext_path(stack, healthy):
     x = stack.models[LR].x_test[:1]
     value = {"plain": {"model": LR, "user": stack.user.id, "tensors": b64e(tensors.encode({"input": x}))}}
     # make sure a warm instance (that holds LR's keys and model) is the one asked
@@ -322,8 +322,8 @@ def test_plaintext_benchmark_path_is_refused_by_default(stack, healthy):
     for inst in instances:
         with pytest.raises(ActionError) as info:
             stack.platform.invoke_instance(TEE_FUNCTION, inst.id, value, timeout=10)
-        assert info.value.status == 403
-        assert info.value.body["code"] == "plaintext_disabled", info.value.body
+        assert info.value.status == 400
+        assert info.value.body["code"] == "malformed", info.value.body
 
 
 def test_envelope_built_by_hand_matches_sdk(stack):

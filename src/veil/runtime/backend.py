@@ -1,13 +1,11 @@
 """ONNX Runtime model backend: a session built from decrypted bytes in memory (never a file).
 
 One session per model is shared by all request threads (`InferenceSession.run` is thread-safe),
-so concurrency costs activation memory only. `copies_per_thread=True` reproduces SeSeMI's
-per-thread model copies, for the memory benchmark only.
+so concurrency costs activation memory only. (SeSeMI's model copy per thread, the memory
+benchmark's baseline, lives in `bench/`, outside the measured runtime.)
 """
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -29,14 +27,11 @@ _ORT_TYPES = {
 class OnnxModel:
     """A loaded model. `run` validates inputs against the graph before ONNX Runtime sees them."""
 
-    def __init__(self, model_bytes: bytes, *, intra_op_threads: int = 1, copies_per_thread: bool = False) -> None:
+    def __init__(self, model_bytes: bytes, *, intra_op_threads: int = 1) -> None:
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = intra_op_threads
         self._options.inter_op_num_threads = 1
         self._options.log_severity_level = 3
-        self._copies_per_thread = copies_per_thread
-        self._bytes = model_bytes if copies_per_thread else None
-        self._local = threading.local()
         self.session = self._new_session(model_bytes)
         self.inputs = {i.name: (_ORT_TYPES.get(i.type), i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -47,15 +42,6 @@ class OnnxModel:
             return ort.InferenceSession(model_bytes, self._options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types
             raise BadRequest(f"model does not load in ONNX Runtime: {type(exc).__name__}", code="bad_model") from None
-
-    def _session_for_thread(self) -> ort.InferenceSession:
-        if not self._copies_per_thread:
-            return self.session
-        session = getattr(self._local, "session", None)
-        if session is None:
-            assert self._bytes is not None
-            session = self._local.session = self._new_session(self._bytes)
-        return session
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Names, dtypes and ranks must match the graph; static dimensions must match too."""
@@ -77,7 +63,7 @@ class OnnxModel:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = self.check_inputs(inputs)
         try:
-            outputs = self._session_for_thread().run(self.output_names, feeds)
+            outputs = self.session.run(self.output_names, feeds)
         except Exception as exc:  # ORT runtime failure on valid-looking input
             raise BadRequest(f"inference failed: {type(exc).__name__}", code="inference_failed") from None
         return {name: _plain_array(value) for name, value in zip(self.output_names, outputs, strict=True)}

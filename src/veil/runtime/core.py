@@ -8,14 +8,12 @@ of one inference). Logs carry ids and error codes, never contents.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from veil.crypto import chunked
-from veil.crypto.encoding import b64d, b64e
-from veil.crypto.envelope import Envelope, check_identifier, open_envelope, seal
+from veil.crypto.envelope import Envelope, open_envelope, seal
 from veil.crypto.errors import IntegrityError, MalformedError
 from veil.crypto.keys import SymmetricKey
 from veil.errors import BadRequest, Forbidden
@@ -25,7 +23,6 @@ from veil.runtime.caches import KeyCache, ModelCache
 from veil.store import ModelStore
 
 log = logging.getLogger("veil.runtime")
-PLAINTEXT_ENV = "VEIL_BENCH_ALLOW_PLAINTEXT"
 
 
 class KeyReleaser(Protocol):
@@ -37,8 +34,6 @@ class CoreConfig:
     key_cache_ttl_s: float = 60.0
     model_cache_bytes: int = 1 << 30
     intra_op_threads: int = 1
-    copies_per_thread: bool = False  # SeSeMI-style per-thread model copies (memory benchmark only)
-    allow_plaintext: bool = False  # benchmark-only plaintext path; also needs VEIL_BENCH_ALLOW_PLAINTEXT=1
 
 
 class RuntimeCore:
@@ -50,9 +45,6 @@ class RuntimeCore:
         self._store = store
         self.key_cache: KeyCache[tuple[SymmetricKey, SymmetricKey]] = KeyCache(config.key_cache_ttl_s)
         self.models = ModelCache(config.model_cache_bytes)
-        self.plaintext_enabled = config.allow_plaintext and os.environ.get(PLAINTEXT_ENV) == "1"
-        if self.plaintext_enabled:
-            log.warning("BENCHMARK-ONLY plaintext path is enabled on this instance")
 
     # -- pieces -----------------------------------------------------------------------------------
     def _keys_for(self, model: str, user: str, timings: dict[str, float]) -> tuple[SymmetricKey, SymmetricKey]:
@@ -73,9 +65,7 @@ class RuntimeCore:
                     f"sealed model {model!r} failed authentication (tampered or wrong key)", code="model_integrity"
                 ) from None
         t1 = time.perf_counter()
-        loaded = OnnxModel(
-            plaintext, intra_op_threads=self.config.intra_op_threads, copies_per_thread=self.config.copies_per_thread
-        )
+        loaded = OnnxModel(plaintext, intra_op_threads=self.config.intra_op_threads)
         t2 = time.perf_counter()
         timings["model_fetch_decrypt_ms"] = (t1 - t0) * 1e3
         timings["session_create_ms"] = (t2 - t1) * 1e3
@@ -124,18 +114,6 @@ class RuntimeCore:
         )
         timings["encrypt_ms"] = (time.perf_counter() - t1) * 1e3
         return {"envelope": answer.to_json(), "timings": timings}
-
-    def infer_plaintext(self, value: dict[str, Any]) -> dict[str, Any]:
-        """Benchmark-only: the same path without envelope crypto, to measure Veil's overhead."""
-        if not self.plaintext_enabled:
-            raise Forbidden("the plaintext path is disabled (benchmark-only)", code="plaintext_disabled")
-        model = check_identifier(value.get("model"), "model")
-        user = check_identifier(value.get("user"), "user")
-        timings: dict[str, Any] = {}
-        model_key, _ = self._keys_for(model, user, timings)
-        inputs = tensors.decode(b64d(value.get("tensors"), "tensors"))
-        outputs = self._run(model, model_key, inputs, timings)
-        return {"tensors": b64e(tensors.encode(outputs)), "timings": timings}
 
     def stats(self) -> dict[str, Any]:
         return {

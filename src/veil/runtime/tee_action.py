@@ -29,7 +29,7 @@ def _number(value: dict, name: str, default: float, lo: float, hi: float) -> flo
 
 class TeeAction:
     """Init value: {"kind": "tee", "keyservice_url", "store", optional key_cache_ttl_s,
-    model_cache_mb, intra_op_threads, copies_per_thread (bench), allow_plaintext (bench)}."""
+    model_cache_mb, intra_op_threads}."""
 
     def __init__(self, init: dict[str, Any]) -> None:
         for name in ("keyservice_url", "store"):
@@ -51,8 +51,6 @@ class TeeAction:
             key_cache_ttl_s=_number(init, "key_cache_ttl_s", 60.0, 0.0, 3600.0),
             model_cache_bytes=int(_number(init, "model_cache_mb", 1024, 1, 1 << 20) * (1 << 20)),
             intra_op_threads=int(_number(init, "intra_op_threads", 1, 0, 64)),
-            copies_per_thread=bool(init.get("copies_per_thread", False)),
-            allow_plaintext=bool(init.get("allow_plaintext", False)),
         )
         self.core = RuntimeCore(config, self.keys, LocalModelStore(Path(init["store"])))
         log.info("runtime attested via %s, measurement %s", self.provider_description, self.measurement)
@@ -68,8 +66,6 @@ class TeeAction:
     def run(self, value: dict[str, Any]) -> dict[str, Any]:
         if "envelope" in value:
             return self.core.infer(value["envelope"])
-        if "plain" in value:
-            return self.core.infer_plaintext(value["plain"])
         if value.get("op") == "stats":
             return self.core.stats()
         raise BadRequest("value: expected an 'envelope' (or op 'stats')", code="malformed")
