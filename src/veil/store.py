@@ -1,49 +1,71 @@
-"""The model store: where sealed (encrypted) model files live. Untrusted: it only ever holds
-ciphertext. A local directory by default; an S3-compatible store can implement the same
-three methods."""
+"""The model store: where sealed (encrypted) model files live, one file per (model, version).
+
+Untrusted: it only ever holds ciphertext, and the runtime checks every file it reads against the
+version and digest the KeyService released. A local directory by default; a network store
+implements the same methods. A store whose root does not exist is an error, never an empty store
+(a runtime on a node without the store must say so, not report every model as unknown).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from veil.crypto.envelope import check_identifier
-from veil.errors import NotFound
+from veil.errors import NotFound, TooLarge, Unavailable
 
 SUFFIX = ".veilm"
+_VERSION_FILE = re.compile(r"^v([0-9]{1,15})\.veilm$")
 
 
 class ModelStore(Protocol):
-    def put(self, model_id: str, source: BinaryIO) -> int: ...
+    def put(self, model_id: str, version: int, source: BinaryIO, *, max_bytes: int | None = None) -> int: ...
 
-    def open(self, model_id: str) -> BinaryIO: ...
+    def open(self, model_id: str, version: int) -> BinaryIO: ...
 
-    def exists(self, model_id: str) -> bool: ...
+    def exists(self, model_id: str, version: int) -> bool: ...
+
+    def versions(self, model_id: str) -> list[int]: ...
+
+    def delete(self, model_id: str, version: int) -> None: ...
+
+
+def _check_version(version: object) -> int:
+    if type(version) is not int or not 1 <= version < 10**15:
+        raise ValueError("version must be a positive integer")
+    return version
 
 
 class LocalModelStore:
-    """Sealed models as files `<root>/models/<model_id>.veilm`, replaced atomically."""
+    """Sealed models as files `<root>/models/<model_id>/v<version>.veilm`, written atomically."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = False) -> None:
         self.root = Path(root)
         self.models = self.root / "models"
-        self.models.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.models.mkdir(parents=True, exist_ok=True)
+        elif not self.models.is_dir():
+            raise Unavailable(f"model store {self.root} does not exist (or has no models/ directory)", code="no_store")
 
-    def path(self, model_id: str) -> Path:
-        return self.models / f"{check_identifier(model_id, 'model')}{SUFFIX}"
+    def path(self, model_id: str, version: int) -> Path:
+        return self.models / check_identifier(model_id, "model") / f"v{_check_version(version)}{SUFFIX}"
 
-    def put(self, model_id: str, source: BinaryIO) -> int:
-        """Copy a sealed model in (write to a temporary file, fsync, rename)."""
-        target = self.path(model_id)
-        fd, tmp = tempfile.mkstemp(dir=self.models, prefix=".upload-")
+    def put(self, model_id: str, version: int, source: BinaryIO, *, max_bytes: int | None = None) -> int:
+        """Stream a sealed model in (temporary file, fsync, rename); over `max_bytes` nothing is kept."""
+        target = self.path(model_id, version)
+        target.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
         size = 0
         try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := source.read(1 << 20):
-                    out.write(chunk)
                     size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise TooLarge(f"sealed model exceeds {max_bytes} bytes")
+                    out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target)
@@ -52,11 +74,23 @@ class LocalModelStore:
             raise
         return size
 
-    def open(self, model_id: str) -> BinaryIO:
+    def open(self, model_id: str, version: int) -> BinaryIO:
         try:
-            return self.path(model_id).open("rb")
+            return self.path(model_id, version).open("rb")
         except FileNotFoundError:
-            raise NotFound(f"model {model_id!r} is not in the model store", code="unknown_model") from None
+            raise NotFound(
+                f"model {model_id!r} version {version} is not in the model store", code="unknown_model"
+            ) from None
 
-    def exists(self, model_id: str) -> bool:
-        return self.path(model_id).exists()
+    def exists(self, model_id: str, version: int) -> bool:
+        return self.path(model_id, version).exists()
+
+    def versions(self, model_id: str) -> list[int]:
+        folder = self.models / check_identifier(model_id, "model")
+        if not folder.is_dir():
+            return []
+        found = (_VERSION_FILE.match(p.name) for p in folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def delete(self, model_id: str, version: int) -> None:
+        self.path(model_id, version).unlink(missing_ok=True)

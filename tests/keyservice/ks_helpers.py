@@ -25,12 +25,13 @@ def signed(
     body: bytes | None = None,
     timestamp: int | None = None,
     nonce: str | None = None,
+    seq: int | None = None,
     headers: dict[str, str] | None = None,
 ) -> httpx.Response:
     """Send one request signed by `ident` (the body defaults to `{"v": 1, **obj}`)."""
     if body is None:
         body = json.dumps({"v": 1, **obj}).encode() if obj is not None else b""
-    sig = ident.sign_request(method, path, body, timestamp=timestamp, nonce=nonce).as_dict()
+    sig = ident.sign_request(method, path, body, timestamp=timestamp, nonce=nonce, seq=seq).as_dict()
     all_headers = {**sig, "content-type": "application/json", **(headers or {})}
     return http.request(method, path, content=body, headers=all_headers)
 
@@ -62,3 +63,8 @@ def setup_model(
     owner.grant("iris", user.identity.id)
     user.put_request_key("iris", rk, user_measurements or [RUNTIME])
     return Model(owner, user, mk, rk)
+
+
+def _keys(release: Any) -> tuple[SymmetricKey, SymmetricKey]:
+    """(model key, request key) of a `Release`."""
+    return release.model_key, release.request_key

@@ -16,14 +16,12 @@ import pytest
 from veil.attest.measurement import measure
 from veil.attest.sim import SimRoot
 from veil.attest.verify import TrustConfig
-from veil.crypto.at_rest import Sealer
 from veil.crypto.identity import Identity
-from veil.crypto.kdf import derive_key
 from veil.crypto.keys import SymmetricKey
 from veil.deployment import wait_http
 from veil.keyservice.client import PrincipalClient
-from veil.keyservice.server import sealing_key, sim_root_path
-from veil.keyservice.store import Store, verify_audit_chain
+from veil.keyservice.server import open_store, sim_root_path
+from veil.keyservice.store import verify_audit_chain
 
 WRITERS = 4
 
@@ -67,7 +65,7 @@ def test_kill_9_during_write_burst_loses_no_acknowledged_write(
                     acknowledged[model] = key.material()
                 n += 1
         except Exception as exc:  # noqa: BLE001 - the kill makes in-flight writes fail; that is the point
-            errors.append(type(exc).__name__)
+            errors.append(f"{type(exc).__name__}: {exc}")
         finally:
             client.close()
 
@@ -89,13 +87,12 @@ def test_kill_9_during_write_burst_loses_no_acknowledged_write(
     proc = start(veil_cli, state, port, log)
     try:
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
-        key = sealing_key(SimRoot.load_or_create(sim_root_path(state)))
-        audit_key = derive_key(key, b"veil audit chain", b"")
-        store = Store(state / "keyservice.db", Sealer(key), audit_key)
+        store = open_store(state, SimRoot.load_or_create(sim_root_path(state)), measure("keyservice"))
         try:
-            missing = [m for m, k in acknowledged.items() if store.model_key(m) != k]
+            missing = [m for m, k in acknowledged.items() if store.current_model_key(m) != k]
             assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
-            assert verify_audit_chain(store.audit_entries(), audit_key)[0]
+            assert verify_audit_chain(store.audit_entries(), store._audit_key)[0]
+            assert not store.tampered and store.integrity_failure is None
         finally:
             store.close()
         audit = subprocess.run(
@@ -104,7 +101,7 @@ def test_kill_9_during_write_burst_loses_no_acknowledged_write(
         assert audit.returncode == 0 and "chain OK" in audit.stderr, audit.stderr
         with sqlite3.connect(state / "keyservice.db") as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-            put_entries = db.execute("SELECT count(*) FROM audit WHERE entry LIKE '%put_model_key%'").fetchone()[0]
+            put_entries = db.execute("SELECT count(*) FROM audit WHERE entry LIKE '%commit_version%'").fetchone()[0]
         assert put_entries >= len(acknowledged)  # every acknowledged write was audited with it
     finally:
         proc.kill()

@@ -13,7 +13,9 @@ from veil.crypto.identity import Identity
 from veil.keyservice import wire
 
 SIGNED_ENDPOINTS = [
-    ("PUT", "/v1/models/iris/key"),
+    ("POST", "/v1/models/iris/versions"),
+    ("POST", "/v1/models/iris/versions/1/commit"),
+    ("PUT", "/v1/models/iris/revocation-delay"),
     ("PUT", "/v1/models/iris/measurements"),
     ("PUT", "/v1/models/iris/grants/{user}"),
     ("DELETE", "/v1/models/iris/grants/{user}"),
@@ -46,10 +48,13 @@ def test_signed_endpoints_refuse_bad_authentication(world, method: str, template
         assert error_of(answer) == (401, "stale_timestamp")
     # an unregistered principal
     assert error_of(signed(http, Identity.generate(), method, path, body=body)) == (401, "unknown_principal")
-    # replay: the same nonce twice (the first may fail on content, but it is recorded once authenticated)
-    nonce = "ab" * 16
-    signed(http, owner, method, path, body=body, nonce=nonce)
-    assert error_of(signed(http, owner, method, path, body=body, nonce=nonce)) == (401, "replay")
+    # replay: the same signed request twice (the first may fail on content, but its sequence
+    # number is recorded once authenticated)
+    seq = time.time_ns() // 1000 + 10_000_000
+    signed(http, owner, method, path, body=body, seq=seq)
+    assert error_of(signed(http, owner, method, path, body=body, seq=seq)) == (401, "stale_sequence")
+    # held back: a request signed earlier (lower number) and delivered after a later one
+    assert error_of(signed(http, owner, method, path, body=body, seq=seq - 1)) == (401, "stale_sequence")
 
 
 @pytest.mark.parametrize(("method", "template"), SIGNED_ENDPOINTS)
@@ -66,23 +71,35 @@ def test_signed_endpoints_refuse_malformed_bodies(world, method: str, template: 
     assert error_of(signed(http, owner, method, path, body=huge)) == (413, "too_large")
 
 
+DIGEST = "ab" * 32
+
+
 @pytest.mark.parametrize(
     ("path", "field", "obj"),
     [
-        ("/v1/models/iris/key", "sealed_model_key", {"sealed_model_key": "not*base64"}),
-        ("/v1/models/iris/key", "sealed_model_key", {}),
-        ("/v1/models/iris/key", "measurements", {"sealed_model_key": "AAAA", "measurements": "x"}),
+        ("/v1/models/iris/versions", "sealed_model_key", {"sealed_model_key": "not*base64", "digest": DIGEST}),
+        ("/v1/models/iris/versions", "sealed_model_key", {"digest": DIGEST}),
+        ("/v1/models/iris/versions", "digest", {"sealed_model_key": "AAAA", "digest": "xyz"}),
+        ("/v1/models/iris/versions", "measurements", {"sealed_model_key": "AAAA", "measurements": "x"}),
+        ("/v1/models/iris/versions", "revocation_delay_s", {"sealed_model_key": "AAAA", "revocation_delay_s": 3600}),
+        ("/v1/models/iris/revocation-delay", "revocation_delay_s", {"revocation_delay_s": -1}),
+        ("/v1/models/iris/revocation-delay", "revocation_delay_s", {"revocation_delay_s": 1.5}),
         ("/v1/models/iris/measurements", "measurements", {"measurements": [1, 2]}),
         ("/v1/models/iris/measurements", "measurements", {"measurements": ["a"] * 65}),
         ("/v1/models/iris/measurements", "measurements", {"measurements": ["not-hex"]}),
         ("/v1/models/iris/request-key", "sealed_request_key", {"sealed_request_key": "A", "measurements": []}),
         ("/v1/models/iris/request-key", "measurements", {"sealed_request_key": "AAAA"}),
+        (
+            "/v1/models/iris/request-key",
+            "max_revocation_delay_s",
+            {"sealed_request_key": "AAAA", "measurements": [], "max_revocation_delay_s": 301},
+        ),
     ],
 )
 def test_bad_fields_are_named(world, path: str, field: str, obj: dict) -> None:
     ks, m, http = world
     ident = m.owner.identity if "request-key" not in path else m.user.identity
-    answer = signed(http, ident, "PUT", path, obj)
+    answer = signed(http, ident, "POST" if path.endswith("/versions") else "PUT", path, obj)
     assert error_of(answer) == (400, "malformed")
     assert answer.json()["error"]["message"].startswith(field)
 
@@ -95,15 +112,16 @@ def test_keys_that_do_not_open_are_refused(world) -> None:
     pk = ks.service.keypair.public_key
     aad = wire.upload_aad("other", m.owner.identity.id)
     wrong_model = hpke.seal(pk, b"k" * 32, info=wire.INFO_MODEL_KEY_UPLOAD, aad=aad)
-    answer = signed(http, m.owner.identity, "PUT", "/v1/models/iris/key", {"sealed_model_key": b64e(wrong_model)})
+    stage = "/v1/models/iris/versions"
+    answer = signed(http, m.owner.identity, "POST", stage, {"sealed_model_key": b64e(wrong_model), "digest": DIGEST})
     assert error_of(answer) == (400, "integrity")
     as_request_key = hpke.seal(
         pk, b"k" * 32, info=wire.INFO_REQUEST_KEY_UPLOAD, aad=wire.upload_aad("iris", m.owner.identity.id)
     )
-    answer = signed(http, m.owner.identity, "PUT", "/v1/models/iris/key", {"sealed_model_key": b64e(as_request_key)})
+    answer = signed(http, m.owner.identity, "POST", stage, {"sealed_model_key": b64e(as_request_key), "digest": DIGEST})
     assert error_of(answer) == (400, "integrity")
     short = hpke.seal(pk, b"k" * 16, info=wire.INFO_MODEL_KEY_UPLOAD, aad=wire.upload_aad("iris", m.owner.identity.id))
-    answer = signed(http, m.owner.identity, "PUT", "/v1/models/iris/key", {"sealed_model_key": b64e(short)})
+    answer = signed(http, m.owner.identity, "POST", stage, {"sealed_model_key": b64e(short), "digest": DIGEST})
     assert error_of(answer) == (400, "malformed")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ks_helpers import OTHER, RUNTIME, error_of, setup_model, signed
+from ks_helpers import OTHER, RUNTIME, _keys, error_of, setup_model, signed
 
 from veil.attest.evidence import Evidence
 from veil.attest.sim import SimProvider, SimRoot
@@ -25,10 +25,11 @@ def test_full_owner_user_runtime_flow(keyservice_server) -> None:
     ks = keyservice_server
     m = setup_model(ks)
     runtime = ks.runtime(RUNTIME)
-    model_key, request_key = runtime.release("iris", m.user.identity.id)
+    released = runtime.release("iris", m.user.identity.id)
+    model_key, request_key = released.model_key, released.request_key
     assert model_key == m.model_key and request_key == m.request_key
     # The attested session is reused: a second release does not attest again.
-    assert runtime.release("iris", m.user.identity.id) == (m.model_key, m.request_key)
+    assert _keys(runtime.release("iris", m.user.identity.id)) == (m.model_key, m.request_key)
     actions = audit_actions(ks)
     assert [a["action"] for a in actions].count("attest") == 1
     releases = [a for a in actions if a["action"] == "release"]
@@ -58,7 +59,7 @@ def test_wrong_measurement_is_refused(keyservice_server) -> None:
 def test_measurement_allowed_by_owner_but_not_by_user(keyservice_server) -> None:
     m = setup_model(keyservice_server, owner_measurements=[RUNTIME, OTHER], user_measurements=[RUNTIME])
     assert refusal(keyservice_server.runtime(OTHER), "iris", m.user.identity.id) == (403, "measurement_refused_by_user")
-    assert keyservice_server.runtime(RUNTIME).release("iris", m.user.identity.id)[1] == m.request_key
+    assert keyservice_server.runtime(RUNTIME).release("iris", m.user.identity.id).request_key == m.request_key
 
 
 def test_ungranted_user_is_refused(keyservice_server) -> None:
@@ -79,7 +80,7 @@ def test_revoked_user_is_refused_and_regrant_restores(keyservice_server) -> None
     m.owner.revoke("iris", m.user.identity.id)
     assert refusal(runtime, "iris", m.user.identity.id) == (403, "not_granted")
     m.owner.grant("iris", m.user.identity.id)
-    assert runtime.release("iris", m.user.identity.id)[0] == m.model_key
+    assert runtime.release("iris", m.user.identity.id).model_key == m.model_key
 
 
 def test_user_without_request_key_and_deleted_request_key(keyservice_server) -> None:
@@ -98,7 +99,7 @@ def test_owner_measurement_update_takes_effect(keyservice_server) -> None:
     runtime = ks.runtime(OTHER)
     assert refusal(runtime, "iris", m.user.identity.id)[1] == "measurement_refused_by_owner"
     m.owner.set_measurements("iris", [OTHER])
-    assert runtime.release("iris", m.user.identity.id)[0] == m.model_key
+    assert runtime.release("iris", m.user.identity.id).model_key == m.model_key
     assert refusal(ks.runtime(RUNTIME), "iris", m.user.identity.id)[1] == "measurement_refused_by_owner"
 
 
@@ -116,7 +117,7 @@ def test_non_owner_cannot_change_a_model(keyservice_server) -> None:
             change()
         assert (exc.value.status, exc.value.code) == (403, "not_owner")
     # Nothing changed: the user still gets the owner's key under the owner's policy.
-    assert ks.runtime(RUNTIME).release("iris", m.user.identity.id)[0] == m.model_key
+    assert ks.runtime(RUNTIME).release("iris", m.user.identity.id).model_key == m.model_key
 
 
 def test_replayed_signed_request_is_refused(keyservice_server) -> None:
@@ -130,8 +131,9 @@ def test_replayed_signed_request_is_refused(keyservice_server) -> None:
     assert first.status_code == 200
     m.owner.grant("iris", m.user.identity.id)
     replay = http.request("DELETE", path, content=body, headers=headers)
-    assert error_of(replay) == (401, "replay")
-    assert ks.runtime(RUNTIME).release("iris", m.user.identity.id)[0] == m.model_key  # the replay revoked nothing
+    assert error_of(replay) == (401, "stale_sequence")
+    # the replay revoked nothing
+    assert ks.runtime(RUNTIME).release("iris", m.user.identity.id).model_key == m.model_key
 
 
 def test_signature_bound_to_path_and_body(keyservice_server) -> None:

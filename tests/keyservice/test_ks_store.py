@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 
 import pytest
-from ks_helpers import RUNTIME, error_of, setup_model
+from ks_helpers import RUNTIME, _keys, error_of, setup_model
 
 from veil.crypto.encoding import b64e
 from veil.errors import VeilError
@@ -56,7 +56,7 @@ def test_sealed_record_copied_to_another_row_fails(keyservice_server) -> None:
         (blob,) = db.execute("SELECT sealed_key FROM request_keys WHERE user_id=?", (m.user.identity.id,)).fetchone()
         db.execute("UPDATE request_keys SET sealed_key=? WHERE user_id=?", (blob, other.identity.id))
         # and the model key moved onto the request-key row's sibling: a model key pasted as a request key
-        (model_blob,) = db.execute("SELECT sealed_key FROM models").fetchone()
+        (model_blob,) = db.execute("SELECT sealed_key FROM model_versions").fetchone()
     assert release_error(ks, other.identity.id) == (500, "store_integrity")
     with raw_db(ks) as db:
         db.execute("UPDATE request_keys SET sealed_key=? WHERE user_id=?", (model_blob, m.user.identity.id))
@@ -72,7 +72,7 @@ def test_state_survives_restart(tmp_path, keyservice_factory) -> None:
     second = keyservice_factory.start(state)
     assert second.service.keypair.public_key == public_key  # same attested key: pinned clients keep working
     runtime = second.runtime(RUNTIME)
-    assert runtime.release("iris", m.user.identity.id) == (m.model_key, m.request_key)
+    assert _keys(runtime.release("iris", m.user.identity.id)) == (m.model_key, m.request_key)
     # The old clients (pinned key, registered identities) still work against the restarted service.
     m.owner.close()
     from veil.keyservice.client import PrincipalClient
@@ -80,7 +80,7 @@ def test_state_survives_restart(tmp_path, keyservice_factory) -> None:
     owner = PrincipalClient(
         second.url, m.owner.identity, expected_measurements=set(), trust=second.trust(), allow_simulated=True
     )
-    owner._pinned = public_key
+    owner._pinned, owner._signing_key = public_key, second.service.signer.public_key
     second.clients.append(owner)
     owner.revoke("iris", m.user.identity.id)
     with pytest.raises(VeilError) as exc:
@@ -146,10 +146,10 @@ def test_no_key_material_in_database_or_logs(tmp_path, keyservice_factory, caplo
 
 def test_store_schema_version_and_error_body_on_integrity(keyservice_server) -> None:
     ks = keyservice_server
-    assert ks.service.store.schema_version() == 1
+    assert ks.service.store.schema_version() == 2
     m = setup_model(ks)
     with raw_db(ks) as db:
-        db.execute("UPDATE models SET sealed_key=x'00'")
+        db.execute("UPDATE model_versions SET sealed_key=x'00'")
     answer = ks.http().post(
         "/v1/release",
         json={"v": 1, "session": ks.runtime(RUNTIME).attest(), "model": "iris", "user": m.user.identity.id},

@@ -1,7 +1,11 @@
 """Chunked sealing of model files (protocol `docs/protocol.md#sealed-model-files`).
 
 Layout: magic ‖ u32 header length ‖ canonical-JSON header ‖ records, each u32 length ‖ nonce ‖
-ciphertext ‖ tag. Each chunk's AAD is SHA-256(header) ‖ u64 index ‖ u8 final flag, so chunks
+ciphertext ‖ tag. The header binds model id, version and content digest (SHA-256 of the
+plaintext model), so a runtime told "version 7, digest d" by the KeyService refuses an older
+sealed file (rollback) or another one (substitution), even under the same key.
+
+Each chunk's AAD is SHA-256(header) ‖ u64 index ‖ u8 final flag, so chunks
 cannot be reordered, dropped, duplicated, moved between files, truncated after, or extended past
 the final one. Decryption streams: it never holds more than one chunk of ciphertext at a time
 and never writes plaintext anywhere.
@@ -10,6 +14,7 @@ and never writes plaintext anywhere.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -23,7 +28,7 @@ from veil.crypto.errors import IntegrityError, MalformedError
 from veil.crypto.keys import SymmetricKey
 
 MAGIC = b"VEILMDL1"
-VERSION = 1
+VERSION = 2
 DEFAULT_CHUNK = 1 << 20
 MAX_CHUNK = 64 << 20
 MAX_HEADER = 4096
@@ -34,13 +39,48 @@ def _chunk_aad(header_hash: bytes, index: int, final: bool) -> bytes:
     return header_hash + struct.pack(">QB", index, 1 if final else 0)
 
 
+def content_digest(plaintext: bytes) -> str:
+    """The content digest a sealed header and the KeyService record: hex SHA-256 of the model."""
+    return hashlib.sha256(plaintext).hexdigest()
+
+
+def _check_version(version: object) -> int:
+    if type(version) is not int or not 1 <= version < 1 << 53:
+        raise MalformedError("version", "must be an integer ≥ 1")
+    return version
+
+
+def _check_digest(digest: object) -> str:
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise MalformedError("digest", "must be 64 lowercase hex characters (SHA-256)")
+    return digest
+
+
 def seal_stream(
-    key: SymmetricKey, source: BinaryIO, sink: BinaryIO, *, model: str, chunk_size: int = DEFAULT_CHUNK
+    key: SymmetricKey,
+    source: BinaryIO,
+    sink: BinaryIO,
+    *,
+    model: str,
+    version: int,
+    digest: str,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> int:
-    """Encrypt `source` into `sink` chunk by chunk; returns the number of bytes written."""
+    """Encrypt `source` into `sink` chunk by chunk; returns the number of bytes written.
+
+    `digest` is `content_digest` of what `source` yields (the caller knows it before sealing)."""
     if not 1 <= chunk_size <= MAX_CHUNK:
         raise MalformedError("chunk_size", "must be between 1 byte and 64 MiB")
-    header = canonical_json({"v": VERSION, "model": model, "file_id": os.urandom(16).hex(), "chunk_size": chunk_size})
+    header = canonical_json(
+        {
+            "v": VERSION,
+            "model": model,
+            "version": _check_version(version),
+            "digest": _check_digest(digest),
+            "file_id": os.urandom(16).hex(),
+            "chunk_size": chunk_size,
+        }
+    )
     header_hash = hashlib.sha256(header).digest()
     written = sink.write(MAGIC + struct.pack(">I", len(header)) + header)
     index = 0
@@ -55,10 +95,20 @@ def seal_stream(
         current, index = upcoming, index + 1
 
 
-def seal_bytes(key: SymmetricKey, plaintext: bytes, *, model: str, chunk_size: int = DEFAULT_CHUNK) -> bytes:
-    """Convenience wrapper of `seal_stream` for in-memory data."""
+def seal_bytes(
+    key: SymmetricKey, plaintext: bytes, *, model: str, version: int = 1, chunk_size: int = DEFAULT_CHUNK
+) -> bytes:
+    """Convenience wrapper of `seal_stream` for in-memory data (computes the digest)."""
     out = io.BytesIO()
-    seal_stream(key, io.BytesIO(plaintext), out, model=model, chunk_size=chunk_size)
+    seal_stream(
+        key,
+        io.BytesIO(plaintext),
+        out,
+        model=model,
+        version=version,
+        digest=content_digest(plaintext),
+        chunk_size=chunk_size,
+    )
     return out.getvalue()
 
 
@@ -86,19 +136,31 @@ def read_header(source: BinaryIO) -> dict:
     # The header is authenticated only when the first chunk opens, so bound what it may ask us to read.
     if type(header.get("chunk_size")) is not int or not 1 <= header["chunk_size"] <= MAX_CHUNK:
         raise MalformedError("sealed_model", f"chunk_size must be an integer in 1..{MAX_CHUNK}")
+    try:
+        _check_version(header.get("version"))
+        _check_digest(header.get("digest"))
+    except MalformedError as exc:
+        raise MalformedError("sealed_model", f"header {exc}") from None
     header["_hash"] = hashlib.sha256(raw).digest()
     return header
 
 
-def open_stream(key: SymmetricKey, source: BinaryIO, *, model: str) -> Iterator[bytes]:
+def open_stream(
+    key: SymmetricKey, source: BinaryIO, *, model: str, version: int | None = None, digest: str | None = None
+) -> Iterator[bytes]:
     """Yield authenticated plaintext chunks of a sealed model, in order.
 
     Raises IntegrityError if any chunk fails, the final chunk is missing, or data follows it;
-    MalformedError if the file is for another model.
+    MalformedError if the file is for another model, or (when given) another version or digest
+    than the KeyService released: the header is authenticated by the first chunk's AAD.
     """
     header = read_header(source)
     if header.get("model") != model:
         raise MalformedError("model", f"sealed file is for model {header.get('model')!r}")
+    if version is not None and header["version"] != version:
+        raise MalformedError("version", f"sealed file is version {header['version']}, the released one is {version}")
+    if digest is not None and not hmac.compare_digest(header["digest"], digest):
+        raise MalformedError("digest", "sealed file's content digest is not the released one")
     limit = header["chunk_size"] + _OVERHEAD
     index = 0
     while True:
@@ -123,7 +185,14 @@ def open_stream(key: SymmetricKey, source: BinaryIO, *, model: str) -> Iterator[
         index += 1
 
 
-def open_bytes(key: SymmetricKey, sealed: bytes | BinaryIO, *, model: str) -> bytes:
+def open_bytes(
+    key: SymmetricKey,
+    sealed: bytes | BinaryIO,
+    *,
+    model: str,
+    version: int | None = None,
+    digest: str | None = None,
+) -> bytes:
     """Decrypt a whole sealed model into memory (a bytearray joined once)."""
     source = io.BytesIO(sealed) if isinstance(sealed, bytes | bytearray) else sealed
-    return b"".join(open_stream(key, source, model=model))
+    return b"".join(open_stream(key, source, model=model, version=version, digest=digest))

@@ -10,7 +10,8 @@ from veil.crypto.envelope import check_identifier
 from veil.errors import BadRequest
 from veil.http import install_error_handlers, parse_json_object, read_body
 from veil.keyservice import wire
-from veil.keyservice.service import KeyService, check_measurements, decode_field
+from veil.keyservice.answers import AnswerSigner
+from veil.keyservice.service import KeyService, check_delay, check_digest, check_measurements, decode_field
 
 
 def _version(obj: dict) -> None:
@@ -18,10 +19,18 @@ def _version(obj: dict) -> None:
         raise BadRequest(f"v: unsupported version {obj.get('v')!r}, expected {wire.VERSION}", code="malformed")
 
 
+def _version_number(value: str) -> int:
+    if not value.isdigit() or not 0 < len(value) <= 15 or int(value) < 1:
+        raise BadRequest("version: must be a positive integer", code="malformed")
+    return int(value)
+
+
 def create_app(ks: KeyService) -> FastAPI:
-    """The ASGI app serving `ks`. Every error is `{"error": {"code", "message"}}`."""
+    """The ASGI app serving `ks`. Every error is `{"error": {"code", "message"}}`; every answer to
+    a signed request is itself signed (`AnswerSigner`)."""
     app = FastAPI(title="Veil KeyService", version="1")
     install_error_handlers(app)
+    app.add_middleware(AnswerSigner, sign=ks.sign_answer, max_body=wire.MAX_BODY)
 
     async def signed(request: Request, *, registering_key: bytes | None = None) -> tuple[str, dict]:
         body = await read_body(request, wire.MAX_BODY)
@@ -53,13 +62,38 @@ def create_app(ks: KeyService) -> FastAPI:
         created = ks.register(caller, public_key)
         return {"v": wire.VERSION, "id": caller, "created": created}
 
-    @app.put("/v1/models/{model}/key")
-    async def put_model_key(model: str, request: Request) -> dict:
+    @app.post("/v1/models/{model}/versions")
+    async def stage_version(model: str, request: Request) -> dict:
+        """Stage a new version (owner-signed): key, digest, and the allow-list and revocation delay
+        that apply once it is committed."""
         check_identifier(model, "model")
         caller, obj = await signed(request)
         measurements = check_measurements(obj["measurements"]) if "measurements" in obj else None
-        ks.put_model_key(caller, model, decode_field(obj, "sealed_model_key"), measurements)
-        return {"v": wire.VERSION, "model": model, "owner": caller}
+        delay = check_delay(obj["revocation_delay_s"]) if "revocation_delay_s" in obj else None
+        version = ks.stage_version(
+            caller, model, check_digest(obj.get("digest")), decode_field(obj, "sealed_model_key"), measurements, delay
+        )
+        return {"v": wire.VERSION, "model": model, "version": version, "state": "staged", "owner": caller}
+
+    @app.post("/v1/models/{model}/versions/{version}/commit")
+    async def commit_version(model: str, version: str, request: Request) -> dict:
+        check_identifier(model, "model")
+        number = _version_number(version)
+        caller, _ = await signed(request)
+        return {"v": wire.VERSION, "state": "current", **ks.commit_version(caller, model, number)}
+
+    @app.get("/v1/models/{model}/versions/{version}")
+    async def version_info(model: str, version: str) -> dict:
+        """Public: the owner and state of a version (the gateway checks upload signatures with it)."""
+        return ks.version_info(check_identifier(model, "model"), _version_number(version))
+
+    @app.put("/v1/models/{model}/revocation-delay")
+    async def put_revocation_delay(model: str, request: Request) -> dict:
+        check_identifier(model, "model")
+        caller, obj = await signed(request)
+        delay = check_delay(obj.get("revocation_delay_s"))
+        ks.set_revocation_delay(caller, model, delay)
+        return {"v": wire.VERSION, "model": model, "revocation_delay_s": delay}
 
     @app.put("/v1/models/{model}/measurements")
     async def put_measurements(model: str, request: Request) -> dict:
@@ -87,7 +121,12 @@ def create_app(ks: KeyService) -> FastAPI:
         check_identifier(model, "model")
         caller, obj = await signed(request)
         measurements = check_measurements(obj.get("measurements"))
-        ks.put_request_key(caller, model, decode_field(obj, "sealed_request_key"), measurements)
+        max_delay = (
+            check_delay(obj["max_revocation_delay_s"], "max_revocation_delay_s")
+            if obj.get("max_revocation_delay_s") is not None
+            else None
+        )
+        ks.put_request_key(caller, model, decode_field(obj, "sealed_request_key"), measurements, max_delay)
         return {"v": wire.VERSION, "model": model, "user": caller}
 
     @app.delete("/v1/models/{model}/request-key")

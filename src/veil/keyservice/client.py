@@ -7,12 +7,14 @@ and pins the attested HPKE key; it sends no secret before that. A runtime client
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import logging
 import os
 import threading
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 from veil.attest.evidence import Evidence
@@ -21,7 +23,8 @@ from veil.attest.validate import Policy, validate
 from veil.attest.verify import TrustConfig, verify
 from veil.crypto import hpke
 from veil.crypto.encoding import b64d, b64e
-from veil.crypto.identity import Identity
+from veil.crypto.errors import IntegrityError, MalformedError
+from veil.crypto.identity import Identity, SignedHeaders, verify_signature
 from veil.crypto.keys import SymmetricKey
 from veil.errors import Unavailable, VeilError
 from veil.keyservice import wire
@@ -75,6 +78,13 @@ class _Http:
             self._local.conn = None
 
     def _send(self, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None) -> dict:
+        status, _, raw = self._exchange(method, path, body=body, headers=headers)
+        return _raise_for(status, raw)
+
+    def _exchange(
+        self, method: str, path: str, *, body: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """(status, headers, raw body) of one request, without interpreting the answer."""
         for attempt in (0, 1):  # a kept-alive connection the server closed is retried once
             conn = self._connection()
             try:
@@ -91,7 +101,7 @@ class _Http:
                 ) from None
             if response.will_close:
                 self._drop_connection()
-            return _raise_for(response.status, raw)
+            return response.status, response.headers, raw
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -99,7 +109,12 @@ class _Http:
 
 
 class PrincipalClient(_Http):
-    """An owner's or user's connection to an attested KeyService."""
+    """An owner's or user's connection to an attested KeyService.
+
+    `connect` verifies the KeyService's evidence against the measurements this principal expects
+    (its own client configuration, never the operator's) and pins the attested HPKE key and
+    answer-signing key. Every signed request's answer must carry a valid signature by the pinned
+    key over that very request; anything else (a dropped, forged or swapped answer) raises."""
 
     def __init__(
         self,
@@ -116,44 +131,142 @@ class PrincipalClient(_Http):
         self._policy = Policy(allowed_measurements=frozenset(expected_measurements), allow_simulated=allow_simulated)
         self._trust = trust
         self._pinned: bytes | None = None
+        self._signing_key: bytes | None = None
+        self._call_lock = threading.Lock()
 
     def connect(self) -> bytes:
-        """Verify the KeyService's evidence (fresh nonce) and pin its HPKE public key."""
+        """Verify the KeyService's evidence (fresh nonce) and pin its HPKE and signing keys."""
         nonce = os.urandom(32)
         body = self._send("GET", f"/v1/evidence?nonce={b64e(nonce)}")
         public_key = b64d(body.get("public_key"), "public_key")
+        signing_key = b64d(body.get("signing_key"), "signing_key")
+        if len(signing_key) != 32:
+            raise VeilError("signing_key: must be a 32-byte Ed25519 key", code="keyservice_error", status=502)
         report = verify(Evidence.from_json(body.get("evidence")), self._trust)
-        validate(report, self._policy, wire.keyservice_binding(public_key, nonce))
-        self._pinned = public_key
+        validate(report, self._policy, wire.keyservice_binding(public_key, signing_key, nonce))
+        self._pinned, self._signing_key = public_key, signing_key
         return public_key
 
     def _pinned_key(self) -> bytes:
         return self._pinned if self._pinned is not None else self.connect()
 
     def _signed(self, method: str, path: str, obj: dict | None = None) -> dict:
+        """Send one signed request and return its answer only if the KeyService signed it.
+
+        Requests of one client are serialised, so their sequence numbers arrive in order; a
+        request refused as `stale_sequence` (another process of this principal got a later
+        number in first) changed nothing and is re-signed once."""
+        self._pinned_key()
         body = json.dumps({"v": wire.VERSION, **obj}).encode() if obj is not None else b""
-        headers = self.identity.sign_request(method, path, body).as_dict()
-        headers["content-type"] = "application/json"
-        return self._send(method, path, body=body, headers=headers)
+        with self._call_lock:
+            for attempt in (0, 1):
+                signed = self.identity.sign_request(method, path, body)
+                headers = {**signed.as_dict(), "content-type": "application/json"}
+                status, answer_headers, raw = self._exchange(method, path, body=body, headers=headers)
+                self._verify_answer(signed, method, path, body, status, answer_headers, raw)
+                try:
+                    return _raise_for(status, raw)
+                except VeilError as exc:
+                    if exc.code == "stale_sequence" and attempt == 0:
+                        continue
+                    raise
+        raise AssertionError("unreachable")
+
+    def _verify_answer(
+        self,
+        signed: SignedHeaders,
+        method: str,
+        path: str,
+        body: bytes,
+        status: int,
+        headers: http.client.HTTPMessage,
+        raw: bytes,
+    ) -> None:
+        assert self._signing_key is not None
+        signature = headers.get(wire.HEADER_ANSWER_SIGNATURE)
+        payload = wire.answer_payload(
+            signed.principal,
+            signed.nonce,
+            str(signed.seq),
+            method,
+            path,
+            hashlib.sha256(body).hexdigest(),
+            status,
+            raw,
+        )
+        try:
+            if not signature:
+                raise IntegrityError("missing")
+            verify_signature(self._signing_key, payload, b64d(signature, wire.HEADER_ANSWER_SIGNATURE))
+        except (IntegrityError, MalformedError):
+            raise VeilError(
+                f"the KeyService's answer to {method} {path} is not signed by the attested KeyService "
+                f"(HTTP {status}): it was forged, altered or replaced on the way; the request may or may "
+                "not have taken effect",
+                code="answer_unauthenticated",
+                status=502,
+            ) from None
 
     def register(self) -> str:
         self._signed("POST", "/v1/principals", {"public_key": b64e(self.identity.public_key)})
         return self.identity.id
 
-    def put_model_key(self, model: str, key: SymmetricKey, measurements: list[str] | None = None) -> None:
+    def stage_version(
+        self,
+        model: str,
+        key: SymmetricKey,
+        digest: str,
+        *,
+        measurements: list[str] | None = None,
+        revocation_delay_s: int | None = None,
+    ) -> int:
+        """Stage a new version of `model` under `key`; returns the version number to seal with."""
         sealed = hpke.seal(
             self._pinned_key(),
             key.material(),
             info=wire.INFO_MODEL_KEY_UPLOAD,
             aad=wire.upload_aad(model, self.identity.id),
         )
-        obj: dict[str, Any] = {"sealed_model_key": b64e(sealed)}
+        obj: dict[str, Any] = {"sealed_model_key": b64e(sealed), "digest": digest}
         if measurements is not None:
             obj["measurements"] = measurements
-        self._signed("PUT", f"/v1/models/{model}/key", obj)
+        if revocation_delay_s is not None:
+            obj["revocation_delay_s"] = revocation_delay_s
+        answer = self._signed("POST", f"/v1/models/{model}/versions", obj)
+        version = answer.get("version")
+        if type(version) is not int or answer.get("model") != model:
+            raise VeilError("stage answer: bad version", code="keyservice_error", status=502)
+        return version
+
+    def commit_version(self, model: str, version: int) -> dict:
+        """Make a staged version current (after its sealed file is in the store)."""
+        return self._signed("POST", f"/v1/models/{model}/versions/{version}/commit", {})
+
+    def put_model_key(
+        self,
+        model: str,
+        key: SymmetricKey,
+        measurements: list[str] | None = None,
+        *,
+        digest: str | None = None,
+        revocation_delay_s: int | None = None,
+    ) -> int:
+        """Stage and commit a version in one go (tools and tests that manage the store themselves)."""
+        version = self.stage_version(
+            model,
+            key,
+            digest or hashlib.sha256(b"").hexdigest(),
+            measurements=measurements,
+            revocation_delay_s=revocation_delay_s,
+        )
+        self.commit_version(model, version)
+        return version
 
     def set_measurements(self, model: str, measurements: list[str]) -> None:
         self._signed("PUT", f"/v1/models/{model}/measurements", {"measurements": measurements})
+
+    def set_revocation_delay(self, model: str, seconds: int) -> None:
+        self._signed("PUT", f"/v1/models/{model}/revocation-delay", {"revocation_delay_s": seconds})
 
     def grant(self, model: str, user_id: str) -> None:
         self._signed("PUT", f"/v1/models/{model}/grants/{user_id}")
@@ -161,19 +274,45 @@ class PrincipalClient(_Http):
     def revoke(self, model: str, user_id: str) -> None:
         self._signed("DELETE", f"/v1/models/{model}/grants/{user_id}")
 
-    def put_request_key(self, model: str, key: SymmetricKey, measurements: list[str]) -> None:
+    def put_request_key(
+        self, model: str, key: SymmetricKey, measurements: list[str], *, max_revocation_delay_s: int | None = None
+    ) -> None:
         sealed = hpke.seal(
             self._pinned_key(),
             key.material(),
             info=wire.INFO_REQUEST_KEY_UPLOAD,
             aad=wire.upload_aad(model, self.identity.id),
         )
-        self._signed(
-            "PUT", f"/v1/models/{model}/request-key", {"sealed_request_key": b64e(sealed), "measurements": measurements}
-        )
+        obj: dict[str, Any] = {"sealed_request_key": b64e(sealed), "measurements": measurements}
+        if max_revocation_delay_s is not None:
+            obj["max_revocation_delay_s"] = max_revocation_delay_s
+        self._signed("PUT", f"/v1/models/{model}/request-key", obj)
 
     def delete_request_key(self, model: str) -> None:
         self._signed("DELETE", f"/v1/models/{model}/request-key")
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one key release gives a runtime: both keys, the model version they belong to (and its
+    content digest, which the sealed file's header must carry), and how long it may cache them."""
+
+    model_key: SymmetricKey
+    request_key: SymmetricKey
+    version: int
+    digest: str
+    ttl_s: float
+
+
+def _release_terms(answer: dict[str, Any]) -> tuple[int, str, int]:
+    version, digest, ttl = answer.get("model_version"), answer.get("model_digest"), answer.get("ttl_s")
+    if type(version) is not int or version < 1:
+        raise VeilError("release.model_version: must be a positive integer", code="keyservice_error", status=502)
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise VeilError("release.model_digest: must be a SHA-256 hex digest", code="keyservice_error", status=502)
+    if type(ttl) is not int or ttl < 0:
+        raise VeilError("release.ttl_s: must be a non-negative integer", code="keyservice_error", status=502)
+    return version, digest, ttl
 
 
 class RuntimeKeyClient(_Http):
@@ -208,8 +347,8 @@ class RuntimeKeyClient(_Http):
         with self._lock:
             return self._session if self._session is not None else self.attest()
 
-    def release(self, model: str, user: str) -> tuple[SymmetricKey, SymmetricKey]:
-        """(model key, request key) for `user` on `model`; re-attests once if the session lapsed."""
+    def release(self, model: str, user: str) -> Release:
+        """Keys for `user` on `model` and their terms; re-attests once if the session lapsed."""
         for attempt in (0, 1):
             token = self._session_token()
             body = json.dumps({"v": wire.VERSION, "session": token, "model": model, "user": user}).encode()
@@ -221,12 +360,14 @@ class RuntimeKeyClient(_Http):
                         self._session = None
                     continue
                 raise
-            aad = wire.release_aad(token, model, user)
+            version, digest, ttl_s = _release_terms(answer)
+            aad = wire.release_aad(token, model, user, version, digest, ttl_s)
             model_key = self._keypair.open(
                 b64d(answer.get("model_key"), "model_key"), info=wire.INFO_RELEASE_MODEL_KEY, aad=aad
             )
             request_key = self._keypair.open(
                 b64d(answer.get("request_key"), "request_key"), info=wire.INFO_RELEASE_REQUEST_KEY, aad=aad
             )
-            return SymmetricKey(model_key), SymmetricKey(request_key)
+            ttl = min(float(ttl_s), float(wire.MAX_REVOCATION_DELAY_S))  # measured cap, whatever the answer says
+            return Release(SymmetricKey(model_key), SymmetricKey(request_key), version, digest, ttl)
         raise AssertionError("unreachable")

@@ -24,14 +24,15 @@ from veil.crypto import hpke
 from veil.crypto.encoding import b64d, b64e
 from veil.crypto.envelope import check_identifier
 from veil.crypto.errors import CryptoError, MalformedError
-from veil.crypto.identity import SignedHeaders, principal_id, signing_payload, verify_signature
-from veil.errors import BadRequest, Busy, Forbidden, NotFound, Unauthorized
+from veil.crypto.identity import Identity, SignedHeaders, principal_id, signing_payload, verify_signature
+from veil.errors import BadRequest, Busy, Conflict, Forbidden, NotFound, Unauthorized, VeilError
 from veil.keyservice import wire
 from veil.keyservice.policy import ReleaseFacts, release_refusal
 from veil.keyservice.store import Store
 
 log = logging.getLogger("veil.keyservice")
 MAX_MEASUREMENTS = 64
+_DIGEST_CHARS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,19 @@ def check_measurements(value: object, field: str = "measurements") -> list[str]:
         except ValueError as exc:
             raise BadRequest(f"{field}: {exc}", code="malformed") from None
     return sorted(set(value))
+
+
+def check_delay(value: object, field: str = "revocation_delay_s") -> int:
+    """A revocation delay: whole seconds in [0, MAX_REVOCATION_DELAY_S] (0: runtimes never cache)."""
+    if type(value) is not int or not 0 <= value <= wire.MAX_REVOCATION_DELAY_S:
+        raise BadRequest(f"{field}: must be an integer in [0, {wire.MAX_REVOCATION_DELAY_S}] seconds", code="malformed")
+    return value
+
+
+def check_digest(value: object, field: str = "digest") -> str:
+    if not isinstance(value, str) or len(value) != 64 or not set(value) <= _DIGEST_CHARS:
+        raise BadRequest(f"{field}: must be 64 lowercase hex characters", code="malformed")
+    return value
 
 
 def _token_key(token: str) -> str:
@@ -81,6 +95,10 @@ class KeyService:
         self.keypair = hpke.HpkeKeyPair.from_private_bytes(
             store.service_secret("hpke_private_key", lambda: hpke.HpkeKeyPair.generate().private_bytes())
         )
+        # Signs every answer to a principal; bound into the evidence beside the HPKE key.
+        self.signer = Identity.from_private_bytes(
+            store.service_secret("answer_signing_key", lambda: Identity.generate().to_private_bytes())
+        )
         self._sessions: dict[str, Session] = {}
         self._challenges: dict[bytes, float] = {}
         self._lock = threading.Lock()
@@ -91,8 +109,19 @@ class KeyService:
     def evidence(self, client_nonce: bytes) -> dict:
         if not 16 <= len(client_nonce) <= 64:
             raise BadRequest("nonce: must be 16-64 bytes", code="malformed")
-        ev = self.provider.get_evidence(wire.keyservice_binding(self.keypair.public_key, client_nonce))
-        return {"v": wire.VERSION, "public_key": b64e(self.keypair.public_key), "evidence": ev.to_json()}
+        ev = self.provider.get_evidence(
+            wire.keyservice_binding(self.keypair.public_key, self.signer.public_key, client_nonce)
+        )
+        return {
+            "v": wire.VERSION,
+            "public_key": b64e(self.keypair.public_key),
+            "signing_key": b64e(self.signer.public_key),
+            "evidence": ev.to_json(),
+        }
+
+    def sign_answer(self, payload: bytes) -> bytes:
+        """Sign one answer to a principal (`wire.answer_payload`)."""
+        return self.signer.sign(payload)
 
     # -- authentication ----------------------------------------------------------------------
     def authenticate(
@@ -118,12 +147,18 @@ class KeyService:
             public_key = found
         try:
             verify_signature(
-                public_key, signing_payload(method, path, body, signed.timestamp, signed.nonce), signed.signature
+                public_key,
+                signing_payload(method, path, body, signed.timestamp, signed.nonce, signed.seq),
+                signed.signature,
             )
         except CryptoError:
             raise Unauthorized("request signature does not verify", code="bad_signature") from None
-        if not self.store.use_nonce(signed.principal, signed.nonce, wire.CLOCK_SKEW_S):
-            raise Unauthorized("request nonce was already used (replay)", code="replay")
+        if not self.store.advance_seq(signed.principal, signed.seq):
+            raise Unauthorized(
+                "request sequence number is not above the last one accepted from this principal "
+                "(replayed or held back)",
+                code="stale_sequence",
+            )
         return signed.principal
 
     # -- principals ----------------------------------------------------------------------------
@@ -151,27 +186,108 @@ class KeyService:
             raise Forbidden(f"only the owner of model {model_id!r} may change it", code="not_owner")
         return record
 
-    def put_model_key(self, caller: str, model_id: str, sealed_key: bytes, measurements: list[str] | None) -> None:
+    def stage_version(
+        self,
+        caller: str,
+        model_id: str,
+        digest: str,
+        sealed_key: bytes,
+        measurements: list[str] | None,
+        revocation_delay_s: int | None,
+    ) -> int:
+        """Stage a new version of `model_id` (creating the model for `caller` if it is new).
+
+        Nothing serves it until `commit_version`; its allow-list and delay apply at commit, so a
+        publish refused here or failing later leaves the current version serving unchanged."""
         check_identifier(model_id, "model")
+        check_digest(digest)
         record = self.store.model(model_id)
         if record is not None and record.owner_id != caller:
             self._owned_model(caller, model_id)
         key = self._open_upload(sealed_key, wire.INFO_MODEL_KEY_UPLOAD, model_id, caller, "sealed_model_key")
         with self.store.transaction() as db:
             # Re-checked inside the write transaction: two principals racing to create the same model
-            # id must not let the second overwrite the first's key.
-            if not self.store.put_model_key(db, model_id, caller, key):
+            # id must not let the second take it over.
+            created = self.store.create_model(
+                db,
+                model_id,
+                caller,
+                revocation_delay_s if revocation_delay_s is not None else wire.DEFAULT_REVOCATION_DELAY_S,
+            )
+            if not created and self.store._model_row(db, model_id).owner_id != caller:
                 raise Forbidden(f"only the owner of model {model_id!r} may change it", code="not_owner")
-            if measurements is not None:
-                self.store.set_model_measurements(db, model_id, measurements)
+            version = self.store.latest_version_number(db, model_id) + 1
+            self.store.stage_version(db, model_id, version, digest, key, measurements, revocation_delay_s)
             self.store.append_audit(
                 db,
                 {
                     "actor": caller,
-                    "action": "put_model_key",
-                    "subject": model_id,
+                    "action": "stage_version",
+                    "subject": f"{model_id}/v{version}",
                     "outcome": "allowed",
                     "measurements": measurements,
+                    "revocation_delay_s": revocation_delay_s,
+                },
+            )
+        return version
+
+    def commit_version(self, caller: str, model_id: str, version: int) -> dict:
+        """Make a staged version current: the next release of every runtime names it."""
+        self._owned_model(caller, model_id)
+        found = self.store.version(model_id, version)
+        if found is None:
+            raise NotFound(f"model {model_id!r} has no version {version}", code="unknown_version")
+        if found.state != "staged":
+            raise Conflict(f"model {model_id!r} version {version} is {found.state}, not staged", code="not_staged")
+        with self.store.transaction() as db:
+            current = self.store._model_row(db, model_id)
+            if current is not None and current.current_version > version:
+                raise Conflict(
+                    f"model {model_id!r}: version {current.current_version} is already current (newer than {version})",
+                    code="stale_version",
+                )
+            updated = self.store.commit_version(db, model_id, version)
+            self.store.append_audit(
+                db,
+                {
+                    "actor": caller,
+                    "action": "commit_version",
+                    "subject": f"{model_id}/v{version}",
+                    "outcome": "allowed",
+                },
+            )
+        return {"model": model_id, "version": version, "revocation_delay_s": updated.revocation_delay_s}
+
+    def version_info(self, model_id: str, version: int) -> dict:
+        """Public facts the untrusted gateway needs to accept an upload: who owns the model (and
+        their public key, to check the upload signature) and the version's state. No digest, no key."""
+        model = self.store.model(check_identifier(model_id, "model"))
+        found = self.store.version(model_id, version) if model is not None else None
+        if model is None or found is None:
+            raise NotFound(f"model {model_id!r} has no version {version}", code="unknown_version")
+        owner_key = self.store.principal_key(model.owner_id)
+        return {
+            "v": wire.VERSION,
+            "model": model_id,
+            "version": version,
+            "state": found.state,
+            "current_version": model.current_version,
+            "owner": model.owner_id,
+            "owner_public_key": b64e(owner_key or b""),
+        }
+
+    def set_revocation_delay(self, caller: str, model_id: str, delay: int) -> None:
+        self._owned_model(caller, model_id)
+        with self.store.transaction() as db:
+            self.store.set_revocation_delay(db, model_id, delay)
+            self.store.append_audit(
+                db,
+                {
+                    "actor": caller,
+                    "action": "set_revocation_delay",
+                    "subject": model_id,
+                    "outcome": "allowed",
+                    "revocation_delay_s": delay,
                 },
             )
 
@@ -207,12 +323,19 @@ class KeyService:
             )
 
     # -- user operations -------------------------------------------------------------------------
-    def put_request_key(self, caller: str, model_id: str, sealed_key: bytes, measurements: list[str]) -> None:
+    def put_request_key(
+        self,
+        caller: str,
+        model_id: str,
+        sealed_key: bytes,
+        measurements: list[str],
+        max_revocation_delay_s: int | None = None,
+    ) -> None:
         if self.store.model(model_id) is None:
             raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
         key = self._open_upload(sealed_key, wire.INFO_REQUEST_KEY_UPLOAD, model_id, caller, "sealed_request_key")
         with self.store.transaction() as db:
-            self.store.put_request_key(db, model_id, caller, key, measurements)
+            self.store.put_request_key(db, model_id, caller, key, measurements, max_revocation_delay_s)
             self.store.append_audit(
                 db,
                 {
@@ -221,6 +344,7 @@ class KeyService:
                     "subject": model_id,
                     "outcome": "allowed",
                     "measurements": measurements,
+                    "max_revocation_delay_s": max_revocation_delay_s,
                 },
             )
 
@@ -270,17 +394,23 @@ class KeyService:
                 raise PolicyError("kind", "simulated attestation is not allowed by this KeyService", actual="sim")
             report = verify(evidence, self.trust, datetime.now(UTC))
             validate(report, self.runtime_policy, wire.runtime_binding(public_key, challenge))
-        except AttestationError as exc:
+        except Exception as exc:
+            # Every refusal is audited, whatever raised it; a verifier bug is still a refusal.
+            reason = (
+                str(exc) if isinstance(exc, AttestationError | VeilError) else f"verifier error ({type(exc).__name__})"
+            )
             self.store.audit(
                 {
                     "actor": "runtime",
                     "action": "attest",
                     "kind": evidence.kind,
                     "outcome": "refused",
-                    "reason": str(exc),
+                    "reason": reason[:500],
                 }
             )
-            raise
+            if isinstance(exc, AttestationError | VeilError):
+                raise
+            raise Forbidden("attestation: evidence could not be verified", code="attestation_failed") from None
         token = os.urandom(32).hex()
         session = Session(public_key, report, time.time() + self.session_ttl_s)
         with self._lock:
@@ -309,16 +439,15 @@ class KeyService:
             raise Unauthorized(
                 "no attested session for this token (expired or unknown): attest again", code="no_session"
             )
-        model = self.store.model(model_id)
-        granted = model is not None and self.store.is_granted(model_id, user_id)
-        request = self.store.request_key(model_id, user_id) if granted else None
+        view = self.store.release_view(model_id, user_id)
+        model = view.model
         facts = ReleaseFacts(
             model_exists=model is not None,
-            model_has_key=bool(model and model.has_key),
+            model_has_key=view.model_key is not None,
             owner_measurements=model.measurements if model else [],
-            granted=granted,
-            has_request_key=request is not None,
-            user_measurements=request[1] if request else [],
+            granted=view.granted,
+            has_request_key=view.request_key is not None,
+            user_measurements=view.user_measurements,
         )
         refusal = release_refusal(session.report, facts)
         audit = {
@@ -333,16 +462,23 @@ class KeyService:
             if code == "unknown_model":
                 raise NotFound(f"model {model_id!r}: {reason}", code=code)
             raise Forbidden(f"key release refused for {model_id}/{user_id}: {reason}", code=code)
-        model_key = self.store.model_key(model_id)
-        assert model_key is not None and request is not None
-        aad = wire.release_aad(token, model_id, user_id)
+        assert model is not None and view.version is not None and view.model_key and view.request_key
+        ttl = min(model.revocation_delay_s, wire.MAX_REVOCATION_DELAY_S)
+        if view.user_max_delay_s is not None:
+            ttl = min(ttl, view.user_max_delay_s)
+        version, digest = view.version.version, view.version.digest
+        aad = wire.release_aad(token, model_id, user_id, version, digest, ttl)
         body = {
             "v": wire.VERSION,
-            "model_key": b64e(hpke.seal(session.public_key, model_key, info=wire.INFO_RELEASE_MODEL_KEY, aad=aad)),
-            "request_key": b64e(hpke.seal(session.public_key, request[0], info=wire.INFO_RELEASE_REQUEST_KEY, aad=aad)),
-            "ttl_s": wire.KEY_CACHE_TTL_S,
+            "model_key": b64e(hpke.seal(session.public_key, view.model_key, info=wire.INFO_RELEASE_MODEL_KEY, aad=aad)),
+            "request_key": b64e(
+                hpke.seal(session.public_key, view.request_key, info=wire.INFO_RELEASE_REQUEST_KEY, aad=aad)
+            ),
+            "model_version": version,
+            "model_digest": digest,
+            "ttl_s": ttl,
         }
-        self.store.audit({**audit, "outcome": "allowed"})
+        self.store.audit({**audit, "outcome": "allowed", "version": version})
         return body
 
 
