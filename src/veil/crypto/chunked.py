@@ -1,9 +1,10 @@
 """Chunked sealing of model files (protocol `docs/protocol.md#sealed-model-files`).
 
 Layout: magic ‖ u32 header length ‖ canonical-JSON header ‖ records, each u32 length ‖ nonce ‖
-ciphertext ‖ tag. The header binds model id, version and content digest (SHA-256 of the
-plaintext model), so a runtime told "version 7, digest d" by the KeyService refuses an older
-sealed file (rollback) or another one (substitution), even under the same key.
+ciphertext ‖ tag. The header binds model id, version and content digest (HMAC-SHA256 of the
+plaintext model under a key derived from the model key), so a runtime told "version 7, digest d"
+by the KeyService refuses an older sealed file (rollback) or another one (substitution), even
+under the same key.
 
 Each chunk's AAD is SHA-256(header) ‖ u64 index ‖ u8 final flag, so chunks
 cannot be reordered, dropped, duplicated, moved between files, truncated after, or extended past
@@ -25,6 +26,7 @@ from typing import BinaryIO
 from veil.crypto import aead
 from veil.crypto.encoding import canonical_json
 from veil.crypto.errors import IntegrityError, MalformedError
+from veil.crypto.kdf import derive_key
 from veil.crypto.keys import SymmetricKey
 
 MAGIC = b"VEILMDL1"
@@ -39,9 +41,15 @@ def _chunk_aad(header_hash: bytes, index: int, final: bool) -> bytes:
     return header_hash + struct.pack(">QB", index, 1 if final else 0)
 
 
-def content_digest(plaintext: bytes) -> str:
-    """The content digest a sealed header and the KeyService record: hex SHA-256 of the model."""
-    return hashlib.sha256(plaintext).hexdigest()
+DIGEST_LABEL = b"veil model digest"
+
+
+def content_digest(key: SymmetricKey, plaintext: bytes) -> str:
+    """The content digest a sealed header and the KeyService record: HMAC-SHA256 of the model
+    under a key derived from the model key. Keyed, so the value the store and the network see
+    cannot confirm a guess of the model (a plain hash of a public base model would)."""
+    mac_key = derive_key(key, DIGEST_LABEL, b"")
+    return hmac.new(mac_key.material(), plaintext, hashlib.sha256).hexdigest()
 
 
 def _check_version(version: object) -> int:
@@ -68,7 +76,7 @@ def seal_stream(
 ) -> int:
     """Encrypt `source` into `sink` chunk by chunk; returns the number of bytes written.
 
-    `digest` is `content_digest` of what `source` yields (the caller knows it before sealing)."""
+    `digest` is `content_digest(key, ...)` of what `source` yields (known before sealing)."""
     if not 1 <= chunk_size <= MAX_CHUNK:
         raise MalformedError("chunk_size", "must be between 1 byte and 64 MiB")
     header = canonical_json(
@@ -106,7 +114,7 @@ def seal_bytes(
         out,
         model=model,
         version=version,
-        digest=content_digest(plaintext),
+        digest=content_digest(key, plaintext),
         chunk_size=chunk_size,
     )
     return out.getvalue()
