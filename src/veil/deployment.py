@@ -30,6 +30,7 @@ from veil.attest.measurement import measure
 from veil.attest.sim import SimRoot
 from veil.sdk import Deployment
 from veil.store import LocalModelStore
+from veil.trust import TrustAnchors
 
 log = logging.getLogger("veil.deployment")
 TEE_FUNCTION = "veil-tee"
@@ -65,7 +66,6 @@ class StackOptions:
     concurrency: int = 4
     max_instances: int = 4
     idle_timeout_s: float = 120.0
-    key_cache_ttl_s: float = 60.0
     he: bool = True
     runtime_init: dict[str, Any] = field(default_factory=dict)
     runtime_env: dict[str, str] = field(default_factory=dict)
@@ -99,11 +99,11 @@ class LocalDeployment:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Deployment:
-        for d in (self.keyservice_dir, self.store_dir, self.log_dir):
+        for d in (self.keyservice_dir, self.store_dir / "models", self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
         sim_root = SimRoot.load_or_create(self.keyservice_dir / "sim-root.key")
         ks_port = self.options.keyservice_port or free_port()
-        ks_url = f"http://127.0.0.1:{ks_port}"
+        ks_url = self._keyservice_url = f"http://127.0.0.1:{ks_port}"
         ks_log = (self.log_dir / "keyservice.log").open("ab")
         self._keyservice = subprocess.Popen(
             [
@@ -130,17 +130,22 @@ class LocalDeployment:
         except BaseException:
             self.stop()
             raise
-        self.info = Deployment(
-            gateway_url=gw_url,
-            keyservice_url=ks_url,
-            keyservice_measurements=[measure("keyservice")],
-            runtime_measurements=[measure("runtime")],
-            sim_root=sim_root.public_key,
-            allow_simulated=True,
-            extra={"store_dir": str(self.store_dir)},
-        )
+        self.info = Deployment(gateway_url=gw_url, keyservice_url=ks_url, extra={"store_dir": str(self.store_dir)})
+        self.sim_root_public_key = sim_root.public_key
         (self.root / "deployment.json").write_text(json.dumps(self.info.to_json(), indent=2))
         return self.info
+
+    def local_trust_anchors(self) -> TrustAnchors:
+        """The trust anchors of a developer who runs this very code on this machine and accepts its
+        simulated TEE: the measurements of the installed KeyService and runtime, simulation on,
+        this deployment's simulation root. A principal chooses to adopt them (`veil trust init`,
+        `veil demo`); no client ever reads them from the operator's deployment.json."""
+        return TrustAnchors(
+            keyservice_measurements=[measure("keyservice")],
+            runtime_measurements=[measure("runtime")],
+            allow_simulated=True,
+            sim_roots=[SimRoot.load_or_create(self.keyservice_dir / "sim-root.key").public_key],
+        )
 
     def _start_platform(self, ks_url: str) -> None:
         from veil.gateway.routing import DirectRouter
@@ -173,7 +178,6 @@ class LocalDeployment:
                 "kind": "tee",
                 "keyservice_url": ks_url,
                 "store": str(self.store_dir),
-                "key_cache_ttl_s": o.key_cache_ttl_s,
                 **o.runtime_init,
             },
         )
@@ -193,7 +197,13 @@ class LocalDeployment:
 
         from veil.gateway.app import create_app
 
-        app = create_app(self.router, LocalModelStore(self.store_dir), he_router=self.he_router, platform=self.platform)
+        app = create_app(
+            self.router,
+            LocalModelStore(self.store_dir, create=True),
+            keyservice_url=self._keyservice_url,
+            he_router=self.he_router,
+            platform=self.platform,
+        )
         port = self.options.gateway_port or free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
         self._gateway_server = uvicorn.Server(config)

@@ -6,6 +6,7 @@ talk to the untrusted gateway only in ciphertext: sealed model files and request
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -15,70 +16,58 @@ from typing import Any
 import httpx
 import numpy as np
 
-from veil.attest.verify import TrustConfig
 from veil.crypto import chunked
+from veil.crypto.encoding import b64e
 from veil.crypto.envelope import Envelope, new_request_id, open_envelope, seal
 from veil.crypto.errors import IntegrityError
-from veil.crypto.identity import Identity
+from veil.crypto.identity import HEADER_PRINCIPAL, Identity
 from veil.crypto.keys import SymmetricKey
 from veil.errors import BadRequest, Unavailable, VeilError
+from veil.keyservice import wire
 from veil.keyservice.client import PrincipalClient
 from veil.runtime import tensors
+from veil.trust import ANCHOR_FIELDS, TrustAnchors
 
 
 @dataclass(frozen=True)
 class Deployment:
-    """Where a Veil deployment listens and what its trusted parts must measure to.
+    """Where a Veil deployment listens: addresses only.
 
-    `sim_root` is the public key of the deployment's simulated TEE root; clients trust it only
-    when `allow_simulated` is set (development deployments such as `veil up`).
-    """
+    Written by the operator (`veil up` writes `deployment.json`), so nothing in it is trusted:
+    what a principal trusts comes from its own `TrustAnchors`. Any trust setting found in the
+    file is kept in `operator_settings`, only so the client can refuse one that disagrees."""
 
     gateway_url: str
     keyservice_url: str
-    keyservice_measurements: list[str]
-    runtime_measurements: list[str]
-    sim_root: bytes | None = None
-    allow_simulated: bool = False
+    operator_settings: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def trust(self) -> TrustConfig:
-        return TrustConfig(sim_roots=[self.sim_root] if (self.sim_root and self.allow_simulated) else [])
-
     def to_json(self) -> dict[str, Any]:
-        return {
-            "gateway_url": self.gateway_url,
-            "keyservice_url": self.keyservice_url,
-            "keyservice_measurements": self.keyservice_measurements,
-            "runtime_measurements": self.runtime_measurements,
-            "sim_root": self.sim_root.hex() if self.sim_root else None,
-            "allow_simulated": self.allow_simulated,
-            **self.extra,
-        }
+        return {"gateway_url": self.gateway_url, "keyservice_url": self.keyservice_url, **self.extra}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Deployment:
-        known = {
-            "gateway_url",
-            "keyservice_url",
-            "keyservice_measurements",
-            "runtime_measurements",
-            "sim_root",
-            "allow_simulated",
-        }
+        if not isinstance(obj, dict):
+            raise BadRequest("deployment: must be a JSON object", code="bad_deployment")
+        for name in ("gateway_url", "keyservice_url"):
+            if not isinstance(obj.get(name), str) or not obj[name].startswith(("http://", "https://")):
+                raise BadRequest(f"deployment.{name}: must be an http(s) URL", code="bad_deployment")
+        settings = {k: obj[k] for k in ANCHOR_FIELDS if k in obj}
+        known = {"gateway_url", "keyservice_url", *ANCHOR_FIELDS}
         return cls(
             gateway_url=obj["gateway_url"],
             keyservice_url=obj["keyservice_url"],
-            keyservice_measurements=list(obj["keyservice_measurements"]),
-            runtime_measurements=list(obj["runtime_measurements"]),
-            sim_root=bytes.fromhex(obj["sim_root"]) if obj.get("sim_root") else None,
-            allow_simulated=bool(obj.get("allow_simulated")),
+            operator_settings=settings,
             extra={k: v for k, v in obj.items() if k not in known},
         )
 
     @classmethod
     def load(cls, path: Path) -> Deployment:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        try:
+            obj = json.loads(Path(path).read_text())
+        except ValueError:
+            raise BadRequest(f"{path}: not valid JSON", code="bad_deployment") from None
+        return cls.from_json(obj)
 
 
 def _gateway_error(response: httpx.Response) -> VeilError:
@@ -94,15 +83,24 @@ def _gateway_error(response: httpx.Response) -> VeilError:
 
 
 class _Principal:
-    def __init__(self, deployment: Deployment, identity: Identity | None = None, *, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        identity: Identity | None = None,
+        *,
+        trust: TrustAnchors,
+        timeout: float = 120.0,
+    ) -> None:
+        trust.check_operator_settings(deployment.operator_settings)
         self.deployment = deployment
+        self.trust = trust
         self.identity = identity or Identity.generate()
         self.keyservice = PrincipalClient(
             deployment.keyservice_url,
             self.identity,
-            expected_measurements=set(deployment.keyservice_measurements),
-            trust=deployment.trust(),
-            allow_simulated=deployment.allow_simulated,
+            expected_measurements=set(trust.keyservice_measurements),
+            trust=trust.verifier_trust(),
+            allow_simulated=trust.allow_simulated,
         )
         self.gateway = httpx.Client(base_url=deployment.gateway_url, timeout=timeout)
 
@@ -124,106 +122,204 @@ class ModelOwner(_Principal):
     """Seals models, uploads the ciphertext, gives the model key to the attested KeyService."""
 
     def publish(
-        self, model_id: str, onnx: bytes | Path, *, allowed_measurements: list[str] | None = None
+        self,
+        model_id: str,
+        onnx: bytes | Path,
+        *,
+        allowed_measurements: list[str] | None = None,
+        revocation_delay_s: int | None = None,
     ) -> dict[str, Any]:
-        """Encrypt the model under a fresh model key, upload it, register key and measurements."""
+        """Publish a new version of `model_id`, staged so that a failure changes nothing.
+
+        1. the KeyService stages the version (fresh model key, keyed content digest, the
+           allow-list and revocation delay that apply once it is current) and names its number;
+        2. the model is sealed for that version and uploaded with this owner's signature over
+           (model, version, SHA-256 of the sealed file): the store takes no one else's bytes;
+        3. the KeyService makes the version current; runtimes serve it within the delay.
+        A refused stage, a failed upload or a refused commit leaves the previous version serving."""
         data = Path(onnx).read_bytes() if isinstance(onnx, Path) else onnx
         key = SymmetricKey.generate()
-        sealed = chunked.seal_bytes(key, data, model=model_id)
+        measurements = allowed_measurements if allowed_measurements is not None else self.trust.runtime_measurements
+        if not measurements:
+            raise BadRequest(
+                "allowed_measurements: none given and your trust anchors allow no runtime measurement",
+                code="no_measurements",
+            )
+        digest = chunked.content_digest(key, data)
+        version = self.keyservice.stage_version(
+            model_id, key, digest, measurements=measurements, revocation_delay_s=revocation_delay_s
+        )
+        sealed = chunked.seal_bytes(key, data, model=model_id, version=version)
+        self.upload_sealed(model_id, version, sealed)
+        committed = self.keyservice.commit_version(model_id, version)
+        return {
+            "model": model_id,
+            "version": version,
+            "replaced_version": version - 1 if version > 1 else None,
+            "plaintext_bytes": len(data),
+            "sealed_bytes": len(sealed),
+            "measurements": measurements,
+            "revocation_delay_s": committed.get("revocation_delay_s"),
+        }
+
+    def upload_sealed(self, model_id: str, version: int, sealed: bytes) -> dict[str, Any]:
+        """Upload a sealed file for a staged version, signed by this owner."""
+        signature = self.identity.sign(wire.upload_payload(model_id, version, hashlib.sha256(sealed).hexdigest()))
+        headers = {
+            "content-type": "application/octet-stream",
+            HEADER_PRINCIPAL: self.id,
+            wire.HEADER_UPLOAD_SIGNATURE: b64e(signature),
+        }
         try:
             response = self.gateway.put(
-                f"/v1/models/{model_id}/sealed", content=sealed, headers={"content-type": "application/octet-stream"}
+                f"/v1/models/{model_id}/versions/{version}/sealed", content=sealed, headers=headers
             )
         except httpx.HTTPError as exc:
             raise Unavailable(f"gateway unreachable: {type(exc).__name__}") from None
         if not response.is_success:
             raise _gateway_error(response)
-        measurements = (
-            allowed_measurements if allowed_measurements is not None else self.deployment.runtime_measurements
-        )
-        self.keyservice.put_model_key(model_id, key, measurements)
-        return {
-            "model": model_id,
-            "plaintext_bytes": len(data),
-            "sealed_bytes": len(sealed),
-            "measurements": measurements,
-        }
+        return response.json()
 
     def set_measurements(self, model_id: str, measurements: list[str]) -> None:
         self.keyservice.set_measurements(model_id, measurements)
+
+    def set_revocation_delay(self, model_id: str, seconds: int) -> None:
+        """How long runtimes may keep this model's keys after a revoke (0 to 300 s)."""
+        self.keyservice.set_revocation_delay(model_id, seconds)
 
     def grant(self, model_id: str, user_id: str) -> None:
         self.keyservice.grant(model_id, user_id)
 
     def revoke(self, model_id: str, user_id: str) -> None:
-        """Takes effect within the runtime key-cache TTL (60 s by default)."""
+        """Takes effect within the model's revocation delay (60 s unless the owner set another)."""
         self.keyservice.revoke(model_id, user_id)
 
 
 class ModelUser(_Principal):
     """Registers request keys and runs encrypted inference."""
 
-    def __init__(self, deployment: Deployment, identity: Identity | None = None, *, timeout: float = 120.0) -> None:
-        super().__init__(deployment, identity, timeout=timeout)
+    def __init__(
+        self,
+        deployment: Deployment,
+        identity: Identity | None = None,
+        *,
+        trust: TrustAnchors,
+        timeout: float = 120.0,
+    ) -> None:
+        super().__init__(deployment, identity, trust=trust, timeout=timeout)
         self.request_keys: dict[str, SymmetricKey] = {}
         self.last_timings: dict[str, Any] = {}
 
     def request_access(
-        self, model_id: str, *, allowed_measurements: list[str] | None = None, key: SymmetricKey | None = None
+        self,
+        model_id: str,
+        *,
+        allowed_measurements: list[str] | None = None,
+        key: SymmetricKey | None = None,
+        max_revocation_delay_s: int | None = None,
     ) -> None:
         """Make (or reuse) a request key for `model_id` and give it to the KeyService, releasable
-        only to runtimes whose measurement this user allows."""
+        only to runtimes whose measurement this user allows (default: the user's trust anchors).
+        `max_revocation_delay_s` shortens how long runtimes may cache it (the shorter wins)."""
         key = key or self.request_keys.get(model_id) or SymmetricKey.generate()
-        measurements = (
-            allowed_measurements if allowed_measurements is not None else self.deployment.runtime_measurements
-        )
-        self.keyservice.put_request_key(model_id, key, measurements)
+        measurements = allowed_measurements if allowed_measurements is not None else self.trust.runtime_measurements
+        if not measurements:
+            raise BadRequest(
+                "allowed_measurements: none given and your trust anchors allow no runtime measurement",
+                code="no_measurements",
+            )
+        self.keyservice.put_request_key(model_id, key, measurements, max_revocation_delay_s=max_revocation_delay_s)
         self.request_keys[model_id] = key
 
     def infer(
-        self, model_id: str, inputs: np.ndarray | dict[str, np.ndarray], *, input_name: str = "input"
+        self,
+        model_id: str,
+        inputs: np.ndarray | dict[str, np.ndarray],
+        *,
+        input_name: str = "input",
+        timings: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Encrypt `inputs`, send them, decrypt and return the model's named outputs."""
+        """Encrypt `inputs`, send them, decrypt and return the model's named outputs.
+
+        An error the runtime answers after authenticating the request comes encrypted (only its
+        code travels in clear): it is opened here and raised as a VeilError with the detailed code
+        and message and the HTTP status. `timings=True` asks the runtime for its timings, which
+        come back inside the response envelope; `last_timings` holds them (when asked) and
+        `round_trip_ms`, measured here on every call.
+        """
         key = self.request_keys.get(model_id)
         if key is None:
             raise BadRequest(f"no request key for model {model_id!r}: call request_access first", code="no_request_key")
         named = inputs if isinstance(inputs, dict) else {input_name: inputs}
-        request_id = new_request_id()
-        envelope = seal(
-            key, tensors.encode(named), model=model_id, user=self.id, request_id=request_id, direction="request"
-        )
+        request_id, envelope = self.sealed_request(model_id, named, timings=timings)
+
+        def open_answer(obj: object) -> bytes:
+            try:
+                answer = Envelope.from_json(obj)
+                return open_envelope(
+                    key,
+                    answer,
+                    model=model_id,
+                    user=self.id,
+                    direction="response",
+                    request_id=request_id,
+                    expires=envelope["expires"],
+                )
+            except (IntegrityError, ValueError):  # ValueError: MalformedError, a foreign envelope
+                raise VeilError(
+                    "response does not authenticate (tampered, swapped or not an envelope)",
+                    code="integrity",
+                    status=502,
+                ) from None
+
+        def raise_sealed_error(plaintext: bytes, status: int) -> None:
+            try:
+                code, message = tensors.decode_error(plaintext)
+            except ValueError:
+                raise VeilError("runtime answered an unreadable error", code="bad_response", status=502) from None
+            raise VeilError(message, code=code, status=status)
+
         t0 = time.perf_counter()
         try:
-            response = self.gateway.post(f"/v1/models/{model_id}:infer", json=envelope.to_json())
+            response = self.gateway.post(f"/v1/models/{model_id}:infer", json=envelope)
         except httpx.HTTPError as exc:
             raise Unavailable(f"gateway unreachable: {type(exc).__name__}") from None
-        if not response.is_success:
-            raise _gateway_error(response)
-        body = response.json()
-        answer = Envelope.from_json(body.get("envelope"))
+        self.last_timings = {"round_trip_ms": (time.perf_counter() - t0) * 1e3}
         try:
-            plaintext = open_envelope(
-                key, answer, model=model_id, user=self.id, direction="response", request_id=request_id
+            body = response.json()
+        except ValueError:
+            body = None
+        if not response.is_success:
+            err = body.get("error") if isinstance(body, dict) else None
+            sealed = (body.get("envelope") if isinstance(body, dict) else None) or (
+                err.get("envelope") if isinstance(err, dict) else None
             )
-        except IntegrityError:
-            raise VeilError(
-                "response does not authenticate (tampered or swapped)", code="integrity", status=502
-            ) from None
-        self.last_timings = {**body.get("timings", {}), "round_trip_ms": (time.perf_counter() - t0) * 1e3}
-        return tensors.decode(plaintext)
+            if sealed is None:  # refused before the request authenticated (or by the gateway)
+                raise _gateway_error(response)
+            raise_sealed_error(open_answer(sealed), response.status_code)
+        plaintext = open_answer(body.get("envelope") if isinstance(body, dict) else None)
+        if tensors.is_error(plaintext):
+            raise_sealed_error(plaintext, 502)
+        outputs, meta = tensors.decode_with_meta(plaintext)
+        self.last_timings = {**meta.get("timings", {}), **self.last_timings}
+        return outputs
 
-    def sealed_request(self, model_id: str, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
-        """(request id, envelope JSON) without sending: for tests and tools that replay or tamper."""
+    def sealed_request(
+        self, model_id: str, inputs: dict[str, np.ndarray], *, timings: bool = False, expires: int | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """(request id, envelope JSON) without sending: for `infer`, and for tests and tools that
+        replay or tamper. `expires` (Unix seconds) defaults to now + the envelope's default lifetime."""
         request_id = new_request_id()
         env = seal(
             self.request_keys[model_id],
-            tensors.encode(inputs),
+            tensors.encode(inputs, options=tensors.RequestOptions(timings=True) if timings else None),
             model=model_id,
             user=self.id,
             request_id=request_id,
             direction="request",
+            expires=expires,
         )
         return request_id, env.to_json()
 
 
-__all__ = ["Deployment", "ModelOwner", "ModelUser"]
+__all__ = ["Deployment", "ModelOwner", "ModelUser", "TrustAnchors"]

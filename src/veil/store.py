@@ -8,6 +8,7 @@ implements the same methods. A store whose root does not exist is an error, neve
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -33,6 +34,50 @@ class ModelStore(Protocol):
     def delete(self, model_id: str, version: int) -> None: ...
 
 
+class PendingUpload:
+    """One sealed file on its way into the store; invisible until `commit`."""
+
+    HEAD_BYTES = 8192
+
+    def __init__(self, target: Path, max_bytes: int | None) -> None:
+        self.target = target
+        self.max_bytes = max_bytes
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+        self._tmp = Path(tmp)
+        self._out = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.head = b""
+        self._done = False
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            self.abort()
+            raise TooLarge(f"sealed model exceeds {self.max_bytes} bytes")
+        if len(self.head) < self.HEAD_BYTES:
+            self.head += chunk[: self.HEAD_BYTES - len(self.head)]
+        self._hash.update(chunk)
+        self._out.write(chunk)
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self) -> int:
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        os.replace(self._tmp, self.target)
+        self._done = True
+        return self.size
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._out.close()
+            self._tmp.unlink(missing_ok=True)
+
+
 def _check_version(version: object) -> int:
     if type(version) is not int or not 1 <= version < 10**15:
         raise ValueError("version must be a positive integer")
@@ -55,24 +100,20 @@ class LocalModelStore:
 
     def put(self, model_id: str, version: int, source: BinaryIO, *, max_bytes: int | None = None) -> int:
         """Stream a sealed model in (temporary file, fsync, rename); over `max_bytes` nothing is kept."""
+        upload = self.begin_upload(model_id, version, max_bytes=max_bytes)
+        try:
+            while chunk := source.read(1 << 20):
+                upload.write(chunk)
+            return upload.commit()
+        finally:
+            upload.abort()
+
+    def begin_upload(self, model_id: str, version: int, *, max_bytes: int | None = None) -> PendingUpload:
+        """A streamed upload into a temporary file: `write` chunks, check `sha256()` and `head`,
+        then `commit` (fsync, rename into place) or `abort` (nothing of it remains)."""
         target = self.path(model_id, version)
         target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := source.read(1 << 20):
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise TooLarge(f"sealed model exceeds {max_bytes} bytes")
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return size
+        return PendingUpload(target, max_bytes)
 
     def open(self, model_id: str, version: int) -> BinaryIO:
         try:

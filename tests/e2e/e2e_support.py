@@ -135,6 +135,7 @@ class Stack:
     model_keys: dict[str, SymmetricKey]
     secrets: Secrets
     principals: list = field(default_factory=list)
+    revocation_delay_s: int | None = None
 
     @property
     def info(self):
@@ -145,12 +146,23 @@ class Stack:
         return self.deployment.platform
 
     @property
+    def trust(self):
+        """The clients' own trust anchors in these tests: this code, this simulated TEE."""
+        return self.deployment.local_trust_anchors()
+
+    @property
     def measurement(self) -> str:
-        return self.deployment.info.runtime_measurements[0]
+        return self.trust.runtime_measurements[0]
+
+    def new_owner(self) -> ModelOwner:
+        owner = ModelOwner(self.info, trust=self.trust, timeout=CLIENT_TIMEOUT_S)
+        self.principals.append(owner)
+        owner.register()
+        return owner
 
     def new_user(self, models: list[str] | None = None, *, grant: bool = True, **access: Any) -> ModelUser:
         """A registered user, granted (by `owner`) and with request keys for `models`."""
-        user = ModelUser(self.info, timeout=CLIENT_TIMEOUT_S)
+        user = ModelUser(self.info, trust=self.trust, timeout=CLIENT_TIMEOUT_S)
         self.principals.append(user)
         user.register()
         for model_id in models if models is not None else list(self.models):
@@ -168,16 +180,22 @@ class Stack:
         key: SymmetricKey | None = None,
         measurements: list[str] | None = None,
         owner: ModelOwner | None = None,
+        revocation_delay_s: int | None = None,
     ) -> SymmetricKey:
-        """ModelOwner.publish, with a model key the test knows: seal, upload, register the key."""
+        """ModelOwner.publish, with a model key the test knows: stage, seal, signed upload, commit."""
         owner = owner or self.owner
         key = key or SymmetricKey.generate()
         self.model_keys[model_id] = key
         self.secrets.key(f"model key {model_id}", key)
-        upload_sealed(owner, model_id, chunked.seal_bytes(key, onnx, model=model_id))
-        owner.keyservice.put_model_key(
-            model_id, key, measurements if measurements is not None else self.info.runtime_measurements
+        version = owner.keyservice.stage_version(
+            model_id,
+            key,
+            chunked.content_digest(key, onnx),
+            measurements=measurements if measurements is not None else self.trust.runtime_measurements,
+            revocation_delay_s=revocation_delay_s if revocation_delay_s is not None else self.revocation_delay_s,
         )
+        owner.upload_sealed(model_id, version, chunked.seal_bytes(key, onnx, model=model_id, version=version))
+        owner.keyservice.commit_version(model_id, version)
         return key
 
     def infer(self, user: ModelUser, model_id: str, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -204,21 +222,16 @@ class Stack:
         self.deployment.stop()
 
 
-def upload_sealed(owner: ModelOwner, model_id: str, sealed: bytes) -> None:
-    response = owner.gateway.put(
-        f"/v1/models/{model_id}/sealed", content=sealed, headers={"content-type": "application/octet-stream"}
-    )
-    assert response.status_code == 200, response.text
-
-
-def start_stack(root: Path, models: dict[str, Model], secrets: Secrets, **options: Any) -> Stack:
+def start_stack(
+    root: Path, models: dict[str, Model], secrets: Secrets, *, revocation_delay_s: int | None = None, **options: Any
+) -> Stack:
     options.setdefault("he", False)
     deployment = LocalDeployment(root, StackOptions(**options))
     info = deployment.start()
     try:
-        owner = ModelOwner(info, timeout=CLIENT_TIMEOUT_S)
+        owner = ModelOwner(info, trust=deployment.local_trust_anchors(), timeout=CLIENT_TIMEOUT_S)
         owner.register()
-        stack = Stack(deployment, owner, None, models, {}, secrets)  # type: ignore[arg-type]
+        stack = Stack(deployment, owner, None, models, {}, secrets, revocation_delay_s=revocation_delay_s)  # type: ignore[arg-type]
         for m in models.values():
             stack.publish(m.model_id, m.onnx)
             secrets.model(m.model_id, m.onnx)

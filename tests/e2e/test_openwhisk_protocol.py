@@ -207,14 +207,14 @@ def test_malformed_json_is_a_400_json_error(stack, runtime):
         ({"kind": "nope"}, 400, "bad_init", ["kind"]),
         ({"kind": "tee", "store": "/tmp"}, 400, "bad_init", ["init.keyservice_url"]),
         ({"kind": "tee", "keyservice_url": "http://127.0.0.1:9"}, 400, "bad_init", ["init.store"]),
-        ("bad-ttl", 400, "bad_init", ["init.key_cache_ttl_s"]),
+        ("bad-cache", 400, "bad_init", ["init.model_cache_mb"]),
         ("no-keyservice", 503, "keyservice_unavailable", ["unreachable"]),
     ],
-    ids=["kind", "no-keyservice-url", "no-store", "bad-ttl", "keyservice-unreachable"],
+    ids=["kind", "no-keyservice-url", "no-store", "bad-cache", "keyservice-unreachable"],
 )
 def test_bad_init_is_a_clear_error_and_leaves_the_action_uninitialised(stack, runtime, value, status, code, words):
-    if value == "bad-ttl":
-        value = _init_value(stack, key_cache_ttl_s="soon")
+    if value == "bad-cache":
+        value = _init_value(stack, model_cache_mb="lots")
     elif value == "no-keyservice":
         value = _init_value(stack, keyservice_url=f"http://127.0.0.1:{free_port()}")
     t0 = time.monotonic()

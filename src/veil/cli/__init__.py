@@ -15,6 +15,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "owner": ("veil.cli.owner", "owner", "Model owner: seal and upload models, set policy, grant, revoke."),
     "user": ("veil.cli.user", "user", "Model user: register, request keys, run encrypted inference."),
     "keyservice": ("veil.cli.keyservice", "keyservice", "Run and inspect the KeyService."),
+    "trust": ("veil.cli.trust", "trust", "Your own trust anchors: KeyService and runtime measurements, simulation."),
     "measure": ("veil.cli.measure", "measure", "Print the measurement of Veil's trusted components."),
     "attest": ("veil.cli.attest", "attest", "Verify attestation evidence (sim, SGX, TDX, SEV-SNP)."),
     "he": ("veil.cli.he", "he", "HE mode: compile models, make keys, encrypted CKKS inference."),

@@ -13,6 +13,7 @@ from veil.crypto.identity import Identity
 from veil.crypto.keys import SymmetricKey
 from veil.errors import VeilError
 from veil.sdk import Deployment
+from veil.trust import TrustAnchors
 
 DEFAULT_DEPLOYMENT = Path(".veil/deployment.json")
 DEFAULT_CLIENT_DIR = Path(".veil/client")
@@ -40,9 +41,21 @@ def client_dir_option(f):
 
 
 def load_deployment(path: Path) -> Deployment:
+    """The operator's description of where things listen (addresses only; never trusted)."""
     if not path.exists():
         raise click.ClickException(f"{path} not found: start a deployment with `veil up` first (or pass --deployment)")
-    return Deployment.load(path)
+    try:
+        return Deployment.load(path)
+    except VeilError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+
+
+def load_trust(client_dir: Path) -> TrustAnchors:
+    """This principal's own trust anchors (`veil trust init`)."""
+    try:
+        return TrustAnchors.load(client_dir)
+    except VeilError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -74,6 +87,12 @@ def save_request_keys(client_dir: Path, keys: dict[str, SymmetricKey]) -> None:
     _write_private(
         client_dir / "request-keys.json", json.dumps({m: k.material().hex() for m, k in keys.items()}).encode()
     )
+
+
+def principal(cls, deployment_path: Path, client_dir: Path, role: str, *, create: bool = False):
+    """A ModelOwner/ModelUser from the operator's addresses and this principal's own anchors."""
+    deployment, trust = load_deployment(deployment_path), load_trust(client_dir)
+    return run_or_fail(lambda: cls(deployment, load_identity(client_dir, role, create=create), trust=trust))
 
 
 def run_or_fail(fn):

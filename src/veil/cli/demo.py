@@ -61,16 +61,17 @@ def demo(workdir: Path | None, samples: int, with_he: bool) -> None:
         console.print(f"[bold]1. Trained[/] {', '.join(m.model_id for m in models)} and converted them to ONNX")
 
         with console.status("Starting KeyService, gateway and local platform…"):
-            stack = LocalDeployment(root, StackOptions(key_cache_ttl_s=3.0, he=with_he))
+            stack = LocalDeployment(root, StackOptions(he=with_he))
             info = stack.start()
         try:
+            trust = stack.local_trust_anchors()  # the clients' own choice: this code, this simulated TEE
             console.print(f"[bold]2. Deployment up[/] (state in {root})")
-            console.print(f"   KeyService  {info.keyservice_url}  measurement {info.keyservice_measurements[0][:16]}…")
+            console.print(f"   KeyService  {info.keyservice_url}  measurement {trust.keyservice_measurements[0][:16]}…")
             console.print(f"   gateway     {info.gateway_url}  (OpenAPI at /docs, metrics at /metrics)")
             console.print(
-                f"   runtime     measurement {info.runtime_measurements[0][:16]}…  [yellow](simulated TEE)[/]"
+                f"   runtime     measurement {trust.runtime_measurements[0][:16]}…  [yellow](simulated TEE)[/]"
             )
-            _tee_story(console, stack, info, models, samples, ModelOwner, ModelUser)
+            _tee_story(console, stack, info, trust, models, samples, ModelOwner, ModelUser)
             if with_he:
                 _he_story(console, stack, info)
             m = stack.platform.metrics(stack.tee_spec.name)
@@ -90,10 +91,13 @@ def demo(workdir: Path | None, samples: int, with_he: bool) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _tee_story(console: Console, stack, info, models, samples: int, ModelOwner, ModelUser) -> None:  # noqa: N803
+REVOCATION_DELAY_S = 3  # the demo owner's choice, so step 7 is quick (the default is 60 s)
+
+
+def _tee_story(console: Console, stack, info, trust, models, samples: int, ModelOwner, ModelUser) -> None:  # noqa: N803
     import onnxruntime as ort
 
-    owner, user = ModelOwner(info), ModelUser(info)
+    owner, user = ModelOwner(info, trust=trust), ModelUser(info, trust=trust)
     owner.register()
     user.register()
     console.print(
@@ -101,7 +105,7 @@ def _tee_story(console: Console, stack, info, models, samples: int, ModelOwner, 
         f"(owner {owner.id[:12]}…, user {user.id[:12]}…)"
     )
     for m in models:
-        owner.publish(m.model_id, m.onnx)
+        owner.publish(m.model_id, m.onnx, revocation_delay_s=REVOCATION_DELAY_S)
         owner.grant(m.model_id, user.id)
         user.request_access(m.model_id)
     console.print(
@@ -156,14 +160,14 @@ def _tee_story(console: Console, stack, info, models, samples: int, ModelOwner, 
 
     victim = models[0].model_id
     owner.revoke(victim, user.id)
-    time.sleep(stack.options.key_cache_ttl_s + 0.5)
+    time.sleep(REVOCATION_DELAY_S + 0.5)
     try:
         user.infer(victim, models[0].x_test[:1])
         console.print("[red]7. Revocation did not take effect![/]")
     except VeilError as exc:
         console.print(
-            f"[bold]7. Owner revoked the user[/]; after the key-cache TTL ({stack.options.key_cache_ttl_s:.0f} s "
-            f"here, 60 s by default) the next request is refused: [yellow]{exc.code}[/]"
+            f"[bold]7. Owner revoked the user[/]; after the model's revocation delay ({REVOCATION_DELAY_S} s, "
+            f"the owner's setting; 60 s by default) the next request is refused: [yellow]{exc.code}[/]"
         )
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from veil.cli._client import client_dir_option, deployment_option, load_deployment, load_identity, run_or_fail
+from veil.cli._client import client_dir_option, deployment_option, principal, run_or_fail
 
 
 def _owner(deployment_path: Path, client_dir: Path, *, create: bool = False):
     from veil.sdk import ModelOwner
 
-    return ModelOwner(load_deployment(deployment_path), load_identity(client_dir, "owner", create=create))
+    return principal(ModelOwner, deployment_path, client_dir, "owner", create=create)
 
 
 @click.group("owner")
@@ -37,18 +37,36 @@ def init(deployment_path: Path, client_dir: Path) -> None:
     "--measurement",
     "measurements",
     multiple=True,
-    help="Runtime measurement allowed to receive the model key (repeatable; default: the deployment's).",
+    help="Runtime measurement allowed to receive the model key (repeatable; default: your trust anchors').",
+)
+@click.option(
+    "--revocation-delay",
+    type=click.IntRange(0, 300),
+    default=None,
+    help="Seconds runtimes may keep serving a revoked user (0-300; default 60, or the model's current setting).",
 )
 @deployment_option
 @client_dir_option
 def publish(
-    model_id: str, onnx_file: Path, measurements: tuple[str, ...], deployment_path: Path, client_dir: Path
+    model_id: str,
+    onnx_file: Path,
+    measurements: tuple[str, ...],
+    revocation_delay: int | None,
+    deployment_path: Path,
+    client_dir: Path,
 ) -> None:
-    """Seal ONNX_FILE under a fresh model key, upload the ciphertext, register the key."""
+    """Publish ONNX_FILE as a new version of MODEL_ID: staged at the KeyService, sealed under a
+    fresh model key, uploaded with your signature, then made current."""
     o = _owner(deployment_path, client_dir)
-    result = run_or_fail(lambda: o.publish(model_id, onnx_file, allowed_measurements=list(measurements) or None))
+    result = run_or_fail(
+        lambda: o.publish(
+            model_id, onnx_file, allowed_measurements=list(measurements) or None, revocation_delay_s=revocation_delay
+        )
+    )
+    replaced = f" (replaces v{result['replaced_version']})" if result["replaced_version"] else ""
     click.echo(
-        f"published {model_id}: {result['plaintext_bytes']} bytes sealed to {result['sealed_bytes']}; "
+        f"published {model_id} v{result['version']}{replaced}: {result['plaintext_bytes']} bytes sealed to "
+        f"{result['sealed_bytes']}; revocation delay {result['revocation_delay_s']} s; "
         f"allowed measurements {', '.join(m[:16] + '…' for m in result['measurements'])}"
     )
 
@@ -70,7 +88,7 @@ def grant(model_id: str, user_id: str, deployment_path: Path, client_dir: Path) 
 @deployment_option
 @client_dir_option
 def revoke(model_id: str, user_id: str, deployment_path: Path, client_dir: Path) -> None:
-    """Revoke USER_ID on MODEL_ID (effective within the runtime key-cache TTL, 60 s by default)."""
+    """Revoke USER_ID on MODEL_ID (effective within the model's revocation delay, 60 s by default)."""
     run_or_fail(lambda: _owner(deployment_path, client_dir).revoke(model_id, user_id))
     click.echo(f"revoked {user_id[:16]}… on {model_id}")
 

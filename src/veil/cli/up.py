@@ -55,11 +55,15 @@ def up(
         info = stack.start()
     except Exception as exc:  # noqa: BLE001
         raise click.ClickException(f"could not start: {exc}") from None
-    click.echo(f"KeyService   {info.keyservice_url}   (measurement {info.keyservice_measurements[0]})")
+    click.echo(f"KeyService   {info.keyservice_url}")
     click.echo(f"gateway      {info.gateway_url}   (/docs, /metrics, /healthz)")
     click.echo(f"model store  {stack.store_dir}")
-    click.echo(f"platform     local, runtime measurement {info.runtime_measurements[0]}, logs in {stack.log_dir}")
-    click.echo(f"deployment   {root / 'deployment.json'}  — Ctrl-C to stop")
+    click.echo(f"platform     local (simulated TEE), logs in {stack.log_dir}")
+    click.echo(f"deployment   {root / 'deployment.json'} (addresses only)  — Ctrl-C to stop")
+    click.echo(
+        "clients: set your own trust anchors once, e.g. "
+        f"`veil trust init --allow-simulated --sim-root {stack.keyservice_dir / 'sim-root.key'}`"
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

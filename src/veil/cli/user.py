@@ -11,9 +11,8 @@ import numpy as np
 from veil.cli._client import (
     client_dir_option,
     deployment_option,
-    load_deployment,
-    load_identity,
     load_request_keys,
+    principal,
     run_or_fail,
     save_request_keys,
 )
@@ -22,7 +21,7 @@ from veil.cli._client import (
 def _user(deployment_path: Path, client_dir: Path, *, create: bool = False):
     from veil.sdk import ModelUser
 
-    u = ModelUser(load_deployment(deployment_path), load_identity(client_dir, "user", create=create))
+    u = principal(ModelUser, deployment_path, client_dir, "user", create=create)
     u.request_keys.update(load_request_keys(client_dir))
     return u
 
@@ -51,14 +50,30 @@ def init(deployment_path: Path, client_dir: Path) -> None:
     "--measurement",
     "measurements",
     multiple=True,
-    help="Runtime measurement you allow to receive your request key (repeatable; default: the deployment's).",
+    help="Runtime measurement you allow to receive your request key (repeatable; default: your trust anchors').",
+)
+@click.option(
+    "--max-revocation-delay",
+    type=click.IntRange(0, 300),
+    default=None,
+    help="At most this many seconds may runtimes keep your key cached (the owner's delay or this, the shorter).",
 )
 @deployment_option
 @client_dir_option
-def request_access(model_id: str, measurements: tuple[str, ...], deployment_path: Path, client_dir: Path) -> None:
+def request_access(
+    model_id: str,
+    measurements: tuple[str, ...],
+    max_revocation_delay: int | None,
+    deployment_path: Path,
+    client_dir: Path,
+) -> None:
     """Create a request key for MODEL_ID and give it (HPKE-sealed) to the attested KeyService."""
     u = _user(deployment_path, client_dir)
-    run_or_fail(lambda: u.request_access(model_id, allowed_measurements=list(measurements) or None))
+    run_or_fail(
+        lambda: u.request_access(
+            model_id, allowed_measurements=list(measurements) or None, max_revocation_delay_s=max_revocation_delay
+        )
+    )
     save_request_keys(client_dir, u.request_keys)
     click.echo(f"request key registered for {model_id}")
 

@@ -3,24 +3,42 @@
 
 from __future__ import annotations
 
+import hmac
 import io
 import time
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from veil.crypto import chunked
+from veil.crypto.encoding import b64d
 from veil.crypto.envelope import Envelope, check_identifier
-from veil.errors import BadRequest, VeilError
+from veil.crypto.errors import CryptoError
+from veil.crypto.identity import HEADER_PRINCIPAL, verify_signature
+from veil.errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized, Unavailable, VeilError
 from veil.gateway.routing import Router
 from veil.http import install_error_handlers, parse_json_object, read_body
+from veil.keyservice import wire
 from veil.store import LocalModelStore
 
 MAX_ENVELOPE = 32 << 20
 MAX_MODEL = 2 << 30
+
+
+class EnvelopedError(VeilError):
+    """A runtime error after the request authenticated: a code in clear, the details in an
+    envelope only the user can open. The gateway passes the envelope through untouched."""
+
+    def __init__(self, message: str, *, code: str, status: int, envelope: dict) -> None:
+        super().__init__(message, code=code, status=status)
+        self.envelope = envelope
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "envelope": self.envelope}
 
 
 def _status(exc: BaseException) -> VeilError:
@@ -29,9 +47,10 @@ def _status(exc: BaseException) -> VeilError:
     status = getattr(exc, "status", 502)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
-        return VeilError(
-            str(err.get("message", "action failed")), code=str(err.get("code", "action_error")), status=status
-        )
+        message, code = str(err.get("message", "action failed")), str(err.get("code", "action_error"))
+        if isinstance(body.get("envelope"), dict):
+            return EnvelopedError(message, code=code, status=status, envelope=body["envelope"])
+        return VeilError(message, code=code, status=status)
     if isinstance(body, dict) and "code" in body:
         return VeilError(str(body.get("message", "action failed")), code=str(body["code"]), status=status)
     code = getattr(exc, "code", "platform_error")
@@ -43,9 +62,11 @@ def create_app(
     router: Router,
     store: LocalModelStore,
     *,
+    keyservice_url: str,
     he_router: Router | None = None,
     platform: Any = None,
     timeout_s: float = 120.0,
+    max_model_bytes: int = MAX_MODEL,
 ) -> FastAPI:
     app = FastAPI(
         title="Veil gateway",
@@ -89,19 +110,84 @@ def create_app(
     async def platform_metrics() -> dict:
         return platform.metrics() if platform is not None else {}
 
-    @app.put("/v1/models/{model}/sealed")
-    async def upload_sealed(model: str, request: Request) -> dict:
-        """Store a sealed model file. Only ciphertext is accepted; the runtime authenticates it."""
-        check_identifier(model, "model")
-        body = await read_body(request, MAX_MODEL)
+    registry_client = httpx.AsyncClient(base_url=keyservice_url, timeout=10.0)
+
+    async def staged_version(model: str, version: int) -> dict[str, Any]:
+        """Ask the KeyService (the principal registry) who owns `model` and whether `version` is
+        staged. The answer decides only what this untrusted store accepts; runtimes check every
+        file cryptographically against the release anyway."""
         try:
-            header = chunked.read_header(io.BytesIO(body))
-        except Exception as exc:
-            raise BadRequest(f"body: not a Veil sealed model ({exc})", code="malformed") from None
-        if header.get("model") != model:
-            raise BadRequest(f"body: sealed for model {header.get('model')!r}, not {model!r}", code="malformed")
-        size = await run_in_threadpool(store.put, model, io.BytesIO(body))
-        return {"v": 1, "model": model, "bytes": size}
+            answer = await registry_client.get(f"/v1/models/{model}/versions/{version}")
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"KeyService unreachable: {type(exc).__name__}", code="keyservice_unavailable") from None
+        try:
+            body = answer.json()
+        except ValueError:
+            body = {}
+        if answer.status_code != 200:
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            raise VeilError(
+                str(err.get("message", "KeyService refused")),
+                code=str(err.get("code", "unknown_version")),
+                status=answer.status_code if answer.status_code < 500 else 502,
+            )
+        return body
+
+    @app.put("/v1/models/{model}/versions/{version}/sealed")
+    async def upload_sealed(model: str, version: str, request: Request) -> dict:
+        """Store the sealed file of a staged version. Only its owner may write it: the upload carries
+        the owner's signature over (model, version, SHA-256 of the file), checked against the
+        KeyService's principal registry before the file becomes visible; the body streams to disk
+        under a size limit, never buffered whole."""
+        check_identifier(model, "model")
+        if not version.isdigit() or not 0 < len(version) <= 15 or int(version) < 1:
+            raise BadRequest("version: must be a positive integer", code="malformed")
+        number = int(version)
+        principal = request.headers.get(HEADER_PRINCIPAL)
+        signature_text = request.headers.get(wire.HEADER_UPLOAD_SIGNATURE)
+        if not principal or not signature_text:
+            raise Unauthorized(
+                f"upload must be signed by the model's owner ({HEADER_PRINCIPAL}, {wire.HEADER_UPLOAD_SIGNATURE})",
+                code="unsigned_upload",
+            )
+        signature = b64d(signature_text, wire.HEADER_UPLOAD_SIGNATURE)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_model_bytes:
+            raise TooLarge(f"sealed model of {declared} bytes exceeds the {max_model_bytes}-byte limit")
+        info = await staged_version(model, number)
+        if not hmac.compare_digest(str(info.get("owner", "")), principal):
+            raise Forbidden(f"only the owner of model {model!r} may upload it", code="not_owner")
+        if info.get("state") != "staged":
+            raise Conflict(f"model {model!r} version {number} is {info.get('state')}, not staged", code="not_staged")
+        owner_key = b64d(info.get("owner_public_key", ""), "owner_public_key")
+        upload = store.begin_upload(model, number, max_bytes=max_model_bytes)
+        try:
+            async for chunk in request.stream():
+                await run_in_threadpool(upload.write, chunk)
+            try:
+                verify_signature(owner_key, wire.upload_payload(model, number, upload.sha256()), signature)
+            except CryptoError:
+                raise Forbidden(
+                    "upload signature does not verify with the owner's key (or the file changed)",
+                    code="bad_upload_signature",
+                ) from None
+            try:
+                header = chunked.read_header(io.BytesIO(upload.head))
+            except CryptoError as exc:
+                raise BadRequest(f"body: not a Veil sealed model ({exc})", code="malformed") from None
+            if header.get("model") != model or header.get("version") != number:
+                raise BadRequest(
+                    f"body: sealed for {header.get('model')!r} v{header.get('version')}, not {model!r} v{number}",
+                    code="malformed",
+                )
+            size = await run_in_threadpool(upload.commit)
+        finally:
+            upload.abort()
+        current = info.get("current_version") or 0
+        for old in store.versions(model):
+            if old < current:  # neither current nor newer: nothing will be released for it again
+                store.delete(model, old)
+        return {"v": 1, "model": model, "version": number, "bytes": size}
 
     @app.post("/v1/models/{model}:infer")
     async def infer(model: str, request: Request) -> dict:
