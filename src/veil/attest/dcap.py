@@ -30,7 +30,9 @@ from functools import lru_cache
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from veil.attest.collateral import DcapCollateral, resolve_collateral
 from veil.attest.errors import VerificationError
@@ -62,6 +64,27 @@ def _u16(buf: bytes, off: int) -> int:
 
 def _u32(buf: bytes, off: int) -> int:
     return struct.unpack_from("<I", buf, off)[0]
+
+
+def _unpack(fmt: str, raw: bytes, off: int, field_name: str) -> tuple[int, ...]:
+    """`struct.unpack_from`, but a quote too short for the field is refused naming the field."""
+    size = struct.calcsize(fmt)
+    if off < 0 or off + size > len(raw):
+        raise VerificationError(field_name, "truncated", expected=f">= {off + size} bytes", actual=len(raw))
+    return struct.unpack_from(fmt, raw, off)
+
+
+#: What cryptography raises for a corrupt certificate, at load time (`ValueError`, and
+#: `InvalidVersion` for a bad version byte, which is not a ValueError) or when a lazily parsed
+#: part (names, extensions, public key, signature algorithm) is first touched.
+_CERT_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    UnsupportedAlgorithm,
+)
 
 
 @dataclass(frozen=True)
@@ -100,7 +123,7 @@ class Quote:
     def fmspc(self) -> str:
         """The platform's FMSPC (hex, upper case) from the PCK leaf's SGX extension."""
         leaf = _load_cert(self.pck_chain()[0], "quote.pck_chain[0]")
-        sgx_ext = _sgx_extension(leaf)
+        sgx_ext = _sgx_extension(leaf, "quote.pck_chain[0]")
         value = _find_der_oid(sgx_ext, _OID_FMSPC)
         if value is None or len(value) != 6:
             raise VerificationError("quote.pck_chain[0]", "PCK certificate has no 6-byte FMSPC")
@@ -109,7 +132,12 @@ class Quote:
     def pck_ca(self) -> str:
         """`processor` or `platform`: which PCK CA issued the leaf (PCCS needs it)."""
         leaf = _load_cert(self.pck_chain()[0], "quote.pck_chain[0]")
-        issuer = leaf.issuer.rfc4514_string()
+        try:
+            issuer = leaf.issuer.rfc4514_string()
+        except _CERT_ERRORS as exc:
+            raise VerificationError(
+                "quote.pck_chain[0].issuer", f"does not parse ({type(exc).__name__}: {exc})"
+            ) from None
         return "platform" if "Platform" in issuer else "processor"
 
 
@@ -122,8 +150,8 @@ def parse_quote(raw: bytes) -> Quote:
     by nothing and carry nothing.
     """
     if len(raw) < HEADER_LEN + 4:
-        raise VerificationError("quote", "too short for a DCAP quote", actual=len(raw))
-    version, key_type, tee_type = struct.unpack_from("<HHI", raw, 0)
+        raise VerificationError("quote", "too short for a DCAP quote", expected=f">= {HEADER_LEN + 4}", actual=len(raw))
+    version, key_type, tee_type = _unpack("<HHI", raw, 0, "quote.header")
     if version not in (3, 4, 5):
         raise VerificationError("quote.header.version", "unsupported quote version", expected=[3, 4, 5], actual=version)
     if key_type != ECDSA_P256:
@@ -150,7 +178,7 @@ def parse_quote(raw: bytes) -> Quote:
     regions: dict[str, tuple[int, int]] = {"header": (0, HEADER_LEN)}
     off = HEADER_LEN
     if version == 5:
-        body_type, body_len = struct.unpack_from("<HI", raw, off)
+        body_type, body_len = _unpack("<HI", raw, off, "quote.body_descriptor")
         expected_len = {1: SGX_REPORT_LEN, 2: TD10_REPORT_LEN, 3: TD15_REPORT_LEN}.get(body_type)
         if expected_len is None and body_type == 4:
             expected_len = body_len if body_len >= TD15_REPORT_LEN else None
@@ -169,7 +197,7 @@ def parse_quote(raw: bytes) -> Quote:
     body = raw[off : off + body_len]
     off += body_len
     regions["signed"] = (0, off)
-    sig_len = _u32(raw, off)
+    (sig_len,) = _unpack("<I", raw, off, "quote.signature_data_len")
     regions["signature_data_len"] = (off, off + 4)
     off += 4
     sig_end = off + sig_len
@@ -189,7 +217,7 @@ def parse_quote(raw: bytes) -> Quote:
                 "quote.certification_data.size", "does not end the signature data", expected=sig_end, actual=off
             )
     else:
-        cert_type, cert_size = struct.unpack_from("<HI", raw, off)
+        cert_type, cert_size = _unpack("<HI", raw, off, "quote.certification_data")
         if cert_type != CERT_TYPE_QE_REPORT:
             raise VerificationError(
                 "quote.certification_data.type",
@@ -224,14 +252,14 @@ def _parse_qe_part(raw: bytes, off: int, end: int, regions: dict[str, tuple[int,
     regions["qe_report"] = (off, off + 384)
     regions["qe_report_signature"] = (off + 384, off + 448)
     off += 448
-    auth_len = _u16(raw, off)
+    (auth_len,) = _unpack("<H", raw, off, f"{where}.qe_auth_data_len")
     regions["qe_auth_data_len"] = (off, off + 2)
     off += 2
     if off + auth_len + 6 > end:
         raise VerificationError(f"{where}.qe_auth_data", "length exceeds the signature data", actual=auth_len)
     regions["qe_auth_data"] = (off, off + auth_len)
     off += auth_len
-    cert_type, cert_size = struct.unpack_from("<HI", raw, off)
+    cert_type, cert_size = _unpack("<HI", raw, off, f"{where}.pck_chain_header")
     regions["pck_chain_header"] = (off, off + 6)
     if cert_type != CERT_TYPE_PCK_CHAIN:
         raise VerificationError(
@@ -296,10 +324,19 @@ def _load_cert_cached(der: bytes) -> x509.Certificate:
 
 
 def _load_cert(der: bytes, field_name: str) -> x509.Certificate:
+    """Load a DER certificate; any parse failure (a bad version byte raises cryptography's
+    `InvalidVersion`, which is not a ValueError) is a VerificationError naming `field_name`."""
     try:
         return _load_cert_cached(der)
-    except ValueError as exc:
-        raise VerificationError(field_name, f"not a valid X.509 certificate ({exc})") from None
+    except _CERT_ERRORS as exc:
+        raise VerificationError(field_name, f"not a valid X.509 certificate ({type(exc).__name__}: {exc})") from None
+
+
+def _public_key(cert: x509.Certificate, field_name: str) -> Any:
+    try:
+        return cert.public_key()
+    except _CERT_ERRORS as exc:
+        raise VerificationError(f"{field_name}.public_key", f"does not parse ({type(exc).__name__}: {exc})") from None
 
 
 @lru_cache(maxsize=256)
@@ -345,11 +382,13 @@ _OID_SGX_EXT = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
 _OID_FMSPC = "1.2.840.113741.1.13.1.4"
 
 
-def _sgx_extension(cert: x509.Certificate) -> bytes:
+def _sgx_extension(cert: x509.Certificate, field_name: str) -> bytes:
     try:
         ext = cert.extensions.get_extension_for_oid(_OID_SGX_EXT)
     except x509.ExtensionNotFound:
-        raise VerificationError("quote.pck_chain[0]", "PCK certificate lacks the SGX extension") from None
+        raise VerificationError(field_name, "PCK certificate lacks the SGX extension") from None
+    except _CERT_ERRORS as exc:
+        raise VerificationError(f"{field_name}.extensions", f"do not parse ({type(exc).__name__}: {exc})") from None
     return ext.value.value  # type: ignore[attr-defined]
 
 
@@ -400,18 +439,28 @@ def _check_collateral_chains(col: DcapCollateral, root_sha256: str, now: datetim
     for name in ("pck_crl_issuer_chain", "tcb_info_issuer_chain", "qe_identity_issuer_chain"):
         ders = pem_chain(col.fields[name].encode(), f"collateral.{name}")
         chains[name] = check_chain(ders, f"collateral.{name}", root_sha256, now)
-    pck_ca = chains["pck_crl_issuer_chain"][0]
-    root = chains["pck_crl_issuer_chain"][-1]
-    for crl_name, signer in (("pck_crl", pck_ca), ("root_ca_crl", root)):
+    issuers = chains["pck_crl_issuer_chain"]
+    for crl_name, index in (("pck_crl", 0), ("root_ca_crl", len(issuers) - 1)):
         crl = _load_crl(col.fields[crl_name])
-        if crl is None or not isinstance(signer_key := signer.public_key(), ec.EllipticCurvePublicKey):
-            raise VerificationError(f"collateral.{crl_name}", "CRL does not parse or its issuer key is not ECDSA")
-        if not crl.is_signature_valid(signer_key):
+        if crl is None:
+            raise VerificationError(f"collateral.{crl_name}", "not a DER CRL")
+        signer_field = f"collateral.pck_crl_issuer_chain[{index}]"
+        signer_key = _public_key(issuers[index], signer_field)
+        if not isinstance(signer_key, ec.EllipticCurvePublicKey):
+            raise VerificationError(f"{signer_field}.public_key", "CRL issuer key is not ECDSA")
+        if not _crl_signed_by(crl, signer_key):
             raise VerificationError(f"collateral.{crl_name}", "CRL signature does not verify under its issuer")
     certs = [c for chain in chains.values() for c in chain]
     if len(_CHAINS_OK) > 64:
         _CHAINS_OK.clear()
     _CHAINS_OK[key] = (max(c.not_valid_before_utc for c in certs), min(c.not_valid_after_utc for c in certs))
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, key: Any) -> bool:
+    try:
+        return bool(crl.is_signature_valid(key))
+    except _CERT_ERRORS:  # e.g. a key type cryptography cannot check CRLs with
+        return False
 
 
 @lru_cache(maxsize=64)
@@ -464,6 +513,9 @@ _QVL_ERRORS: tuple[tuple[str, str, str], ...] = (
         "PCK chain does not verify to Intel's root (or a CRL does not verify)",
     ),
     ("PCK certificate", "quote.pck_chain", "PCK certificate chain unusable"),
+    ("Reserved bits in TD attributes", "quote.body.td_attributes", "reserved TD attribute bits are set"),
+    ("SEPT_VE_DISABLE", "quote.body.td_attributes", "SEPT_VE_DISABLE (bit 28) is not set"),
+    ("Invalid MR service TD", "quote.body.mrservicetd", "a service TD is bound (MRSERVICETD is not zero)"),
     ("Unknown QE vendor ID", "quote.header.qe_vendor_id", "not Intel's quoting enclave"),
     ("Invalid TEE type", "quote.header.tee_type", "invalid TEE type"),
     ("QE", "quote.qe_report", "quoting enclave report does not match Intel's QE identity"),
@@ -518,13 +570,17 @@ def _verify_dcap(evidence: Evidence, trust: Any, now: datetime, expected_kind: s
     _check_collateral_chains(collateral, root_sha256, now)
 
     now_secs = int(now.timestamp())
+    result: Any = None
     try:
         if "intel_root_ca_sha256" in options:
             result = dcap_qvl.verify_with_root_ca(evidence.raw, collateral.qvl, pck_ders[-1], now_secs)
         else:
             result = dcap_qvl.verify(evidence.raw, collateral.qvl, now_secs)
     except ValueError as exc:
-        raise _translate(exc) from None
+        if _QVL_DEBUG_REFUSAL not in str(exc):
+            raise _translate(exc) from None
+        # dcap-qvl (its Python API has no allow_debug) refuses debug enclaves as its last
+        # step; whether debug is acceptable is policy (`validate`), so go on below.
 
     claims: dict[str, Any] = {
         "quote_version": quote.version,
@@ -540,15 +596,154 @@ def _verify_dcap(evidence: Evidence, trust: Any, now: datetime, expected_kind: s
         measurement, debug = _sgx_claims(quote.body, claims)
     else:
         measurement, debug = _tdx_claims(quote.body, quote.body_type, claims)
+    if result is None:
+        attributes = "quote.body.attributes" if quote.kind == "sgx-dcap" else "quote.body.td_attributes"
+        if not debug:
+            raise VerificationError(attributes, "dcap-qvl refused the quote as debug-mode, but its DEBUG bit is clear")
+        _check_debug_quote(quote, collateral, pck_ders)
+        claims["tcb_evaluated"] = False
+        tcb_status, advisories = TCB_NOT_EVALUATED, ()
+    else:
+        tcb_status, advisories = str(result.status), tuple(sorted(result.advisory_ids))
     return VerifiedReport(
         kind=expected_kind,
         measurement=measurement,
         report_data=quote.report_data,
         debug=debug,
-        tcb_status=str(result.status),
-        advisories=tuple(sorted(result.advisory_ids)),
+        tcb_status=tcb_status,
+        advisories=advisories,
         claims=claims,
     )
+
+
+#: dcap-qvl's refusal of a debug enclave (SGX ATTRIBUTES.DEBUG, TDX TDATTRIBUTES.DEBUG).
+_QVL_DEBUG_REFUSAL = "Debug mode is enabled"
+
+#: `tcb_status` of a debug-mode quote: dcap-qvl refuses to rate debug enclaves, so no TCB status
+#: is known. A policy accepting debug quotes (`allow_debug`) must allow this status explicitly.
+TCB_NOT_EVALUATED = "NotEvaluated"
+
+
+def _ecdsa_p256(raw_key: bytes, field_name: str) -> ec.EllipticCurvePublicKey:
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw_key)
+    except ValueError:
+        raise VerificationError(field_name, "not a P-256 public key") from None
+
+
+def _verify_raw_sig(key: Any, signature: bytes, data: bytes) -> bool:
+    """ECDSA-P256/SHA-256 with a raw r||s signature (as quotes and collateral carry them)."""
+    if not isinstance(key, ec.EllipticCurvePublicKey) or len(signature) != 64:
+        return False
+    der = utils.encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+    try:
+        key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _check_debug_quote(quote: Quote, col: DcapCollateral, pck_ders: list[bytes]) -> None:
+    """Veil's own checks of a debug-mode quote, which dcap-qvl refuses without saying more.
+
+    dcap-qvl checks the debug bit after everything else, so its refusal implies the rest
+    verified; this does not rely on that order. With the PCK chain and the collateral chains
+    already checked (`check_chain`, `_check_collateral_chains`), it verifies the quote
+    signature, the QE report signature and its binding of the attestation key, the QE identity
+    (signature and match), that neither PCK certificate is revoked, and, for TDX, the TD
+    attributes dcap-qvl would check after DEBUG. Not evaluated: the TCB level (see
+    `TCB_NOT_EVALUATED`).
+    """
+    raw = quote.raw
+    ak_raw = quote.part("attestation_key")
+    ak = _ecdsa_p256(ak_raw, "quote.attestation_key")
+    if not _verify_raw_sig(ak, quote.part("signature"), raw[: quote.regions["signed"][1]]):
+        raise VerificationError(
+            "quote.signature", "does not verify under the attestation key over the quote header and body"
+        )
+    leaf = _load_cert(pck_ders[0], "quote.pck_chain[0]")
+    qe_report = quote.part("qe_report")
+    if not _verify_raw_sig(_public_key(leaf, "quote.pck_chain[0]"), quote.part("qe_report_signature"), qe_report):
+        raise VerificationError("quote.qe_report.signature", "QE report is not signed by the PCK certificate's key")
+    binding = hashlib.sha256(ak_raw + quote.part("qe_auth_data")).digest() + bytes(32)
+    if qe_report[320:384] != binding:
+        raise VerificationError(
+            "quote.qe_report.report_data",
+            "QE report does not bind the attestation key and QE authentication data",
+            expected=binding.hex(),
+            actual=qe_report[320:384].hex(),
+        )
+    _check_qe_identity(quote, col, qe_report)
+    certs = [_load_cert(der, f"quote.pck_chain[{i}]") for i, der in enumerate(pck_ders)]
+    for i, cert in enumerate(certs[:-1]):
+        crl_name = "root_ca_crl" if i + 2 == len(certs) else "pck_crl"
+        crl = _load_crl(col.fields[crl_name])
+        if crl is None:
+            raise VerificationError(f"collateral.{crl_name}", "not a DER CRL")
+        if not _crl_signed_by(crl, _public_key(certs[i + 1], f"quote.pck_chain[{i + 1}]")):
+            raise VerificationError(f"collateral.{crl_name}", f"is not the CRL of the issuer of quote.pck_chain[{i}]")
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            raise VerificationError(
+                f"quote.pck_chain[{i}]", f"certificate is revoked (listed in collateral.{crl_name})"
+            )
+    if quote.kind == "tdx":
+        _check_td_attributes(quote.body, quote.body_type)
+
+
+def _check_qe_identity(quote: Quote, col: DcapCollateral, qe_report: bytes) -> None:
+    """The QE report must be of the quoting enclave Intel's signed QE identity describes."""
+    chain = pem_chain(col.fields["qe_identity_issuer_chain"].encode(), "collateral.qe_identity_issuer_chain")
+    signer = _load_cert(chain[0], "collateral.qe_identity_issuer_chain[0]")
+    signature = bytes.fromhex(col.fields["qe_identity_signature"])
+    if not _verify_raw_sig(
+        _public_key(signer, "collateral.qe_identity_issuer_chain[0]"), signature, col.fields["qe_identity"].encode()
+    ):
+        raise VerificationError("collateral.qe_identity_signature", "QE identity signature does not verify")
+    identity = col.qe_identity
+    expected_id = "QE" if quote.kind == "sgx-dcap" else "TD_QE"
+    if identity.get("id") != expected_id:
+        raise VerificationError(
+            "collateral.qe_identity.id",
+            "QE identity is for another TEE",
+            expected=expected_id,
+            actual=identity.get("id"),
+        )
+    try:
+        miscselect, misc_mask = int(identity["miscselect"], 16), int(identity["miscselectMask"], 16)
+        attributes, attr_mask = bytes.fromhex(identity["attributes"]), bytes.fromhex(identity["attributesMask"])
+        mrsigner, isvprodid = bytes.fromhex(identity["mrsigner"]), int(identity["isvprodid"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VerificationError("collateral.qe_identity", f"lacks a QE identity field ({exc})") from None
+    if _u32(qe_report, 16) & misc_mask != miscselect:
+        raise VerificationError("quote.qe_report.miscselect", "does not match Intel's QE identity")
+    masked = bytes(a & m for a, m in zip(qe_report[48:64], attr_mask, strict=False))
+    if len(attr_mask) != 16 or masked != attributes:
+        raise VerificationError("quote.qe_report.attributes", "do not match Intel's QE identity")
+    if qe_report[128:160] != mrsigner:
+        raise VerificationError(
+            "quote.qe_report.mrsigner",
+            "not Intel's QE signer",
+            expected=mrsigner.hex(),
+            actual=qe_report[128:160].hex(),
+        )
+    if _u16(qe_report, 256) != isvprodid:
+        raise VerificationError(
+            "quote.qe_report.isvprodid", "not Intel's QE", expected=isvprodid, actual=_u16(qe_report, 256)
+        )
+
+
+def _check_td_attributes(body: bytes, body_type: int) -> None:
+    """The TD attribute rules dcap-qvl applies after DEBUG (Intel TDX module spec, TDATTRIBUTES)."""
+    td = int.from_bytes(body[120:128], "little")
+    tud_reserved = td & 0xFE  # bits 7:1
+    sec_reserved = td & (0x0FFFFF00 | (1 << 29))  # bits 27:8 and 29
+    other_reserved = td & 0x7FFFFFFF00000000  # bits 62:32
+    if tud_reserved or sec_reserved or other_reserved:
+        raise VerificationError("quote.body.td_attributes", "reserved bits are set", actual=body[120:128].hex())
+    if not td & (1 << 28):
+        raise VerificationError("quote.body.td_attributes", "SEPT_VE_DISABLE (bit 28) is not set")
+    if body_type >= 3 and body[600:648] != bytes(48):
+        raise VerificationError("quote.body.mrservicetd", "a service TD is bound (MRSERVICETD is not zero)")
 
 
 def _sgx_claims(body: bytes, claims: dict[str, Any]) -> tuple[str, bool]:

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from veil.attest.errors import VerificationError
@@ -101,14 +102,28 @@ class RaTlsEvidence:
     formats: tuple[str, ...]
 
 
+#: What cryptography raises for a corrupt certificate (at load: ValueError, or InvalidVersion for
+#: a bad version byte, which is not a ValueError; on first use of a lazily parsed part: more).
+_CERT_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    UnsupportedAlgorithm,
+)
+
+
 def load_certificate(data: bytes) -> x509.Certificate:
     """A certificate from PEM or DER bytes."""
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
-        raise VerificationError("ratls.certificate", f"not an X.509 certificate ({exc})") from None
+    except _CERT_ERRORS as exc:
+        raise VerificationError(
+            "ratls.certificate", f"not an X.509 certificate ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _extension(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | None:
@@ -116,6 +131,8 @@ def _extension(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | No
         return cert.extensions.get_extension_for_oid(oid).value.value  # type: ignore[attr-defined]
     except x509.ExtensionNotFound:
         return None
+    except _CERT_ERRORS as exc:
+        raise VerificationError("ratls.certificate.extensions", f"do not parse ({type(exc).__name__}: {exc})") from None
 
 
 def _quote_kind(quote: bytes) -> str:
@@ -185,7 +202,14 @@ def _tagged(value: bytes, spki: bytes) -> bytes:
 def extract_evidence(cert_bytes: bytes | x509.Certificate) -> RaTlsEvidence:
     """The quote in an RA-TLS certificate, after checking it binds the certificate's key."""
     cert = cert_bytes if isinstance(cert_bytes, x509.Certificate) else load_certificate(cert_bytes)
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        spki = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except _CERT_ERRORS as exc:
+        raise VerificationError(
+            "ratls.certificate.public_key", f"does not parse ({type(exc).__name__}: {exc})"
+        ) from None
     quotes: list[bytes] = []
     formats: list[str] = []
     tagged = _extension(cert, OID_TCG_DICE_TAGGED_EVIDENCE)

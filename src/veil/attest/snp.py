@@ -10,8 +10,10 @@ line (Milan, Genoa, Turin). Verification here:
    ASK/ASVK ← ARK and VCEK/VLEK ← ASK/ASVK signatures (RSA-PSS) and validity at `now`;
 3. verifies the report signature under the VCEK/VLEK;
 4. checks the VCEK's AMD extensions against the report: the TCB component SPLs must equal the
-   report's REPORTED_TCB and the hardware id must equal CHIP_ID, so a VCEK of another chip or
-   another TCB cannot be passed off as this one's.
+   report's REPORTED_TCB and the hardware id must be CHIP_ID (`check_chip_id`: 64 bytes on
+   Milan and Genoa; 8 bytes on Turin, where CHIP_ID is those 8 bytes and 56 zero bytes), so a
+   VCEK of another chip or another TCB cannot be passed off as this one's. A v3+ report's CPUID
+   family/model, when it names a known product, must be the ARK's product.
 
 Certificates come from (first that has them): the configured collateral source, the evidence's
 `collateral` (the configfs-tsm `auxblob`: the GHCB certificate table), and
@@ -20,7 +22,10 @@ Certificates come from (first that has them): the configured collateral source, 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import re
 import struct
 import uuid
 import warnings
@@ -70,6 +75,23 @@ _OID_SNP_SPL = "1.3.6.1.4.1.3704.1.3.3"
 _OID_UCODE_SPL = "1.3.6.1.4.1.3704.1.3.8"
 _OID_FMC_SPL = "1.3.6.1.4.1.3704.1.3.9"
 _OID_HWID = "1.3.6.1.4.1.3704.1.4"
+
+#: What cryptography raises for a corrupt certificate: at load time `ValueError`, or
+#: `InvalidVersion` for a bad version byte (not a ValueError); when a lazily parsed part is first
+#: touched, also KeyError/TypeError (names), `DuplicateExtension`, `UnsupportedAlgorithm`.
+_CERT_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    UnsupportedAlgorithm,
+)
+
+#: Hardware id (VCEK extension 1.3.6.1.4.1.3704.1.4) length per product; CHIP_ID is 64 bytes.
+CHIP_ID_LEN = 64
+TURIN_HWID_LEN = 8
 
 # Guest policy bits (SEV-SNP ABI, "Guest Policy").
 POLICY_SMT = 1 << 16
@@ -196,13 +218,15 @@ def parse_report(raw: bytes) -> SnpReport:
 
 
 def _load_cert(der: bytes, field: str) -> x509.Certificate:
+    """Load a DER certificate; every parse failure (including cryptography's `InvalidVersion`
+    for a bad version byte, which is not a ValueError) is a VerificationError naming `field`."""
     try:
         with warnings.catch_warnings():
             # AMD's VCEKs have serial numbers cryptography warns about; they are still AMD's.
             warnings.simplefilter("ignore")
             return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise VerificationError(field, f"not a valid X.509 certificate ({exc})") from None
+    except _CERT_ERRORS as exc:
+        raise VerificationError(field, f"not a valid X.509 certificate ({type(exc).__name__}: {exc})") from None
 
 
 def parse_cert_table(blob: bytes) -> list[tuple[str, bytes]]:
@@ -232,10 +256,15 @@ def parse_cert_table(blob: bytes) -> list[tuple[str, bytes]]:
 
 def _role_from_subject(cert: x509.Certificate) -> str:
     try:
-        names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     except Exception:  # cryptography parses names lazily; a corrupt name is an unusable cert
         return "unknown"
-    cn = str(names[0].value) if names else ""
+    return _role_from_cn(str(names[0].value) if names else "")
+
+
+def _role_from_cn(cn: str) -> str:
     if cn == "SEV-VCEK":
         return "vcek"
     if cn == "SEV-VLEK":
@@ -249,8 +278,80 @@ def _role_from_subject(cert: x509.Certificate) -> str:
     return "unknown"
 
 
-def certs_from_blob(blob: bytes) -> list[tuple[str, x509.Certificate]]:
-    """Certificates (role, cert) from a certificate table, a PEM bundle or one DER certificate."""
+def _der_tlv(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of value, end of value) of the DER element at `pos`; ValueError if malformed."""
+    if pos + 2 > len(buf):
+        raise ValueError("truncated")
+    tag, length = buf[pos], buf[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 4 or pos + count > len(buf):
+            raise ValueError("bad length")
+        length = int.from_bytes(buf[pos : pos + count], "big")
+        pos += count
+    if pos + length > len(buf):
+        raise ValueError("truncated")
+    return tag, pos, pos + length
+
+
+def _role_hint(der: bytes) -> str:
+    """Best-effort role of a certificate cryptography cannot load, from its subject CN, so the
+    error can say which certificate it is (e.g. a VCEK with a corrupt version byte)."""
+    try:
+        _, pos, _ = _der_tlv(der, 0)  # Certificate
+        _, pos, end = _der_tlv(der, pos)  # TBSCertificate
+        fields = []
+        while pos < end and len(fields) < 7:
+            tag, start, stop = _der_tlv(der, pos)
+            fields.append((tag, start, stop))
+            pos = stop
+        if fields and fields[0][0] == 0xA0:  # [0] version
+            fields = fields[1:]
+        _, start, stop = fields[4]  # serial, signature, issuer, validity, subject
+        subject = der[start:stop]
+        idx = subject.find(b"\x06\x03\x55\x04\x03")  # OID commonName
+        if idx < 0:
+            return "unknown"
+        _, vstart, vend = _der_tlv(subject, idx + 5)
+        return _role_from_cn(subject[vstart:vend].decode("ascii"))
+    except (ValueError, IndexError):
+        return "unknown"
+
+
+def _field(index: int, role: str) -> str:
+    return f"snp.certs[{index}]" + (f" ({role})" if role != "unknown" else "")
+
+
+def _load_indexed(data: bytes, index: int, *, pem: bool) -> x509.Certificate:
+    """Load certificate `index` of the supplied ones (DER, or one PEM block); a failure names it
+    `snp.certs[index] (<role>)`, the role read from the raw subject when it can be."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # AMD's VCEK serial numbers; see _load_cert
+            return x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
+    except _CERT_ERRORS as exc:
+        der = data
+        if pem:
+            try:
+                der = base64.b64decode(b"".join(data.splitlines()[1:-1]), validate=True)
+            except (ValueError, binascii.Error):
+                der = b""
+        raise VerificationError(
+            _field(index, _role_hint(der)), f"not a valid X.509 certificate ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def certs_from_blob(blob: bytes, first_index: int = 0) -> list[tuple[str, x509.Certificate]]:
+    """Certificates (role, cert) from a certificate table, a PEM bundle or one DER certificate.
+
+    A certificate that does not load is a VerificationError naming it: `snp.<role>` for a table
+    entry (role from its GUID), else `snp.certs[i] (<role>)` with `i` counting from
+    `first_index` and the role read from the subject when it can be.
+    """
     if len(blob) >= 24 and (
         uuid.UUID(bytes=blob[:16]) in _GUID_ROLES
         or uuid.UUID(bytes_le=blob[:16]) in _GUID_ROLES
@@ -263,14 +364,14 @@ def certs_from_blob(blob: bytes) -> list[tuple[str, x509.Certificate]]:
             out.append(("asvk" if role == "ask" and _role_from_subject(cert) == "asvk" else role, cert))
         return out
     if b"-----BEGIN CERTIFICATE-----" in blob:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                certs = x509.load_pem_x509_certificates(blob)
-        except ValueError as exc:
-            raise VerificationError("snp.certs", f"PEM does not parse ({exc})") from None
-        return [(_role_from_subject(c), c) for c in certs]
-    cert = _load_cert(blob, "snp.certs")
+        out = []
+        for i, block in enumerate(_PEM_BLOCK.findall(blob)):
+            cert = _load_indexed(block, first_index + i, pem=True)
+            out.append((_role_from_subject(cert), cert))
+        if len(out) != blob.count(b"-----BEGIN CERTIFICATE-----"):
+            raise VerificationError(_field(first_index + len(out), "unknown"), "PEM certificate without its END line")
+        return out
+    cert = _load_indexed(blob, first_index, pem=False)
     return [(_role_from_subject(cert), cert)]
 
 
@@ -288,8 +389,8 @@ def _cert_sources(evidence: Evidence, trust: Any, now: datetime) -> list[tuple[s
         blobs.extend(bytes(b) for b in extra)
     certs: list[tuple[str, x509.Certificate]] = []
     for blob in blobs:
-        for role, cert in certs_from_blob(blob):
-            _parse_eagerly(cert, f"snp.certs[{len(certs)}]" + (f" ({role})" if role != "unknown" else ""))
+        for role, cert in certs_from_blob(blob, first_index=len(certs)):
+            _parse_eagerly(cert, _field(len(certs), role))
             certs.append((role, cert))
     return certs
 
@@ -297,15 +398,46 @@ def _cert_sources(evidence: Evidence, trust: Any, now: datetime) -> list[tuple[s
 def _parse_eagerly(cert: x509.Certificate, field: str) -> None:
     """Touch every part used later, so a corrupt certificate is named here, not deep inside."""
     try:
-        cert.subject.rfc4514_string()
-        cert.issuer.rfc4514_string()
-        cert.public_key()
-        list(cert.extensions)
-        cert.signature_hash_algorithm  # noqa: B018
-        cert.not_valid_before_utc  # noqa: B018
-        cert.not_valid_after_utc  # noqa: B018
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cryptography warns about corrupt names it still parses
+            cert.subject.rfc4514_string()
+            cert.issuer.rfc4514_string()
+            cert.public_key()
+            list(cert.extensions)
+            cert.signature_hash_algorithm  # noqa: B018
+            cert.not_valid_before_utc  # noqa: B018
+            cert.not_valid_after_utc  # noqa: B018
     except Exception as exc:  # any parse failure of any part: the certificate is unusable
         raise VerificationError(field, f"certificate is malformed ({type(exc).__name__}: {exc})") from None
+    _check_outer_encoding(_der(cert), field)
+
+
+def _check_outer_encoding(der: bytes, field: str) -> None:
+    """The parts of a certificate outside the signed TBSCertificate must be exact DER too.
+
+    cryptography ignores the signature BIT STRING's unused-bits octet, so without this a changed
+    byte there (outside what the signature covers) would go unnoticed. RFC 5280 4.1.1.2: the
+    outer signatureAlgorithm must equal the TBSCertificate's signature field.
+    """
+    try:
+        _, pos, end = _der_tlv(der, 0)
+        if end != len(der):
+            raise ValueError("bytes after the certificate")
+        _, tbs_start, tbs_end = _der_tlv(der, pos)
+        _, _, alg_end = _der_tlv(der, tbs_end)
+        tag, sig_start, sig_end = _der_tlv(der, alg_end)
+        if sig_end != end or tag != 0x03 or sig_start == sig_end or der[sig_start] != 0:
+            raise ValueError("signature is not a BIT STRING with no unused bits")
+        tag, _, pos = _der_tlv(der, tbs_start)
+        if tag == 0xA0:  # [0] version
+            tag, _, pos = _der_tlv(der, pos)
+        if tag != 0x02:
+            raise ValueError("TBSCertificate has no serialNumber")
+        _, _, stop = _der_tlv(der, pos)  # TBSCertificate.signature
+        if der[pos:stop] != der[tbs_end:alg_end]:
+            raise ValueError("signatureAlgorithm differs from the TBSCertificate's signature field")
+    except (ValueError, IndexError) as exc:
+        raise VerificationError(f"{field}.signature", f"certificate encoding is not exact DER ({exc})") from None
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
@@ -338,8 +470,32 @@ def _check_validity(cert: x509.Certificate, field: str, now: datetime) -> None:
 
 
 def _product_of(ark: x509.Certificate) -> str:
-    cn = str(ark.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+    names = ark.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else ""
+    if not cn.startswith("ARK-"):
+        raise VerificationError(
+            "snp.ark.subject", "ARK common name does not name its product (ARK-<product>)", actual=cn
+        )
     return cn.removeprefix("ARK-")
+
+
+def report_product(report: SnpReport) -> str | None:
+    """The product a v3+ report's CPUID family/model name (None: v2 report, or unknown model).
+
+    Models as AMD's processor programming references list them (and virtee's snpguest maps
+    them): family 19h models 00h-0Fh Milan, 10h-1Fh and A0h-AFh Genoa (Siena is a Genoa);
+    family 1Ah models 00h-11h Turin.
+    """
+    if report.version < 3:
+        return None
+    family, model = report.raw[0x188], report.raw[0x189]
+    if family == 0x19 and model <= 0x0F:
+        return "Milan"
+    if family == 0x19 and (0x10 <= model <= 0x1F or 0xA0 <= model <= 0xAF):
+        return "Genoa"
+    if family == 0x1A and model <= 0x11:
+        return "Turin"
+    return None
 
 
 def _verify_chain(
@@ -438,14 +594,58 @@ def _check_vcek_extensions(key: x509.Certificate, role: str, report: SnpReport, 
         hwid = _ext_bytes(key, _OID_HWID)
         if hwid is None:
             raise VerificationError("snp.vcek.hwid", "VCEK lacks the hardware id extension")
-        if hwid != report.chip_id:
+        check_chip_id(hwid, report.chip_id, product)
+    return reported
+
+
+def _unwrap_hwid(value: bytes) -> bytes:
+    """The hardware id in the extension: raw bytes (as AMD's KDS has long issued it), or the same
+    bytes as a DER OCTET STRING. The lengths (8 or 64 raw, 10 or 66 wrapped) cannot collide."""
+    if len(value) in (TURIN_HWID_LEN + 2, CHIP_ID_LEN + 2) and value[0] == 0x04 and value[1] == len(value) - 2:
+        return value[2:]
+    return value
+
+
+def check_chip_id(hwid_ext: bytes, chip_id: bytes, product: str) -> None:
+    """The VCEK's hardware id must be the report's CHIP_ID (AMD VCEK spec, SEV-SNP ABI).
+
+    Milan and Genoa: a 64-byte hwid equal to the 64-byte CHIP_ID. Turin: the hwid is 8 bytes,
+    the first 8 bytes of CHIP_ID, and AMD specifies the other 56 bytes of a Turin CHIP_ID as
+    zero, so they must be. (A 64-byte hwid is compared in full on any product.)
+    """
+    hwid = _unwrap_hwid(hwid_ext)
+    if len(chip_id) != CHIP_ID_LEN:
+        raise VerificationError("report.chip_id", "wrong size", expected=CHIP_ID_LEN, actual=len(chip_id))
+    if len(hwid) == CHIP_ID_LEN:
+        if hwid != chip_id:
             raise VerificationError(
                 "report.chip_id",
                 "report is from another chip than the VCEK's",
                 expected=hwid.hex(),
-                actual=report.chip_id.hex(),
+                actual=chip_id.hex(),
             )
-    return reported
+        return
+    if len(hwid) != TURIN_HWID_LEN or product != "Turin":
+        raise VerificationError(
+            "snp.vcek.hwid",
+            f"hardware id has the wrong size for {product}",
+            expected=TURIN_HWID_LEN if product == "Turin" else CHIP_ID_LEN,
+            actual=len(hwid),
+        )
+    if chip_id[:TURIN_HWID_LEN] != hwid:
+        raise VerificationError(
+            "report.chip_id",
+            "report is from another chip than the VCEK's (Turin: the first 8 bytes are the hwid)",
+            expected=hwid.hex(),
+            actual=chip_id[:TURIN_HWID_LEN].hex(),
+        )
+    if any(chip_id[TURIN_HWID_LEN:]):
+        raise VerificationError(
+            "report.chip_id",
+            "a Turin CHIP_ID is the 8-byte hwid followed by 56 zero bytes",
+            expected="00" * (CHIP_ID_LEN - TURIN_HWID_LEN),
+            actual=chip_id[TURIN_HWID_LEN:].hex(),
+        )
 
 
 def verify_report_signature(report: SnpReport, key: x509.Certificate) -> bool:
@@ -494,8 +694,16 @@ def verify_snp(evidence: Evidence, trust: Any, now: datetime) -> VerifiedReport:
             raise VerificationError(
                 "report.signature", f"does not verify under the {key_role.upper()} over the report's first 0x2A0 bytes"
             )
+        cpuid_product = report_product(report)
+        if cpuid_product is not None and cpuid_product != product:
+            raise VerificationError(
+                "report.cpuid_fam_id",
+                "report's CPUID family/model is another product than the ARK's",
+                expected=product,
+                actual=cpuid_product,
+            )
         reported = _check_vcek_extensions(key, key_role, report, product)
-    except (ValueError, KeyError, TypeError, IndexError, UnsupportedAlgorithm) as exc:
+    except _CERT_ERRORS as exc:
         # cryptography parses certificate parts lazily: a corrupt part surfaces here
         raise VerificationError("snp.certs", f"a certificate is malformed ({type(exc).__name__}: {exc})") from None
     claims: dict[str, Any] = {

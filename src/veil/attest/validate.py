@@ -163,7 +163,9 @@ class Policy:
     - `allowed_measurements`: primary measurements accepted (None = any; per-model and per-user
       sets are applied separately by the KeyService at release time);
     - `allow_simulated`: accept the `sim` kind (off by default; production configs keep it off);
-    - `allow_debug`: accept debug-mode TEEs (off by default);
+    - `allow_debug`: accept debug-mode TEEs (off by default). dcap-qvl does not rate the TCB of
+      debug SGX/TDX quotes, so they carry tcb_status "NotEvaluated", which `allowed_tcb_statuses`
+      must then also allow;
     - `allowed_tcb_statuses` / `allowed_advisories`: Intel TCB states and advisory ids accepted
       (SEV-SNP has no status service: its reports carry "NotRated" and use `snp_min_tcb`);
     - `allowed_kinds`: evidence kinds accepted (None = any real kind);
@@ -245,9 +247,15 @@ def validate(report: VerifiedReport, policy: Policy, expected_report_data: bytes
         reason = f"debug-mode TEE refused ({where.get(report.kind, 'debug flag')} is set)"
         raise PolicyError("debug", reason, expected=False, actual=True)
     if report.kind in ("sgx-dcap", "tdx") and report.tcb_status not in policy.allowed_tcb_statuses:
+        reason = "TCB status not allowed"
+        if report.tcb_status == "NotEvaluated":
+            reason += (
+                " (a debug-mode quote's TCB level is not rated by dcap-qvl;"
+                " add 'NotEvaluated' to allowed_tcb_statuses to accept debug quotes)"
+            )
         raise PolicyError(
             "tcb_status",
-            "TCB status not allowed",
+            reason,
             expected=sorted(policy.allowed_tcb_statuses),
             actual=report.tcb_status,
         )
