@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,8 +13,16 @@ from hypothesis import strategies as st
 
 from veil.crypto import aead, chunked, hpke
 from veil.crypto.at_rest import Sealer
-from veil.crypto.encoding import b64d, b64e
-from veil.crypto.envelope import Envelope, new_request_id, open_envelope, response_key, seal
+from veil.crypto.encoding import b64d, b64e, canonical_json
+from veil.crypto.envelope import (
+    DEFAULT_LIFETIME_S,
+    VERSION,
+    Envelope,
+    new_request_id,
+    open_envelope,
+    response_key,
+    seal,
+)
 from veil.crypto.errors import IntegrityError, MalformedError
 from veil.crypto.keys import SymmetricKey
 
@@ -49,13 +58,57 @@ def test_b64url_rejects_foreign_and_non_canonical(bad: str) -> None:
 
 # -- envelopes ------------------------------------------------------------------------------------
 @FAST
-@given(st.binary(max_size=512), ident, ident, st.sampled_from(["request", "response"]))
-def test_envelope_round_trip(plaintext: bytes, model: str, user: str, direction: str) -> None:
+@given(
+    st.binary(max_size=512),
+    ident,
+    ident,
+    st.sampled_from(["request", "response"]),
+    st.integers(min_value=1, max_value=(1 << 53) - 1),
+)
+def test_envelope_round_trip(plaintext: bytes, model: str, user: str, direction: str, expires: int) -> None:
     rid = new_request_id()
-    env = seal(KEY, plaintext, model=model, user=user, request_id=rid, direction=direction)
+    env = seal(KEY, plaintext, model=model, user=user, request_id=rid, direction=direction, expires=expires)
     wire = Envelope.from_json(env.to_json())
-    assert wire == env
-    assert open_envelope(KEY, wire, model=model, user=user, direction=direction, request_id=rid) == plaintext
+    assert wire == env and wire.expires == expires and env.to_json()["v"] == VERSION == 2
+    assert (
+        open_envelope(KEY, wire, model=model, user=user, direction=direction, request_id=rid, expires=expires)
+        == plaintext
+    )
+
+
+def test_envelope_default_window_and_aad_binds_expires() -> None:
+    before = int(time.time())
+    env = seal(KEY, b"x", model="m", user="u", request_id=new_request_id(), direction="request")
+    assert before + DEFAULT_LIFETIME_S <= env.expires <= int(time.time()) + DEFAULT_LIFETIME_S
+    assert env.aad() == canonical_json({k: v for k, v in env.to_json().items() if k != "ct"})
+    assert b'"expires":' in env.aad() and b'"v":2' in env.aad()
+
+
+@FAST
+@given(st.integers(min_value=1, max_value=(1 << 53) - 1))
+def test_envelope_with_changed_expires_fails_authentication(expires: int) -> None:
+    """Nobody can stretch (or shorten) a window: `expires` is in the AAD."""
+    env = seal(KEY, b"input", model="m", user="u", request_id=new_request_id(), direction="request", expires=1000)
+    if expires == 1000:
+        expires += 1
+    stretched = Envelope.from_json({**env.to_json(), "expires": expires})
+    with pytest.raises(IntegrityError):
+        open_envelope(KEY, stretched, model="m", user="u", direction="request")
+
+
+def test_answer_with_another_window_is_refused_by_name() -> None:
+    rid = new_request_id()
+    resp = seal(KEY, b"out", model="m", user="u", request_id=rid, direction="response", expires=1000)
+    with pytest.raises(MalformedError) as exc:
+        open_envelope(KEY, resp, model="m", user="u", direction="response", request_id=rid, expires=1001)
+    assert exc.value.field == "expires"
+
+
+def test_version_1_envelope_is_refused_naming_v() -> None:
+    v1 = {"v": 1, "model": "m", "user": "u", "request_id": new_request_id(), "direction": "request", "ct": "AAAA"}
+    with pytest.raises(MalformedError) as exc:
+        Envelope.from_json(v1)
+    assert exc.value.field == "v" and "version 1" in str(exc.value) and "2" in exc.value.reason
 
 
 @FAST
@@ -63,7 +116,7 @@ def test_envelope_round_trip(plaintext: bytes, model: str, user: str, direction:
 def test_envelope_single_bit_flip_in_ct_fails(plaintext: bytes, bit: int) -> None:
     rid = new_request_id()
     env = seal(KEY, plaintext, model="m", user="u", request_id=rid, direction="request")
-    bad = Envelope(env.model, env.user, env.request_id, env.direction, flip(env.ct, bit))
+    bad = Envelope(env.model, env.user, env.request_id, env.direction, flip(env.ct, bit), expires=env.expires)
     with pytest.raises(IntegrityError):
         open_envelope(KEY, bad, model="m", user="u", direction="request")
 
@@ -76,7 +129,7 @@ def test_envelope_forged_header_fails_authentication(field: str, bit: int) -> No
     env = seal(KEY, b"input", model="m", user="u", request_id=rid, direction="request")
     values = {"model": "m", "user": "u", "request_id": rid}
     values[field] = {"model": "m2", "user": "u2", "request_id": new_request_id()}[field]
-    forged = Envelope(values["model"], values["user"], values["request_id"], "request", env.ct)
+    forged = Envelope(values["model"], values["user"], values["request_id"], "request", env.ct, expires=env.expires)
     with pytest.raises(IntegrityError):
         open_envelope(KEY, forged, model=values["model"], user=values["user"], direction="request")
 
@@ -84,10 +137,10 @@ def test_envelope_forged_header_fails_authentication(field: str, bit: int) -> No
 def test_response_cannot_be_replayed_as_request_or_swapped() -> None:
     rid, other = new_request_id(), new_request_id()
     resp = seal(KEY, b"out", model="m", user="u", request_id=rid, direction="response")
-    as_request = Envelope(resp.model, resp.user, resp.request_id, "request", resp.ct)
+    as_request = Envelope(resp.model, resp.user, resp.request_id, "request", resp.ct, expires=resp.expires)
     with pytest.raises(IntegrityError):
         open_envelope(KEY, as_request, model="m", user="u", direction="request")
-    swapped = Envelope(resp.model, resp.user, other, "response", resp.ct)
+    swapped = Envelope(resp.model, resp.user, other, "response", resp.ct, expires=resp.expires)
     with pytest.raises(IntegrityError):
         open_envelope(KEY, swapped, model="m", user="u", direction="response")
     assert response_key(KEY, rid) != KEY and response_key(KEY, rid) != response_key(KEY, other)
@@ -105,8 +158,14 @@ def test_envelope_nonces_are_fresh() -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"v": 2}, "v"),
+        ({"v": 1}, "v"),
+        ({"v": 3}, "v"),
         ({"v": True}, "v"),
+        ({"expires": "soon"}, "expires"),
+        ({"expires": 1.5e9}, "expires"),
+        ({"expires": True}, "expires"),
+        ({"expires": 0}, "expires"),
+        ({"expires": 1 << 53}, "expires"),
         ({"direction": "sideways"}, "direction"),
         ({"request_id": "XYZ"}, "request_id"),
         ({"model": "../etc"}, "model"),
@@ -120,6 +179,13 @@ def test_envelope_parse_errors_name_the_field(change: dict, field: str) -> None:
     with pytest.raises(MalformedError) as exc:
         Envelope.from_json({**env, **change})
     assert exc.value.field == field
+
+
+def test_envelope_without_expires_is_refused() -> None:
+    env = seal(KEY, b"x", model="m", user="u", request_id=new_request_id(), direction="request").to_json()
+    del env["expires"]
+    with pytest.raises(MalformedError, match="expires"):
+        Envelope.from_json(env)
 
 
 # -- chunked model files --------------------------------------------------------------------------
@@ -140,8 +206,24 @@ def test_chunked_round_trip(plaintext: bytes, chunk_size: int) -> None:
     sealed = chunked.seal_bytes(KEY, plaintext, model="m", chunk_size=chunk_size)
     assert chunked.open_bytes(KEY, sealed, model="m") == plaintext
     out = io.BytesIO()
-    chunked.seal_stream(KEY, io.BytesIO(plaintext), out, model="m", chunk_size=chunk_size)
-    assert b"".join(chunked.open_stream(KEY, io.BytesIO(out.getvalue()), model="m")) == plaintext
+    digest = chunked.content_digest(KEY, plaintext)
+    chunked.seal_stream(KEY, io.BytesIO(plaintext), out, model="m", version=3, digest=digest, chunk_size=chunk_size)
+    opened = chunked.open_stream(KEY, io.BytesIO(out.getvalue()), model="m", version=3, digest=digest)
+    assert b"".join(opened) == plaintext
+
+
+def test_chunked_refuses_another_version_or_digest_even_under_the_same_key() -> None:
+    old = chunked.seal_bytes(KEY, b"old model", model="m", version=1)
+    new_digest = chunked.content_digest(KEY, b"new model")
+    with pytest.raises(MalformedError) as exc:  # rollback: yesterday's file, same key
+        chunked.open_bytes(KEY, old, model="m", version=2, digest=new_digest)
+    assert exc.value.field == "version"
+    with pytest.raises(MalformedError) as exc:  # substitution: same version number, other content
+        chunked.open_bytes(KEY, old, model="m", version=1, digest=new_digest)
+    assert exc.value.field == "digest"
+    assert chunked.open_bytes(KEY, old, model="m", version=1, digest=chunked.content_digest(KEY, b"old model")) == (
+        b"old model"
+    )
 
 
 @FAST
@@ -191,7 +273,7 @@ def test_chunks_cannot_move_between_files_or_models() -> None:
 def test_chunked_header_refuses_foreign_and_oversized() -> None:
     with pytest.raises(MalformedError, match="bad magic"):
         chunked.open_bytes(KEY, b"NOTVEIL!" + b"\0" * 20, model="m")
-    header = b'{"chunk_size":1099511627776,"file_id":"00","model":"m","v":1}'
+    header = b'{"chunk_size":1099511627776,"digest":"' + b"0" * 64 + b'","file_id":"00","model":"m","v":2,"version":1}'
     with pytest.raises(MalformedError, match="chunk_size"):
         chunked.open_bytes(KEY, chunked.MAGIC + struct.pack(">I", len(header)) + header, model="m")
     with pytest.raises(MalformedError):

@@ -68,19 +68,22 @@ def test_principal_id_is_sha256_of_public_key() -> None:
         {"body": b'{"v":1,"x":2}'},
         {"timestamp": 1_700_000_001},
         {"nonce": "00" * 16},
+        {"seq": 8},
     ],
 )
 def test_signature_covers_every_part(change: dict) -> None:
     ident = Identity.generate()
     parts = {"method": "PUT", "path": "/v1/models/m/key", "body": b'{"v":1}', "timestamp": 1_700_000_000}
-    signed = ident.sign_request(**parts, nonce="ab" * 16)
-    good = signing_payload(parts["method"], parts["path"], parts["body"], parts["timestamp"], "ab" * 16)
+    signed = ident.sign_request(**parts, nonce="ab" * 16, seq=7)
+    good = signing_payload(parts["method"], parts["path"], parts["body"], parts["timestamp"], "ab" * 16, 7)
     verify_signature(ident.public_key, good, signed.signature)
-    moved = {**parts, "nonce": "ab" * 16, **change}
+    moved = {**parts, "nonce": "ab" * 16, "seq": 7, **change}
     with pytest.raises(IntegrityError):
         verify_signature(
             ident.public_key,
-            signing_payload(moved["method"], moved["path"], moved["body"], moved["timestamp"], moved["nonce"]),
+            signing_payload(
+                moved["method"], moved["path"], moved["body"], moved["timestamp"], moved["nonce"], moved["seq"]
+            ),
             signed.signature,
         )
 

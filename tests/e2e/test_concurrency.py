@@ -1,5 +1,6 @@
-"""One instance, many requests: concurrent requests, two models interleaved on one instance, and
-an instance killed under a load of 50 concurrent requests."""
+"""One instance, many requests: concurrent requests, two models interleaved on one instance, a
+replayed envelope (alone and in concurrent copies) served once, and an instance killed under a
+load of 50 concurrent requests."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from e2e_support import Stack, assert_matches_reference, run_concurrently, start_stack, wait_until
+from e2e_support import (
+    Stack,
+    assert_matches_reference,
+    error_of,
+    gateway_post,
+    run_concurrently,
+    start_stack,
+    wait_until,
+)
 
 from veil.deployment import TEE_FUNCTION
 from veil.errors import VeilError
@@ -74,6 +83,28 @@ def test_two_models_interleaved_on_one_instance(single):
     assert stats["model_loads"] == 2, stats
     assert stats["key_cache_entries"] == 2, stats
     assert single.platform.metrics(TEE_FUNCTION)["cold_starts"] == 1
+
+
+def test_replayed_envelope_is_served_once(single):
+    """The same envelope again (the cloud replays it): refused as a replay by the instance that
+    served it; concurrent copies of a fresh envelope: exactly one is served."""
+    model = single.models[LR]
+    x = model.x_test[:2]
+    single.secrets.tensors(f"input {LR}", {"input": x})
+    _, env = single.user.sealed_request(LR, {"input": x})
+    path = f"/v1/models/{LR}:infer"
+    first = gateway_post(single, path, env)
+    assert first.status_code == 200, first.text
+    again = gateway_post(single, path, env)
+    assert again.status_code == 409, again.text
+    assert error_of(again)["code"] == "replay"
+
+    _, fresh = single.user.sealed_request(LR, {"input": x})
+    results = run_concurrently([lambda: gateway_post(single, path, fresh) for _ in range(8)], timeout=60)
+    statuses = sorted(r.status_code for kind, r in results if kind == "ok")
+    assert statuses == [200] + [409] * 7, statuses
+    # the user's next request (a new id) is served as usual
+    assert_matches_reference(model, x, single.infer(single.user, LR, x))
 
 
 def test_killed_instance_under_load(make_stack):

@@ -1,12 +1,14 @@
-"""Tampered, swapped, replayed and truncated ciphertexts, tampered sealed models, and bad input:
-each is refused with a clear error, and the instance that saw it stays healthy (no crash, no
-half-filled cache entry; the next good request is served)."""
+"""Tampered, swapped, replayed, expired and truncated ciphertexts, tampered sealed models, and bad
+input: each is refused with a clear error, and the instance that saw it stays healthy (no crash,
+no half-filled cache entry; the next good request is served). Errors found after the request
+authenticated say only their code in clear; the detail is in an envelope only the user opens."""
 
 from __future__ import annotations
 
 import copy
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -14,12 +16,11 @@ from e2e_support import (
     assert_matches_reference,
     error_of,
     gateway_post,
-    upload_sealed,
 )
 
 from veil.crypto import chunked
 from veil.crypto.encoding import b64d, b64e
-from veil.crypto.envelope import Envelope, new_request_id, seal
+from veil.crypto.envelope import CLOCK_SKEW_S, MAX_LIFETIME_S, Envelope, new_request_id, open_envelope, seal
 from veil.crypto.keys import SymmetricKey
 from veil.deployment import TEE_FUNCTION
 from veil.errors import VeilError
@@ -53,6 +54,26 @@ def _sealed(stack, model_id: str, x: np.ndarray, user=None) -> tuple[str, dict]:
 
 def _with_ct(env: dict, ct: bytes) -> dict:
     return {**env, "ct": b64e(ct)}
+
+
+GENERIC = "request failed; details are in the encrypted envelope"
+
+
+def _enveloped_detail(stack, sent: dict, body: dict) -> tuple[str, str]:
+    """Open the encrypted error of an answer (the envelope beside or inside the error object)."""
+    err = body.get("error") or {}
+    answer = body.get("envelope") or err.get("envelope")
+    assert isinstance(answer, dict), f"no encrypted error in {body}"
+    plain = open_envelope(
+        stack.user.request_keys[sent["model"]],
+        Envelope.from_json(answer),
+        model=sent["model"],
+        user=sent["user"],
+        direction="response",
+        request_id=sent["request_id"],
+        expires=sent["expires"],
+    )
+    return tensors.decode_error(plain)
 
 
 def test_bit_flip_in_ciphertext_is_rejected(stack, healthy):
@@ -136,13 +157,25 @@ def test_envelope_for_model_a_sent_to_model_b_is_rejected(stack, healthy):
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda e: {**e, "v": 2},
+        lambda e: {**e, "v": 1},
+        lambda e: {**e, "v": 3},
         lambda e: {**e, "ct": e["ct"] + "!"},
         lambda e: {k: v for k, v in e.items() if k != "ct"},
+        lambda e: {k: v for k, v in e.items() if k != "expires"},
+        lambda e: {**e, "expires": "soon"},
         lambda e: {**e, "extra": 1},
         lambda e: {**e, "request_id": "not-hex"},
     ],
-    ids=["version", "ct-not-base64url", "missing-ct", "unknown-field", "bad-request-id"],
+    ids=[
+        "version-1",
+        "version-3",
+        "ct-not-base64url",
+        "missing-ct",
+        "missing-expires",
+        "expires-not-int",
+        "unknown-field",
+        "bad-request-id",
+    ],
 )
 def test_malformed_envelope_is_rejected_by_name(stack, healthy, mutate):
     _, env = _sealed(stack, LR, stack.models[LR].x_test[:1])
@@ -162,6 +195,15 @@ def test_non_json_body_is_rejected(stack, healthy):
 
 def _models_cached(stack) -> set[str]:
     return {m for s in stack.instance_stats().values() for m in s["models_cached"]}
+
+
+def _store_file(stack, model_id: str, version: int):
+    return stack.deployment.store_dir / "models" / model_id / f"v{version}.veilm"
+
+
+def _versions(stack, model_id: str) -> list[int]:
+    folder = stack.deployment.store_dir / "models" / model_id
+    return sorted(int(p.name[1:].split(".")[0]) for p in folder.glob("v*.veilm"))
 
 
 @pytest.mark.parametrize(
@@ -185,8 +227,9 @@ def test_tampered_sealed_model_is_refused_and_not_cached(stack, healthy, damage)
     stack.secrets.key(f"request key {model_id}", stack.user.request_keys[model_id])
 
     # a sealed file with several chunks, so dropping whole chunks is possible too
-    good = chunked.seal_bytes(key, model.onnx, model=model_id, chunk_size=1024)
-    path = stack.deployment.store_dir / "models" / f"{model_id}.veilm"
+    (version,) = _versions(stack, model_id)
+    good = chunked.seal_bytes(key, model.onnx, model=model_id, version=version, chunk_size=1024)
+    path = _store_file(stack, model_id, version)
     bad = bytearray(good)
     if damage == "flip-last-byte":
         bad[-1] ^= 0x80
@@ -198,7 +241,7 @@ def test_tampered_sealed_model_is_refused_and_not_cached(stack, healthy, damage)
     elif damage == "truncate":
         bad = bad[: len(bad) - 100]
     elif damage == "other-models-file":  # the store serves another model's sealed file
-        bad = bytearray(stack.deployment.store_dir.joinpath("models", f"{MLP}.veilm").read_bytes())
+        bad = bytearray(_store_file(stack, MLP, _versions(stack, MLP)[-1]).read_bytes())
     elif damage == "not-a-sealed-file":
         bad = bytearray(os.urandom(4096))
     else:
@@ -220,21 +263,26 @@ def test_tampered_sealed_model_is_refused_and_not_cached(stack, healthy, damage)
     assert info.value.code == "model_integrity"
     assert model_id not in _models_cached(stack)
 
-    # the owner uploads the good file again: served, correct, and now cached
-    upload_sealed(stack.owner, model_id, good)
+    # the store serves the good file again: served, correct, and now cached
+    path.write_bytes(good)
     assert_matches_reference(model, x, stack.infer(stack.user, model_id, x))
     assert model_id in _models_cached(stack)
 
 
 def test_sealed_model_for_another_model_is_refused_at_upload(stack):
-    sealed = chunked.seal_bytes(SymmetricKey.generate(), stack.models[LR].onnx, model="some-other-model")
-    r = stack.owner.gateway.put(f"/v1/models/{LR}/sealed", content=sealed)
-    assert r.status_code == 400
-    err = error_of(r)
-    assert err["code"] == "malformed" and "some-other-model" in err["message"], err
-    r = stack.owner.gateway.put(f"/v1/models/{LR}/sealed", content=stack.models[LR].onnx)  # plaintext ONNX
-    assert r.status_code == 400
-    assert error_of(r)["code"] == "malformed"
+    model_id = "upload-check"
+    key = SymmetricKey.generate()
+    onnx = stack.models[LR].onnx
+    version = stack.owner.keyservice.stage_version(
+        model_id, key, chunked.content_digest(key, onnx), measurements=stack.trust.runtime_measurements
+    )
+    sealed = chunked.seal_bytes(key, onnx, model="some-other-model", version=version)
+    with pytest.raises(VeilError) as info:
+        stack.owner.upload_sealed(model_id, version, sealed)
+    assert info.value.code == "malformed" and "some-other-model" in info.value.message, info.value.message
+    with pytest.raises(VeilError) as info:
+        stack.owner.upload_sealed(model_id, version, onnx)  # plaintext ONNX
+    assert info.value.code == "malformed"
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -261,6 +309,32 @@ def test_bad_input_is_refused_naming_the_input(stack, healthy, inputs, words):
         assert word in err.message, (word, err.message)
 
 
+def test_bad_input_detail_is_not_in_clear(stack, healthy):
+    """A wrongly named input: in clear only the code and a fixed message (no tensor name, shape,
+    dtype or the model's input signature); the detail is inside the encrypted answer."""
+    x = stack.models[LR].x_test[:2]
+    _, env = _sealed(stack, LR, x.astype(np.float64)[:, :29], user=None)
+    stack.secrets.tensors(f"input {LR}", {"features": x})
+    renamed = stack.user.sealed_request(LR, {"features": x})[1]
+    for sent, words in ((renamed, ["features", "input"]), (env, ["float64", "float32", "inputs.input"])):
+        r = gateway_post(stack, _infer_path(LR), sent)
+        assert r.status_code == 400, r.text
+        err = error_of(r)
+        body = r.json()
+        # exhaustively what travels in clear: the code, the fixed message, the envelope's header
+        # (the request's own header, direction flipped) and its ciphertext
+        assert set(body) <= {"error", "envelope"} and set(err) <= {"code", "message", "envelope"}, body
+        assert (err["code"], err["message"]) == ("bad_input", GENERIC), err
+        answer = body.get("envelope") or err.get("envelope")
+        assert isinstance(answer, dict), f"the gateway dropped the encrypted error: {body}"
+        assert {k: v for k, v in answer.items() if k != "ct"} == {
+            **{k: v for k, v in sent.items() if k != "ct"},
+            "direction": "response",
+        }
+        code, message = _enveloped_detail(stack, sent, r.json())
+        assert code == "bad_input" and all(w in message for w in words), message
+
+
 def test_garbage_plaintext_inside_a_valid_envelope_is_refused(stack, healthy):
     """The envelope authenticates, but its plaintext is not a tensor payload."""
     key = stack.user.request_keys[LR]
@@ -269,7 +343,37 @@ def test_garbage_plaintext_inside_a_valid_envelope_is_refused(stack, healthy):
     r = gateway_post(stack, _infer_path(LR), env.to_json())
     assert r.status_code == 400, r.text
     err = error_of(r)
-    assert err["code"] == "malformed" and "tensors" in err["message"], err
+    assert err["code"] == "malformed" and err["message"] == GENERIC, err
+    code, message = _enveloped_detail(stack, env.to_json(), r.json())
+    assert code == "malformed" and "tensors" in message, message
+
+
+# -- validity window ---------------------------------------------------------------------------
+
+
+def test_expired_envelope_is_refused(stack, healthy):
+    x = stack.models[LR].x_test[:1]
+    _, env = stack.user.sealed_request(LR, {"input": x}, expires=int(time.time()) - CLOCK_SKEW_S - 5)
+    r = gateway_post(stack, _infer_path(LR), env)
+    assert r.status_code == 400, r.text
+    assert error_of(r)["code"] == "expired"
+
+
+def test_envelope_expiring_too_far_ahead_is_refused_naming_expires(stack, healthy):
+    x = stack.models[LR].x_test[:1]
+    far = int(time.time()) + MAX_LIFETIME_S + CLOCK_SKEW_S + 60
+    _, env = stack.user.sealed_request(LR, {"input": x}, expires=far)
+    r = gateway_post(stack, _infer_path(LR), env)
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["code"] == "malformed" and "expires" in err["message"], err
+
+
+def test_stretched_window_does_not_authenticate(stack, healthy):
+    _, env = _sealed(stack, LR, stack.models[LR].x_test[:1])
+    r = gateway_post(stack, _infer_path(LR), {**env, "expires": env["expires"] + 60})
+    assert r.status_code == 400, r.text
+    assert error_of(r)["code"] == "integrity"
 
 
 def test_unknown_model_is_a_clear_error(stack, healthy):
@@ -293,7 +397,7 @@ def test_model_with_key_but_no_sealed_file_is_a_clear_error(stack, healthy):
     key = SymmetricKey.generate()
     stack.model_keys[model_id] = key
     stack.secrets.key(f"model key {model_id}", key)
-    stack.owner.keyservice.put_model_key(model_id, key, stack.info.runtime_measurements)
+    stack.owner.keyservice.put_model_key(model_id, key, stack.trust.runtime_measurements)
     stack.owner.grant(model_id, stack.user.id)
     stack.user.request_access(model_id)
     stack.secrets.key(f"request key {model_id}", stack.user.request_keys[model_id])
@@ -332,9 +436,9 @@ def test_envelope_built_by_hand_matches_sdk(stack):
     rid, env = _sealed(stack, MLP, x)
     r = gateway_post(stack, _infer_path(MLP), env)
     assert r.status_code == 200, r.text
-    from veil.crypto.envelope import open_envelope
-
+    assert set(r.json()) == {"envelope"}, "nothing but the envelope in clear (no timings)"
     answer = Envelope.from_json(r.json()["envelope"])
+    assert answer.expires == env["expires"]
     plain = open_envelope(
         stack.user.request_keys[MLP], answer, model=MLP, user=stack.user.id, direction="response", request_id=rid
     )

@@ -33,7 +33,7 @@ def test_no_plaintext_model_input_output_or_key_at_rest(stack, secrets, tmp_path
     # the scan is not vacuous: the places that would leak exist and hold data
     files = {p.relative_to(cloud).as_posix() for p in cloud.rglob("*") if p.is_file()}
     for model_id in stack.models:
-        assert f"store/models/{model_id}.veilm" in files
+        assert f"store/models/{model_id}/v1.veilm" in files
     assert "keyservice/keyservice.db" in files
     assert "logs/keyservice.log" in files
     instance_logs = [f for f in files if f.startswith("logs/") and f != "logs/keyservice.log"]

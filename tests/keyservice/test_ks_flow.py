@@ -229,9 +229,8 @@ def test_unknown_session_is_refused(keyservice_server) -> None:
 
 
 def test_principal_client_refuses_keyservice_with_unexpected_measurement(keyservice_server) -> None:
-    from veil.attest.errors import PolicyError
     from veil.crypto.identity import Identity
-    from veil.keyservice.client import PrincipalClient
+    from veil.keyservice.client import KeyServiceNotTrusted, PrincipalClient
 
     client = PrincipalClient(
         keyservice_server.url,
@@ -241,9 +240,9 @@ def test_principal_client_refuses_keyservice_with_unexpected_measurement(keyserv
         allow_simulated=True,
     )
     keyservice_server.clients.append(client)
-    with pytest.raises(PolicyError) as exc:
+    with pytest.raises(KeyServiceNotTrusted) as exc:
         client.connect()
-    assert exc.value.field == "measurement"
+    assert exc.value.field == "measurement" and exc.value.code == "keyservice_not_trusted"
 
 
 def test_user_needs_registration_and_registered_model(keyservice_server) -> None:

@@ -1,15 +1,28 @@
 """Request and response envelopes (protocol `docs/protocol.md#envelopes`).
 
-The AAD binds version, model id, user id, request id and direction, so a ciphertext cannot be
-moved to another model, user or request, nor a response replayed as a request. Responses use a key
-derived from the request key and the request id, so the two directions never share a key.
+Wire form (version 2):
+
+    {"v": 2, "model": id, "user": id, "request_id": 32 hex, "direction": "request"|"response",
+     "expires": int Unix seconds, "ct": b64url(nonce ‖ AES-256-GCM ciphertext ‖ tag)}
+
+The AAD is the canonical JSON of every field but `ct`, so it binds version, model id, user id,
+request id, direction and the validity window: a ciphertext cannot be moved to another model,
+user or request, a response cannot be replayed as a request, and nobody can stretch `expires`.
+Responses use a key derived from the request key and the request id, so the two directions never
+share a key; a response carries the `expires` of the request it answers.
+
+The receiver of a request (the runtime) accepts it only inside its window: refused once
+`now > expires + CLOCK_SKEW_S` (expired), or when `expires > now + MAX_LIFETIME_S + CLOCK_SKEW_S`
+(a window longer than any receiver keeps a replay record for); and it refuses a request id it
+has already accepted within that window. Version 1 (no window) is refused.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
 from veil.crypto import aead
@@ -18,17 +31,33 @@ from veil.crypto.errors import MalformedError
 from veil.crypto.kdf import derive_key
 from veil.crypto.keys import SymmetricKey
 
-VERSION = 1
+VERSION = 2
 RESPONSE_LABEL = b"veil response"
+DEFAULT_LIFETIME_S = 120  # `seal` makes envelopes valid this long unless told otherwise
+MAX_LIFETIME_S = 600  # a receiver refuses a window reaching further into the future than this
+CLOCK_SKEW_S = 60  # tolerated difference between sender's and receiver's clocks, both ways
+MAX_EXPIRES = 1 << 53  # exactly representable in every JSON implementation
 Direction = Literal["request", "response"]
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_FIELDS = {"v", "model", "user", "request_id", "direction", "ct"}
+_FIELDS = {"v", "model", "user", "request_id", "direction", "expires", "ct"}
 
 
 def new_request_id() -> str:
     """128 random bits as 32 hex characters."""
     return os.urandom(16).hex()
+
+
+def default_expires(now: float | None = None) -> int:
+    """The `expires` of a new envelope: now + DEFAULT_LIFETIME_S, in integer Unix seconds."""
+    return int(time.time() if now is None else now) + DEFAULT_LIFETIME_S
+
+
+def check_expires(value: object) -> int:
+    """`expires`: an integer number of Unix seconds in 1..2^53-1 (not a bool, not a float)."""
+    if type(value) is not int or not 1 <= value < MAX_EXPIRES:
+        raise MalformedError("expires", "must be an integer number of Unix seconds")
+    return value
 
 
 def check_identifier(value: object, field: str) -> str:
@@ -40,13 +69,16 @@ def check_identifier(value: object, field: str) -> str:
 
 @dataclass(frozen=True)
 class Envelope:
-    """One encrypted message. `ct` is nonce ‖ AES-GCM ciphertext ‖ tag."""
+    """One encrypted message. `ct` is nonce ‖ AES-GCM ciphertext ‖ tag; `expires` (keyword only)
+    is the end of its validity window in Unix seconds."""
 
     model: str
     user: str
     request_id: str
     direction: Direction
     ct: bytes
+    _: KW_ONLY
+    expires: int
 
     def header(self) -> dict[str, Any]:
         return {
@@ -55,6 +87,7 @@ class Envelope:
             "user": self.user,
             "request_id": self.request_id,
             "direction": self.direction,
+            "expires": self.expires,
         }
 
     def aad(self) -> bytes:
@@ -73,14 +106,16 @@ class Envelope:
         """
         if not isinstance(obj, dict):
             raise MalformedError("envelope", "must be a JSON object")
+        if "v" in obj and (type(obj["v"]) is not int or obj["v"] != VERSION):  # first: v1 lacks `expires`
+            if type(obj["v"]) is int and obj["v"] == 1:
+                raise MalformedError("v", f"version 1 is not accepted (it has no validity window); use {VERSION}")
+            raise MalformedError("v", f"unsupported version {obj['v']!r}, expected {VERSION}")
         missing = _FIELDS - obj.keys()
         if missing:
             raise MalformedError("envelope", f"missing fields {sorted(missing)}")
         extra = obj.keys() - _FIELDS
         if extra:
             raise MalformedError("envelope", f"unknown fields {sorted(extra)}")
-        if type(obj["v"]) is not int or obj["v"] != VERSION:
-            raise MalformedError("v", f"unsupported version {obj['v']!r}, expected {VERSION}")
         if obj["direction"] not in ("request", "response"):
             raise MalformedError("direction", "must be 'request' or 'response'")
         request_id = obj["request_id"]
@@ -92,6 +127,7 @@ class Envelope:
             request_id=request_id,
             direction=obj["direction"],
             ct=b64d(obj["ct"], "ct") if decode_ct else _check_ct_text(obj["ct"]),
+            expires=check_expires(obj["expires"]),
         )
 
 
@@ -118,12 +154,15 @@ def seal(
     user: str,
     request_id: str,
     direction: Direction,
+    expires: int | None = None,
 ) -> Envelope:
-    """Encrypt `plaintext` into an envelope for `direction` of request `request_id`."""
-    header = Envelope(model, user, request_id, direction, b"")
-    Envelope.from_json({**header.header(), "ct": ""})  # validate ids before encrypting
+    """Encrypt `plaintext` into an envelope for `direction` of request `request_id`, valid until
+    `expires` (Unix seconds; default now + DEFAULT_LIFETIME_S). A response takes the request's."""
+    expires = default_expires() if expires is None else expires
+    header = Envelope(model, user, request_id, direction, b"", expires=expires)
+    Envelope.from_json({**header.header(), "ct": "AA"}, decode_ct=False)  # validate the header first
     key = _key_for(request_key, direction, request_id)
-    return Envelope(model, user, request_id, direction, aead.encrypt(key, plaintext, header.aad()))
+    return Envelope(model, user, request_id, direction, aead.encrypt(key, plaintext, header.aad()), expires=expires)
 
 
 def open_envelope(
@@ -134,15 +173,20 @@ def open_envelope(
     user: str,
     direction: Direction,
     request_id: str | None = None,
+    expires: int | None = None,
 ) -> bytes:
-    """Decrypt an envelope after checking it is for the expected model, user and direction.
+    """Decrypt an envelope after checking it is for the expected model, user and direction (and,
+    when given, request id and `expires`: an answer carries its request's).
 
     The header is also authenticated as AAD, so a forged header fails even if these checks pass.
+    Validity windows are the receiver's policy (the runtime's), not checked here.
     """
     for field, want in (("model", model), ("user", user), ("direction", direction)):
         if getattr(envelope, field) != want:
             raise MalformedError(field, f"envelope is for {getattr(envelope, field)!r}, expected {want!r}")
     if request_id is not None and envelope.request_id != request_id:
         raise MalformedError("request_id", "envelope answers a different request")
+    if expires is not None and envelope.expires != expires:
+        raise MalformedError("expires", "envelope does not carry its request's validity window")
     key = _key_for(request_key, direction, envelope.request_id)
     return aead.decrypt(key, envelope.ct, envelope.aad())

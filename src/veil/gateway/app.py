@@ -48,11 +48,15 @@ def _status(exc: BaseException) -> VeilError:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
         message, code = str(err.get("message", "action failed")), str(err.get("code", "action_error"))
-        if isinstance(body.get("envelope"), dict):
-            return EnvelopedError(message, code=code, status=status, envelope=body["envelope"])
+        envelope = body.get("envelope", err.get("envelope"))
+        if isinstance(envelope, dict):
+            return EnvelopedError(message, code=code, status=status, envelope=envelope)
         return VeilError(message, code=code, status=status)
     if isinstance(body, dict) and "code" in body:
-        return VeilError(str(body.get("message", "action failed")), code=str(body["code"]), status=status)
+        message, code = str(body.get("message", "action failed")), str(body["code"])
+        if isinstance(body.get("envelope"), dict):  # the platform kept only the action's error object
+            return EnvelopedError(message, code=code, status=status, envelope=body["envelope"])
+        return VeilError(message, code=code, status=status)
     code = getattr(exc, "code", "platform_error")
     message = getattr(exc, "message", None) or str(exc)
     return VeilError(message, code=str(code), status=status if isinstance(status, int) else 502)

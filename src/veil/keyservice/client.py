@@ -17,6 +17,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+from veil.attest.errors import AttestationError, PolicyError
 from veil.attest.evidence import Evidence
 from veil.attest.providers import EvidenceProvider
 from veil.attest.validate import Policy, validate
@@ -108,6 +109,17 @@ class _Http:
         self._drop_connection()
 
 
+class KeyServiceNotTrusted(VeilError):
+    """The KeyService's evidence does not satisfy this principal's trust anchors; `field` names
+    what failed (measurement, kind, report_data, a certificate...). Nothing secret was sent."""
+
+    code, status = "keyservice_not_trusted", 403
+
+    def __init__(self, cause: AttestationError) -> None:
+        super().__init__(f"the KeyService's attestation does not satisfy your trust anchors: {cause}")
+        self.field = getattr(cause, "field", "evidence")
+
+
 class PrincipalClient(_Http):
     """An owner's or user's connection to an attested KeyService.
 
@@ -142,8 +154,14 @@ class PrincipalClient(_Http):
         signing_key = b64d(body.get("signing_key"), "signing_key")
         if len(signing_key) != 32:
             raise VeilError("signing_key: must be a 32-byte Ed25519 key", code="keyservice_error", status=502)
-        report = verify(Evidence.from_json(body.get("evidence")), self._trust)
-        validate(report, self._policy, wire.keyservice_binding(public_key, signing_key, nonce))
+        evidence = Evidence.from_json(body.get("evidence"))
+        try:
+            if evidence.kind == "sim" and not self._policy.allow_simulated:
+                raise PolicyError("kind", "simulated evidence, and your trust anchors do not accept simulation")
+            report = verify(evidence, self._trust)
+            validate(report, self._policy, wire.keyservice_binding(public_key, signing_key, nonce))
+        except AttestationError as exc:
+            raise KeyServiceNotTrusted(exc) from None
         self._pinned, self._signing_key = public_key, signing_key
         return public_key
 

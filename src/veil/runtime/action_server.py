@@ -4,17 +4,23 @@ The same program is an OpenWhisk blackbox action, a Knative container and a loca
 instance. Requests are served by a bounded pool: at most `threads` run at once, at most `queue`
 wait; beyond that a clear 503 "busy". After each activation the OpenWhisk sentinel line is
 written to stdout and stderr, as the invoker expects.
+
+The activation fields the invoker sends next to `value` (activation id, action name, namespace,
+deadline, API host, transaction id) are per request: an action reads them with
+`current_activation()` (a context variable set for the duration of the call). They are never
+written into `os.environ`, which every request thread shares.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
-import os
 import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -23,14 +29,32 @@ from veil.errors import BadRequest, Busy, VeilError, from_exception
 log = logging.getLogger("veil.runtime.action")
 SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 MAX_BODY = 48 << 20
-_ACTIVATION_FIELDS = {
-    "activation_id": "__OW_ACTIVATION_ID",
-    "action_name": "__OW_ACTION_NAME",
-    "namespace": "__OW_NAMESPACE",
-    "deadline": "__OW_DEADLINE",
-    "api_host": "__OW_API_HOST",
-    "transaction_id": "__OW_TRANSACTION_ID",
-}
+ACTIVATION_FIELDS = ("activation_id", "action_name", "namespace", "deadline", "api_host", "transaction_id")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The OpenWhisk activation fields of one /run call (what an action proxy would export as
+    `__OW_ACTIVATION_ID`, `__OW_DEADLINE`, ...), as strings; None when the caller sent none."""
+
+    activation_id: str | None = None
+    action_name: str | None = None
+    namespace: str | None = None
+    deadline: str | None = None
+    api_host: str | None = None
+    transaction_id: str | None = None
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Activation:
+        return cls(**{name: str(body[name]) for name in ACTIVATION_FIELDS if body.get(name) is not None})
+
+
+_ACTIVATION: contextvars.ContextVar[Activation | None] = contextvars.ContextVar("veil_activation", default=None)
+
+
+def current_activation() -> Activation | None:
+    """The activation being served by this thread, or None outside a /run call."""
+    return _ACTIVATION.get()
 
 
 class ActionState:
@@ -149,10 +173,8 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
                 if state.admitted >= state.capacity:
                     raise Busy("instance busy: all request threads and queue slots are taken")
                 state.admitted += 1
+            token = _ACTIVATION.set(Activation.from_body(body))
             try:
-                for field, env in _ACTIVATION_FIELDS.items():
-                    if field in body:
-                        os.environ[env] = str(body[field])
                 with state.slots:
                     try:
                         result = state.action.run(body.get("value", {}))
@@ -161,6 +183,7 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
                         status, err = _error(exc)
                         self._reply(status, err)
             finally:
+                _ACTIVATION.reset(token)
                 with state.admit_lock:
                     state.admitted -= 1
                 print(SENTINEL, flush=True)

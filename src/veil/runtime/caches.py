@@ -1,19 +1,26 @@
-"""The runtime's two caches, both single-flight: concurrent misses for one entry do the work
-once, and a failed load leaves no entry behind (the next request tries again cleanly).
+"""The runtime's caches. The first two are single-flight: concurrent misses for one entry do the
+work once, and a failed load leaves no entry behind (the next request tries again cleanly).
 
-- `KeyCache`: (model, user) → released keys, for a TTL (default 60 s): the revocation delay.
-- `ModelCache`: model → loaded model, LRU bounded by bytes, many models at once (SeSeMI kept a
-  single slot). Entries with requests in flight are never evicted.
+- `KeyCache`: (model, user) → released keys, each entry for the TTL its release named (the
+  revocation delay), never longer than the cache's measured maximum; TTL 0 is not cached.
+- `ModelCache`: (model, version) → loaded model, LRU bounded by bytes, many models at once
+  (SeSeMI kept a single slot). Entries with requests in flight are never evicted; loading a new
+  version of a model retires the others (dropped as soon as no request uses them).
+- `ReplayCache`: request ids accepted within their envelope's window, bounded, thread-safe.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from veil.errors import Busy
 
 V = TypeVar("V")
 
@@ -50,10 +57,10 @@ class _KeyLock:
 
 
 class KeyCache(Generic[V]):
-    """Time-bounded cache of released keys."""
+    """Time-bounded cache of released keys; every entry has its own lifetime."""
 
-    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl_s = ttl_s
+    def __init__(self, max_ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_ttl_s = max_ttl_s
         self._clock = clock
         self._entries: dict[Hashable, tuple[V, float]] = {}
         self._lock = threading.Lock()
@@ -61,8 +68,10 @@ class KeyCache(Generic[V]):
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable, load: Callable[[], V]) -> tuple[V, bool]:
-        """(value, hit?) — calls `load` on a miss or expiry; exceptions propagate, nothing cached."""
+    def get(self, key: Hashable, load: Callable[[], tuple[V, float]]) -> tuple[V, bool]:
+        """(value, hit?). On a miss or expiry `load()` gives (value, ttl in seconds); the value is
+        kept for min(ttl, max_ttl_s), not at all when that is 0 (or not a number). Exceptions
+        propagate and nothing is cached."""
         value = self._fresh(key)
         if value is not None:
             return value, True
@@ -70,10 +79,14 @@ class KeyCache(Generic[V]):
             value = self._fresh(key)
             if value is not None:
                 return value, True
-            value = load()
+            value, ttl_s = load()
+            ttl = min(float(ttl_s), float(self.max_ttl_s))
             with self._lock:
-                self._entries[key] = (value, self._clock() + self.ttl_s)
                 self.misses += 1
+                if ttl > 0 and math.isfinite(ttl):
+                    self._entries[key] = (value, self._clock() + ttl)
+                else:
+                    self._entries.pop(key, None)
             return value, False
 
     def _fresh(self, key: Hashable) -> V | None:
@@ -92,7 +105,11 @@ class KeyCache(Generic[V]):
             self._entries.pop(key, None)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        now = self._clock()
+        with self._lock:
+            for key in [k for k, (_, until) in self._entries.items() if until <= now]:
+                del self._entries[key]
+            return len(self._entries)
 
 
 @dataclass
@@ -100,13 +117,20 @@ class _Slot:
     value: Any
     nbytes: int
     in_flight: int = 0
+    retired: bool = False  # superseded: dropped when its last request releases it
 
 
 class ModelCache:
-    """LRU by bytes. `use(key, load)` is a context manager that pins the entry while in use."""
+    """LRU by bytes. `acquire(key, load)` pins the entry until `release(key)`.
 
-    def __init__(self, capacity_bytes: int) -> None:
+    `family(key)` (e.g. the model id of a (model, version) key) groups entries that supersede each
+    other: loading one retires the rest of its family, so an old version leaves memory as soon as
+    no request in flight uses it, instead of waiting for LRU pressure.
+    """
+
+    def __init__(self, capacity_bytes: int, family: Callable[[Hashable], Hashable] | None = None) -> None:
         self.capacity_bytes = capacity_bytes
+        self._family = family
         self._slots: OrderedDict[Hashable, _Slot] = OrderedDict()
         self._lock = threading.Lock()
         self._flight = _SingleFlight()
@@ -135,6 +159,8 @@ class ModelCache:
             with self._lock:
                 self._slots[key] = _Slot(value, nbytes, in_flight=1)
                 self.loads += 1
+                if self._family is not None:
+                    self._retire_family_locked(key)
                 self._evict_locked()
             return value, False
 
@@ -143,7 +169,21 @@ class ModelCache:
             slot = self._slots.get(key)
             if slot is not None:
                 slot.in_flight -= 1
+                if slot.retired and slot.in_flight <= 0:
+                    del self._slots[key]
+                    self.evictions += 1
             self._evict_locked()
+
+    def _retire_family_locked(self, key: Hashable) -> None:
+        assert self._family is not None
+        family = self._family(key)
+        for other in [k for k in self._slots if k != key and self._family(k) == family]:
+            slot = self._slots[other]
+            if slot.in_flight > 0:
+                slot.retired = True
+            else:
+                del self._slots[other]
+                self.evictions += 1
 
     def _pin(self, key: Hashable) -> _Slot | None:
         with self._lock:
@@ -164,3 +204,47 @@ class ModelCache:
             del self._slots[key]
             total -= slot.nbytes
             self.evictions += 1
+
+
+class ReplayCache:
+    """Keys (request ids) seen within their validity window: `add` each once per window.
+
+    Every entry carries the instant its envelope's window ends and is dropped after it (nothing
+    can be replayed then: the envelope is refused as expired). Bounded by `capacity` entries
+    alive at once; past that, `add` refuses with `Busy` rather than forget one early.
+    """
+
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.time) -> None:
+        self.capacity = capacity
+        self._clock = clock
+        self._until: dict[Hashable, float] = {}
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._seq = 0
+        self._lock = threading.Lock()
+        self.replays = 0
+
+    def add(self, key: Hashable, until: float) -> bool:
+        """Record `key` as used until `until` (the same clock); False if it was already recorded."""
+        with self._lock:
+            now = self._clock()
+            self._prune_locked(now)
+            if key in self._until:
+                self.replays += 1
+                return False
+            if len(self._until) >= self.capacity:
+                raise Busy("instance busy: too many requests within the replay window, try again later")
+            self._until[key] = until
+            self._seq += 1
+            heapq.heappush(self._heap, (until, self._seq, key))
+            return True
+
+    def _prune_locked(self, now: float) -> None:
+        while self._heap and self._heap[0][0] < now:
+            until, _, key = heapq.heappop(self._heap)
+            if self._until.get(key) == until:
+                del self._until[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._prune_locked(self._clock())
+            return len(self._until)

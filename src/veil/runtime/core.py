@@ -1,127 +1,241 @@
 """The trusted core of a TEE-mode runtime instance: keys in, model in, envelope in, envelope out.
 
 Everything secret lives here, in memory only: released keys (cached per (model, user) for the
-TTL), decrypted models (ONNX Runtime sessions, LRU by bytes), request plaintext (for the duration
-of one inference). Logs carry ids and error codes, never contents.
+lifetime their release names, never longer than `wire.MAX_REVOCATION_DELAY_S`), decrypted models
+(ONNX Runtime sessions per (model, version), LRU by bytes), request plaintext (for the duration of
+one inference). Logs carry ids and error codes, never contents.
+
+A request goes: parse the envelope and check its validity window → release keys → authenticate
+and decrypt → record its request id (a replay is refused) → decode, infer, encode → seal the
+answer. Failures before authentication carry no user data and are answered in clear as before.
+From authentication on, every answer is a response envelope: a success holds the output tensors
+(and, when the request asked, timings), an error holds the detailed error (`tensors.encode_error`)
+and only its code, with a fixed message, travels in clear (`EncryptedError`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from veil.crypto import chunked
-from veil.crypto.envelope import Envelope, open_envelope, seal
+from veil.crypto.envelope import CLOCK_SKEW_S, MAX_LIFETIME_S, Envelope, open_envelope, seal
 from veil.crypto.errors import IntegrityError, MalformedError
-from veil.crypto.keys import SymmetricKey
-from veil.errors import BadRequest, Forbidden
+from veil.errors import BadRequest, Conflict, Forbidden, VeilError, from_exception
+from veil.keyservice import wire
+from veil.keyservice.client import Release
 from veil.runtime import tensors
 from veil.runtime.backend import OnnxModel
-from veil.runtime.caches import KeyCache, ModelCache
+from veil.runtime.caches import KeyCache, ModelCache, ReplayCache
 from veil.store import ModelStore
 
 log = logging.getLogger("veil.runtime")
+GENERIC_MESSAGE = "request failed; details are in the encrypted envelope"
 
 
 class KeyReleaser(Protocol):
-    def release(self, model: str, user: str) -> tuple[SymmetricKey, SymmetricKey]: ...
+    def release(self, model: str, user: str) -> Release: ...
 
 
 @dataclass(frozen=True)
 class CoreConfig:
-    key_cache_ttl_s: float = 60.0
+    """Sizes only: nothing here can lengthen the revocation delay or widen what is accepted."""
+
     model_cache_bytes: int = 1 << 30
     intra_op_threads: int = 1
+    replay_capacity: int = 100_000  # request ids remembered at once (within their windows)
+
+
+class EncryptedError(VeilError):
+    """An error answered after the request authenticated: code and a fixed message in clear, the
+    detail only inside `envelope` (a response envelope holding `tensors.encode_error(...)`).
+
+    Wire form: `{"error": {"code": code, "message": GENERIC_MESSAGE, "envelope": {...}}}` with the
+    HTTP status of the underlying error. The envelope sits inside the error object because
+    platforms (OpenWhisk, the local one) keep only an action's `error` field on failure.
+    """
+
+    def __init__(self, code: str, status: int, envelope: dict[str, Any]) -> None:
+        super().__init__(GENERIC_MESSAGE, code=code, status=status)
+        self.envelope = envelope
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "envelope": self.envelope}}
 
 
 class RuntimeCore:
-    """Serves encrypted inference requests for any model its KeyService lets it have."""
+    """Serves encrypted inference requests for any model its KeyService lets it have.
 
-    def __init__(self, config: CoreConfig, keys: KeyReleaser, store: ModelStore) -> None:
+    `clock` (Unix seconds) judges envelope windows; `monotonic` times key-cache entries.
+    """
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        keys: KeyReleaser,
+        store: ModelStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self._keys = keys
         self._store = store
-        self.key_cache: KeyCache[tuple[SymmetricKey, SymmetricKey]] = KeyCache(config.key_cache_ttl_s)
-        self.models = ModelCache(config.model_cache_bytes)
+        self._clock = clock
+        self.key_cache: KeyCache[Release] = KeyCache(wire.MAX_REVOCATION_DELAY_S, clock=monotonic)
+        self.models = ModelCache(config.model_cache_bytes, family=lambda key: key[0])  # type: ignore[index]
+        self.replay = ReplayCache(config.replay_capacity, clock=clock)
+        self._current: dict[str, int] = {}  # model → version named by its latest fresh release
+        self._current_lock = threading.Lock()
 
     # -- pieces -----------------------------------------------------------------------------------
-    def _keys_for(self, model: str, user: str, timings: dict[str, float]) -> tuple[SymmetricKey, SymmetricKey]:
+    def _check_window(self, envelope: Envelope) -> float:
+        """The instant after which this request is refused (its replay record is kept until then)."""
+        now = self._clock()
+        if envelope.expires + CLOCK_SKEW_S < now:
+            raise BadRequest(
+                f"envelope expired at {envelope.expires} (now {int(now)}): seal the request again", code="expired"
+            )
+        if envelope.expires > now + MAX_LIFETIME_S + CLOCK_SKEW_S:
+            raise BadRequest(
+                f"expires: {envelope.expires} is more than {MAX_LIFETIME_S} s (+{CLOCK_SKEW_S} s clock skew) "
+                "in the future",
+                code="malformed",
+            )
+        return float(envelope.expires + CLOCK_SKEW_S)
+
+    def _fetch_release(self, model: str, user: str) -> tuple[Release, float]:
+        release = self._keys.release(model, user)
+        with self._current_lock:
+            self._current[model] = release.version
+        return release, min(float(release.ttl_s), float(wire.MAX_REVOCATION_DELAY_S))
+
+    def _release_for(self, model: str, user: str, timings: dict[str, Any]) -> Release:
         t0 = time.perf_counter()
-        value, hit = self.key_cache.get((model, user), lambda: self._keys.release(model, user))
+        key = (model, user)
+        release, hit = self.key_cache.get(key, lambda: self._fetch_release(model, user))
+        with self._current_lock:
+            current = self._current.get(model, release.version)
+        if hit and release.version != current:
+            # a fresher release (another user's) named another version: these keys are stale too
+            self.key_cache.invalidate(key)
+            release, hit = self.key_cache.get(key, lambda: self._fetch_release(model, user))
         if not hit:
             timings["key_release_ms"] = (time.perf_counter() - t0) * 1e3
-        return value
+        return release
 
-    def _load_model(self, model: str, model_key: SymmetricKey, timings: dict[str, float]) -> tuple[OnnxModel, int]:
+    def _load_model(self, model: str, release: Release, timings: dict[str, Any]) -> tuple[OnnxModel, int]:
         t0 = time.perf_counter()
-        with self._store.open(model) as sealed:
+        version = release.version
+        with self._store.open(model, version) as sealed:
             try:
-                plaintext = chunked.open_bytes(model_key, sealed, model=model)
-            except (IntegrityError, MalformedError):
-                # a swapped, foreign or damaged file in the untrusted store, not a bad request
+                plaintext = chunked.open_bytes(
+                    release.model_key, sealed, model=model, version=version, digest=release.digest
+                )
+            except MalformedError as exc:
+                if exc.field in ("version", "digest", "model"):
+                    raise Forbidden(
+                        f"sealed model {model!r}: the store's file for version {version} is not the one the "
+                        f"KeyService released ({exc.field} mismatch: rollback or substitution)",
+                        code="model_integrity",
+                    ) from None
                 raise Forbidden(
-                    f"sealed model {model!r} failed authentication (tampered or wrong key)", code="model_integrity"
+                    f"sealed model {model!r} version {version} is damaged or not a sealed model (tampering)",
+                    code="model_integrity",
+                ) from None
+            except IntegrityError:
+                # a tampered, truncated or foreign file in the untrusted store, not a bad request
+                raise Forbidden(
+                    f"sealed model {model!r} version {version} failed authentication (tampering or wrong key)",
+                    code="model_integrity",
                 ) from None
         t1 = time.perf_counter()
         loaded = OnnxModel(plaintext, intra_op_threads=self.config.intra_op_threads)
         t2 = time.perf_counter()
         timings["model_fetch_decrypt_ms"] = (t1 - t0) * 1e3
         timings["session_create_ms"] = (t2 - t1) * 1e3
-        log.info("model %s loaded (%d bytes sealed-decrypted in memory)", model, loaded.nbytes)
+        log.info("model %s version %d loaded (%d bytes decrypted in memory)", model, version, loaded.nbytes)
         return loaded, loaded.nbytes
 
-    def _run(self, model: str, model_key: SymmetricKey, inputs: dict, timings: dict[str, float]) -> dict:
-        loaded, cached = self.models.acquire(model, lambda: self._load_model(model, model_key, timings))
+    def _run(self, model: str, release: Release, inputs: dict, timings: dict[str, Any]) -> dict:
+        key = (model, release.version)
+        loaded, cached = self.models.acquire(key, lambda: self._load_model(model, release, timings))
         try:
             t0 = time.perf_counter()
             outputs = loaded.run(inputs)
             timings["infer_ms"] = (time.perf_counter() - t0) * 1e3
         finally:
-            self.models.release(model)
+            self.models.release(key)
         timings["model_cached"] = cached
         return outputs
 
     # -- requests -------------------------------------------------------------------------------
     def infer(self, envelope_json: Any) -> dict[str, Any]:
-        """Decrypt, check, infer, encrypt. Returns {"envelope": ..., "timings": ...}."""
+        """Decrypt, check, infer, encrypt. Returns {"envelope": ...}; raises `EncryptedError` for
+        any failure after the request authenticated, a plain `VeilError` before."""
         timings: dict[str, Any] = {}
         envelope = Envelope.from_json(envelope_json)
         if envelope.direction != "request":
             raise BadRequest("envelope.direction: must be 'request'", code="malformed")
-        model_key, request_key = self._keys_for(envelope.model, envelope.user, timings)
+        deadline = self._check_window(envelope)
+        release = self._release_for(envelope.model, envelope.user, timings)
         t0 = time.perf_counter()
         try:
             plaintext = open_envelope(
-                request_key, envelope, model=envelope.model, user=envelope.user, direction="request"
+                release.request_key, envelope, model=envelope.model, user=envelope.user, direction="request"
             )
         except IntegrityError:
             raise BadRequest(
                 "envelope does not authenticate (tampered, swapped or wrong key)", code="integrity"
             ) from None
-        inputs = tensors.decode(plaintext)
-        timings["decrypt_ms"] = (time.perf_counter() - t0) * 1e3
-        outputs = self._run(envelope.model, model_key, inputs, timings)
-        t1 = time.perf_counter()
-        answer = seal(
-            request_key,
-            tensors.encode(outputs),
+        # authenticated: from here on every answer is a response envelope
+        try:
+            if not self.replay.add((envelope.model, envelope.user, envelope.request_id), deadline):
+                raise Conflict("request id already used within its validity window (replay)", code="replay")
+            inputs, meta = tensors.decode_with_meta(plaintext)
+            options = tensors.request_options(meta)
+            timings["decrypt_ms"] = (time.perf_counter() - t0) * 1e3
+            outputs = self._run(envelope.model, release, inputs, timings)
+            payload = tensors.encode(outputs, timings=timings if options.timings else None)
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, encrypted
+            raise self._sealed_error(envelope, release, exc) from None
+        answer = self._seal_answer(envelope, release, payload)
+        return {"envelope": answer.to_json()}
+
+    def _seal_answer(self, envelope: Envelope, release: Release, payload: bytes) -> Envelope:
+        return seal(
+            release.request_key,
+            payload,
             model=envelope.model,
             user=envelope.user,
             request_id=envelope.request_id,
             direction="response",
+            expires=envelope.expires,
         )
-        timings["encrypt_ms"] = (time.perf_counter() - t1) * 1e3
-        return {"envelope": answer.to_json(), "timings": timings}
+
+    def _sealed_error(self, envelope: Envelope, release: Release, exc: Exception) -> EncryptedError:
+        err = from_exception(exc)
+        if err.code == "internal":
+            log.error("internal error serving model %s: %s", envelope.model, type(exc).__name__)
+        else:
+            log.info("request for model %s refused: %s", envelope.model, err.code)
+        answer = self._seal_answer(envelope, release, tensors.encode_error(err.code, err.message))
+        return EncryptedError(err.code, err.status, answer.to_json())
 
     def stats(self) -> dict[str, Any]:
+        cached = self.models.cached_models()
         return {
-            "models_cached": [str(k) for k in self.models.cached_models()],
+            "models_cached": list(dict.fromkeys(str(k[0]) for k in cached)),  # type: ignore[index]
+            "model_versions_cached": [[str(k[0]), int(k[1])] for k in cached],  # type: ignore[index]
             "model_cache_bytes": self.models.used_bytes,
             "model_loads": self.models.loads,
             "model_evictions": self.models.evictions,
             "key_cache_entries": len(self.key_cache),
             "key_cache_hits": self.key_cache.hits,
             "key_cache_misses": self.key_cache.misses,
+            "replay_window_entries": len(self.replay),
         }

@@ -13,7 +13,7 @@ from veil.attest.providers import select_provider
 from veil.attest.sim import SimRoot
 from veil.errors import BadRequest
 from veil.keyservice.client import RuntimeKeyClient
-from veil.runtime.core import CoreConfig, RuntimeCore
+from veil.runtime.core import CoreConfig, KeyReleaser, RuntimeCore
 from veil.store import LocalModelStore
 
 log = logging.getLogger("veil.runtime")
@@ -27,14 +27,35 @@ def _number(value: dict, name: str, default: float, lo: float, hi: float) -> flo
     return got
 
 
+IGNORED_INIT = ("key_cache_ttl_s",)  # once accepted; the revocation delay now comes from the KeyService
+
+
+def core_config(init: dict[str, Any]) -> CoreConfig:
+    """Sizes from an init value. Nothing in it can lengthen the revocation delay: a
+    `key_cache_ttl_s` left in an old init value is ignored (releases name their own lifetime)."""
+    for name in IGNORED_INIT:
+        if name in init:
+            log.warning("init.%s is ignored: key lifetimes come with each release from the KeyService", name)
+    return CoreConfig(
+        model_cache_bytes=int(_number(init, "model_cache_mb", 1024, 1, 1 << 20) * (1 << 20)),
+        intra_op_threads=int(_number(init, "intra_op_threads", 1, 0, 64)),
+    )
+
+
+def core_from_init(init: dict[str, Any], keys: KeyReleaser) -> RuntimeCore:
+    """The trusted core an init value describes, releasing keys through `keys`."""
+    return RuntimeCore(core_config(init), keys, LocalModelStore(Path(init["store"])))
+
+
 class TeeAction:
-    """Init value: {"kind": "tee", "keyservice_url", "store", optional key_cache_ttl_s,
-    model_cache_mb, intra_op_threads}."""
+    """Init value: {"kind": "tee", "keyservice_url", "store", optional model_cache_mb,
+    intra_op_threads}."""
 
     def __init__(self, init: dict[str, Any]) -> None:
         for name in ("keyservice_url", "store"):
             if not isinstance(init.get(name), str):
                 raise BadRequest(f"init.{name}: required string", code="bad_init")
+        config = core_config(init)  # refuse a bad init before attesting
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         sim_root_file = os.environ.get(SIM_ROOT_ENV)
@@ -47,11 +68,6 @@ class TeeAction:
         t1 = time.perf_counter()
         self.keys.attest()
         self.timings["attest_ms"] = (time.perf_counter() - t1) * 1e3
-        config = CoreConfig(
-            key_cache_ttl_s=_number(init, "key_cache_ttl_s", 60.0, 0.0, 3600.0),
-            model_cache_bytes=int(_number(init, "model_cache_mb", 1024, 1, 1 << 20) * (1 << 20)),
-            intra_op_threads=int(_number(init, "intra_op_threads", 1, 0, 64)),
-        )
         self.core = RuntimeCore(config, self.keys, LocalModelStore(Path(init["store"])))
         log.info("runtime attested via %s, measurement %s", self.provider_description, self.measurement)
 
