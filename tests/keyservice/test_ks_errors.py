@@ -167,3 +167,53 @@ def test_runtime_endpoints_validate_input(world) -> None:
     assert error_of(http.get("/v1/evidence")) == (400, "malformed")
     assert error_of(http.get("/v1/nothing-here")) == (404, "not_found")
     assert m.user.identity.id and RUNTIME
+
+
+def test_every_refused_attestation_is_audited_and_clean(world) -> None:
+    """Evidence that trips the verifier in unusual ways (a JSON list where the claims belong, a
+    signature over a non-object, garbage) is a 4xx naming the field, and each refusal is audited."""
+    from veil.crypto.encoding import canonical_json
+
+    ks, m, http = world
+    root = ks.sim_root
+    list_body = canonical_json([1, 2, 3])
+    variants = {
+        "claims-list": canonical_json({"body": b64e(list_body), "sig": b64e(root.sign(list_body))}),
+        "outer-list": b"[]",
+        "not-json": b"\xff\xfe",
+    }
+    before = len(ks.service.store.audit_entries())
+    for name, raw in variants.items():
+        challenge = http.post("/v1/attest/challenge").json()["challenge"]
+        evidence = {"v": 1, "kind": "sim", "raw": b64e(raw), "report_data": ""}
+        body = {"v": 1, "challenge": challenge, "public_key": b64e(b"k" * 32), "evidence": evidence}
+        answer = http.post("/v1/attest", json=body)
+        assert 400 <= answer.status_code < 500, (name, answer.text)
+        assert error_of(answer)[1] in ("attestation_failed", "attestation_refused", "malformed"), name
+    entries = [json.loads(e[1]) for e in ks.service.store.audit_entries()[before:]]
+    refused = [e for e in entries if e.get("action") == "attest" and e.get("outcome") == "refused"]
+    assert len(refused) == len(variants), entries
+    assert all(len(e["reason"]) <= 500 for e in refused)
+
+
+def test_a_verifier_bug_is_still_an_audited_refusal(world, monkeypatch) -> None:
+    """Defence in depth: if a verifier raised something unexpected, the KeyService still refuses
+    with a clean 403 and audits it (the verifier is replaced here only to make it raise)."""
+    from veil.keyservice import service
+
+    ks, m, http = world
+
+    def broken_verify(*args, **kwargs):
+        raise ZeroDivisionError("verifier bug")
+
+    monkeypatch.setattr(service, "verify", broken_verify)
+    challenge = http.post("/v1/attest/challenge").json()["challenge"]
+    from veil.attest.sim import SimProvider
+
+    evidence = SimProvider(ks.sim_root, RUNTIME).get_evidence(b"\0" * 32).to_json()
+    body = {"v": 1, "challenge": challenge, "public_key": b64e(b"k" * 32), "evidence": evidence}
+    answer = http.post("/v1/attest", json=body)
+    assert error_of(answer) == (403, "attestation_failed")
+    last = json.loads(ks.service.store.audit_entries()[-1][1])
+    assert (last["action"], last["outcome"]) == ("attest", "refused")
+    assert "ZeroDivisionError" in last["reason"]

@@ -106,6 +106,8 @@ def verify_sim(evidence: Evidence, trusted_roots: list[bytes]) -> VerifiedReport
         claims = json.loads(body)
     except (ValueError, KeyError, TypeError, MalformedError) as exc:
         raise VerificationError("sim.raw", f"does not parse ({exc})") from None
+    if not isinstance(claims, dict):
+        raise VerificationError("sim.body", "must be a JSON object")
     roots = {principal_id(pk): pk for pk in trusted_roots}
     root_pk = roots.get(claims.get("root"))
     if root_pk is None:
@@ -114,7 +116,10 @@ def verify_sim(evidence: Evidence, trusted_roots: list[bytes]) -> VerifiedReport
         verify_signature(root_pk, SIGN_CONTEXT + body, sig)
     except CryptoError:
         raise VerificationError("sim.sig", "signature does not verify under the simulation root") from None
-    report_data = b64d(claims.get("report_data"), "sim.report_data")
+    try:
+        report_data = b64d(claims.get("report_data"), "sim.report_data")
+    except MalformedError as exc:
+        raise VerificationError("sim.report_data", str(exc)) from None
     measurement = claims.get("measurement")
     if not isinstance(measurement, str) or not isinstance(claims.get("debug"), bool):
         raise VerificationError("sim.body", "measurement or debug missing")
