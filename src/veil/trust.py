@@ -54,7 +54,7 @@ class TrustAnchors:
 
     @classmethod
     def from_json(cls, obj: object) -> TrustAnchors:
-        if not isinstance(obj, dict) or obj.get("v") != 1:
+        if not isinstance(obj, dict) or type(obj.get("v")) is not int or obj["v"] != 1:
             raise TrustError("trust: expected a version-1 trust anchor object")
 
         def strings(name: str) -> list[str]:

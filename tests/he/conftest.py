@@ -13,7 +13,7 @@ import pytest
 from veil.he import store
 from veil.he.action import HEAction
 from veil.he.client import ActionTransport, HEClient, RemoteModel
-from veil.he.compiled import compile_model
+from veil.he.compile import compile_model
 from veil.he.errors import HEError
 from veil.he.tasks import breast_cancer_lr, digits_mlp
 

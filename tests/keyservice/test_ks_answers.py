@@ -188,3 +188,39 @@ def test_answers_are_signed_for_errors_too(keyservice_server, proxy) -> None:
     with pytest.raises(VeilError) as info:
         owner.grant("no-such-model", m.user.identity.id)
     assert info.value.code == "unknown_model"
+
+
+def test_lowered_sequence_counter_does_not_reopen_a_replay(tmp_path, keyservice_factory) -> None:
+    """The operator captures a signed grant, the owner later revokes, then the operator lowers the
+    stored sequence counter and restarts the KeyService to replay the grant: the audit chain
+    remembers the highest accepted number, so the replay is still refused."""
+    import sqlite3
+
+    from ks_helpers import error_of, signed
+
+    state = tmp_path / "ks"
+    first = keyservice_factory.start(state)
+    m = setup_model(first)
+    path = f"/v1/models/iris/grants/{m.user.identity.id}"
+    captured = m.owner.identity.sign_request("PUT", path, b"").as_dict()
+    assert first.http().put(path, headers=captured).status_code == 200
+    m.owner.revoke("iris", m.user.identity.id)
+    keyservice_factory.stop(first)
+    with sqlite3.connect(state / "keyservice.db", isolation_level=None) as db:
+        db.execute("UPDATE principal_seq SET last_seq = 1")
+    second = keyservice_factory.start(state)
+    replay = second.http().put(path, headers=captured)
+    assert error_of(replay) == (401, "stale_sequence")
+    assert not _granted(second, m.user.identity.id)
+    fresh = signed(second.http(), m.owner.identity, "PUT", "/v1/models/iris/measurements", {"measurements": [RUNTIME]})
+    assert fresh.status_code == 200, fresh.text  # the owner's next (fresh) request is fine
+
+
+def test_oversized_request_gets_a_signed_too_large(keyservice_server) -> None:
+    ks = keyservice_server
+    m = setup_model(ks)
+    from veil.keyservice import wire
+
+    with pytest.raises(VeilError) as info:
+        m.owner._signed("PUT", "/v1/models/iris/measurements", {"pad": "a" * (wire.MAX_BODY + 1)})
+    assert info.value.code == "too_large" and info.value.status == 413

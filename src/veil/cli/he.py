@@ -67,7 +67,7 @@ def compile_cmd(
 ) -> None:
     """Compile MODEL (ONNX file, or a pickled scikit-learn estimator you trust) to an HE plan."""
     from veil.he import store
-    from veil.he.compiled import compile_model
+    from veil.he.compile import compile_model
     from veil.he.tasks import TASKS
 
     if task:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import click
@@ -40,20 +39,16 @@ def keyservice() -> None:
     help="normal: survives process crashes; full: also fsyncs every commit (power loss).",
 )
 def serve(state_dir: Path, host: str, port: int, allow_simulated: bool, durability: str) -> None:
-    """Start the KeyService HTTP API. State survives restarts."""
-    from veil.keyservice.server import build_keyservice
-    from veil.keyservice.server import serve as run
+    """Start the KeyService HTTP API. State survives restarts.
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        ks = build_keyservice(state_dir, allow_simulated=allow_simulated, durability=durability)
-    except Exception as exc:  # noqa: BLE001 - startup failures are reported, not traced
-        raise click.ClickException(f"cannot start the KeyService: {exc}") from None
-    click.echo(
-        f"KeyService listening on http://{host}:{port} (state {state_dir}, attested by {ks.provider.describe()})",
-        err=True,
-    )
-    run(ks, host, port)
+    This process becomes `python -m veil.keyservice` (exec), so only the KeyService's measured
+    code runs in it, not this command line."""
+    import os
+    import sys
+
+    argv = [sys.executable, "-m", "veil.keyservice", "--state-dir", str(state_dir), "--host", host]
+    argv += ["--port", str(port), "--durability", durability] + (["--allow-simulated"] if allow_simulated else [])
+    os.execv(sys.executable, argv)  # noqa: S606 - a fixed argv, no shell
 
 
 def _open_store(state_dir: Path, measurement: str | None):

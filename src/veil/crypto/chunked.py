@@ -60,7 +60,7 @@ def _check_version(version: object) -> int:
 
 def _check_digest(digest: object) -> str:
     if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise MalformedError("digest", "must be 64 lowercase hex characters (SHA-256)")
+        raise MalformedError("digest", "must be 64 lowercase hex characters (an HMAC-SHA256 content digest)")
     return digest
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from veil.he import store
 from veil.he.client import HEClient, HttpTransport, RemoteModel, Transport
-from veil.he.compiled import compile_model
+from veil.he.compile import compile_model
 from veil.he.tasks import breast_cancer_lr, digits_mlp
 
 DEMO_MODELS = {"he-breast-lr": breast_cancer_lr, "he-digits-mlp": digits_mlp}

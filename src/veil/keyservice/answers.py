@@ -21,6 +21,7 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+DRAIN_FACTOR = 16  # an oversized body is read (hashed, not kept) up to this many times the limit
 
 
 class AnswerSigner:
@@ -43,6 +44,7 @@ class AnswerSigner:
         # Read the whole (small, bounded) body first, so the answer can name its hash whatever
         # the endpoint reads; then replay it to the app.
         chunks: list[bytes] = []
+        digest = hashlib.sha256()
         size = 0
         more = True
         while more:
@@ -51,11 +53,15 @@ class AnswerSigner:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
-                await self._send_signed(scope, headers, b"", send, 413, _too_large(self.max_body))
-                return
-            chunks.append(chunk)
+            digest.update(chunk)
+            if size <= self.max_body:
+                chunks.append(chunk)
+            elif size > DRAIN_FACTOR * self.max_body:
+                return  # far past the limit: not worth reading to sign a refusal; the client sees a drop
             more = message.get("more_body", False)
+        if size > self.max_body:  # refused, but signed over what the client really sent
+            await self._send_signed(scope, headers, digest.hexdigest(), send, 413, _too_large(self.max_body))
+            return
         body = b"".join(chunks)
         replayed = False
 
@@ -77,14 +83,14 @@ class AnswerSigner:
             if message["type"] == "http.response.body":
                 parts.append(message.get("body", b""))
                 if not message.get("more_body", False) and start is not None:
-                    await self._finish(scope, headers, body, send, start, b"".join(parts))
+                    await self._finish(scope, headers, hashlib.sha256(body).hexdigest(), send, start, b"".join(parts))
 
         await self.app(scope, replay, capture)
 
     async def _finish(
-        self, scope: Scope, headers: dict[str, str], body: bytes, send: Send, start: Message, answer: bytes
+        self, scope: Scope, headers: dict[str, str], body_sha256: str, send: Send, start: Message, answer: bytes
     ) -> None:
-        payload = self._payload(scope, headers, body, start["status"], answer)
+        payload = self._payload(scope, headers, body_sha256, start["status"], answer)
         out = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         out.append((b"content-length", str(len(answer)).encode()))
         out.append((wire.HEADER_ANSWER_SIGNATURE.encode(), b64e(self.sign(payload)).encode()))
@@ -92,13 +98,13 @@ class AnswerSigner:
         await send({"type": "http.response.body", "body": answer, "more_body": False})
 
     async def _send_signed(
-        self, scope: Scope, headers: dict[str, str], body: bytes, send: Send, status: int, answer: bytes
+        self, scope: Scope, headers: dict[str, str], body_sha256: str, send: Send, status: int, answer: bytes
     ) -> None:
         start = {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
-        await self._finish(scope, headers, body, send, start, answer)
+        await self._finish(scope, headers, body_sha256, send, start, answer)
 
     @staticmethod
-    def _payload(scope: Scope, headers: dict[str, str], body: bytes, status: int, answer: bytes) -> bytes:
+    def _payload(scope: Scope, headers: dict[str, str], body_sha256: str, status: int, answer: bytes) -> bytes:
         query = scope.get("query_string", b"").decode("latin-1")
         path = scope["path"] + (f"?{query}" if query else "")
         return wire.answer_payload(
@@ -107,7 +113,7 @@ class AnswerSigner:
             headers.get(HEADER_SEQ, ""),
             scope["method"],
             path,
-            hashlib.sha256(body).hexdigest(),
+            body_sha256,
             status,
             answer,
         )

@@ -35,7 +35,7 @@ def create_app(ks: KeyService) -> FastAPI:
     async def signed(request: Request, *, registering_key: bytes | None = None) -> tuple[str, dict]:
         body = await read_body(request, wire.MAX_BODY)
         obj = parse_json_object(body) if body else {}
-        if obj:
+        if body:
             _version(obj)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         caller = ks.authenticate(request.method, path, body, request.headers, registering_key=registering_key)

@@ -326,8 +326,8 @@ def _release_terms(answer: dict[str, Any]) -> tuple[int, str, int]:
     version, digest, ttl = answer.get("model_version"), answer.get("model_digest"), answer.get("ttl_s")
     if type(version) is not int or version < 1:
         raise VeilError("release.model_version: must be a positive integer", code="keyservice_error", status=502)
-    if not isinstance(digest, str) or len(digest) != 64:
-        raise VeilError("release.model_digest: must be a SHA-256 hex digest", code="keyservice_error", status=502)
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise VeilError("release.model_digest: must be 64 lowercase hex digits", code="keyservice_error", status=502)
     if type(ttl) is not int or ttl < 0:
         raise VeilError("release.ttl_s: must be a non-negative integer", code="keyservice_error", status=502)
     return version, digest, ttl

@@ -8,10 +8,11 @@ with every committed transaction (commits reach the OS before they are acknowled
 
 Policy at rest. The operator can edit the database file. Key material is sealed (AES-GCM, AAD =
 record key); every policy row (principal, model, model version, grant, request key) has a
-*row MAC* (HMAC under a key derived from the sealing key) over its record key and its security
+*row MAC* (HMAC under a key derived from the database key) over its record key and its security
 fields, and every audit entry that changes a row records the row's new MAC in its `state`. The
 audit chain is itself HMAC-linked. At start the store walks the chain and learns, for every
-record, the MAC it must have now; each read that a decision depends on recomputes the row's MAC
+record, the MAC it must have now (and, per principal, the highest sequence number it
+accepted); each read that a decision depends on recomputes the row's MAC
 and compares. An edited row (un-revoke, a widened allow-list, a swapped owner key), a row rolled
 back to an older genuine version, or a deleted row is therefore refused with `store_integrity`,
 and `veil keyservice audit` reports it. (Rolling back the *whole* file, audit included, is not
@@ -317,6 +318,13 @@ class Store:
         self.tampered.update(r for r, want in self._expected.items() if want is not None and r not in rows)
         with self._lock:
             self._last_seq = dict(self._db.execute("SELECT principal_id, last_seq FROM principal_seq").fetchall())
+        # The sequence table is not authenticated row by row; the audited requests are. A counter
+        # the operator lowered (to replay a captured request) is raised back to what the chain says.
+        for _, entry_json, _, _ in entries:
+            entry = json.loads(entry_json)
+            seq, actor = entry.get("seq"), entry.get("actor")
+            if isinstance(seq, int) and isinstance(actor, str) and seq > self._last_seq.get(actor, 0):
+                self._last_seq[actor] = seq
 
     def _adopt_rows(self, from_version: int) -> None:
         """After a schema upgrade, record the existing rows' MACs in one audited entry."""
@@ -394,6 +402,9 @@ class Store:
         body = {**entry, "ts": round(ts, 6)}
         if changed:
             body["state"] = changed
+        actor_seq = self._last_seq.get(str(entry.get("actor", "")))
+        if actor_seq is not None:
+            body["seq"] = actor_seq  # the chain commits to it: a rolled-back counter is floored at start
         entry_json = canonical_json(body).decode()
         digest = chain_hash(self._audit_key, self._last_hash, entry_json)
         db.execute(
