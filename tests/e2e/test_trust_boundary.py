@@ -65,6 +65,11 @@ def test_republished_model_is_served_within_the_delay(stack):
 
     assert wait_until(v2_served, timeout=DELAY_S + 5, interval=0.1)
     assert time.monotonic() - published <= DELAY_S + 2.0
+    # old versions are garbage-collected: once v2 is current, publishing v3 removes v1's file
+    assert stack.deployment.store_dir.joinpath("models", model_id, "v1.veilm").exists()
+    stack.publish(model_id, mlp.onnx, revocation_delay_s=DELAY_S)
+    kept = sorted(p.name for p in (stack.deployment.store_dir / "models" / model_id).iterdir())
+    assert kept == ["v2.veilm", "v3.veilm"], kept
 
 
 def test_older_sealed_file_under_the_same_key_is_refused(stack):

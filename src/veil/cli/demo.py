@@ -153,7 +153,7 @@ def _tee_story(console: Console, stack, info, trust, models, samples: int, Model
         + ("[green]nothing found[/]" if not leaks else f"[red]FOUND {leaks}[/]")
     )
     console.print(
-        f"   on the wire an envelope is {{v, model, user, request_id, direction, ct}}; ct is "
+        f"   on the wire an envelope is {{v, model, user, request_id, direction, expires, ct}}; ct is "
         f"{len(wire_samples[0][1]['ct'])} base64url characters; plaintext input in it: "
         f"{'[red]yes[/]' if wire_samples[0][0] in envelope_text else '[green]no[/]'}"
     )
