@@ -74,6 +74,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON ({exc})", code="malformed") from None
+    except RecursionError:  # deeply nested arrays/objects: refuse, never a 500
+        raise BadRequest("body is nested too deeply", code="malformed") from None
     if not isinstance(obj, dict):
         raise BadRequest("body must be a JSON object", code="malformed")
     return obj

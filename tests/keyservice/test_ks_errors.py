@@ -10,6 +10,7 @@ from ks_helpers import RUNTIME, error_of, setup_model, signed
 
 from veil.crypto.encoding import b64e
 from veil.crypto.identity import Identity
+from veil.errors import VeilError
 from veil.keyservice import wire
 
 SIGNED_ENDPOINTS = [
@@ -217,3 +218,33 @@ def test_a_verifier_bug_is_still_an_audited_refusal(world, monkeypatch) -> None:
     last = json.loads(ks.service.store.audit_entries()[-1][1])
     assert (last["action"], last["outcome"]) == ("attest", "refused")
     assert "ZeroDivisionError" in last["reason"]
+
+
+def test_challenge_flood_fills_nothing_and_attestation_still_works(world) -> None:
+    """20,000 unauthenticated challenge requests (the old table held 10,000) leave the KeyService
+    state unchanged, and a runtime with valid evidence attests at once; forged, expired and
+    reused challenges are refused."""
+    from veil.keyservice.service import KeyService
+
+    ks, m, http = world
+    service: KeyService = ks.service
+    for _ in range(20_000):
+        service.challenge()
+    assert service._used_challenges == {}
+    runtime = ks.runtime(RUNTIME)
+    assert runtime.attest() and runtime.release("iris", m.user.identity.id).model_key == m.model_key
+    good = service.challenge()
+    for bad in (good[:-1] + bytes([good[-1] ^ 1]), (1).to_bytes(6, "big") + good[6:], b"\0" * 32, b"short"):
+        with pytest.raises(VeilError) as info:
+            service._check_challenge(bad)
+        assert info.value.code == "bad_challenge"
+    from veil.attest.sim import SimProvider
+    from veil.crypto import hpke
+
+    challenge = service.challenge()
+    pk = hpke.HpkeKeyPair.generate().public_key
+    evidence = SimProvider(ks.sim_root, RUNTIME).get_evidence(wire.runtime_binding(pk, challenge))
+    service.attest(challenge, pk, evidence)
+    with pytest.raises(VeilError) as info:  # the same challenge and evidence again
+        service.attest(challenge, pk, evidence)
+    assert info.value.code == "bad_challenge"

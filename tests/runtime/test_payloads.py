@@ -81,3 +81,12 @@ def test_error_payload_round_trip_and_layout():
 @given(st.from_regex(r"\A[a-z][a-z0-9_]{0,20}\Z"), st.text(max_size=200))
 def test_error_payload_round_trips(code: str, message: str):
     assert tensors.decode_error(tensors.encode_error(code, message)) == (code, message)
+
+
+@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**62, 4], [10**30], [2**31 + 1]])
+def test_hostile_shapes_are_refused_before_allocation(shape) -> None:
+    """Shapes whose element count overflows int64 (or is merely huge) are a MalformedError naming
+    the shape, never a ValueError from NumPy or an allocation."""
+    head = json.dumps({"tensors": [{"name": "x", "dtype": "float32", "shape": shape}]}).encode()
+    with pytest.raises(MalformedError, match=r"tensors\.x\.shape"):
+        tensors.decode(tensors.MAGIC + struct.pack(">I", len(head)) + head)

@@ -94,7 +94,7 @@ class DcapCollateral:
         else:
             try:
                 obj = json.loads(data)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 raise VerificationError("collateral", f"not JSON ({exc})") from None
         if not isinstance(obj, Mapping):
             raise VerificationError("collateral", "must be a JSON object")
@@ -137,7 +137,7 @@ class DcapCollateral:
     def _json_field(self, name: str) -> dict[str, Any]:
         try:
             value = json.loads(self.fields[name])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise VerificationError(f"collateral.{name}", "not JSON") from None
         if not isinstance(value, dict):
             raise VerificationError(f"collateral.{name}", "must be a JSON object")

@@ -104,7 +104,7 @@ def verify_sim(evidence: Evidence, trusted_roots: list[bytes]) -> VerifiedReport
         body = b64d(outer["body"], "sim.body")
         sig = b64d(outer["sig"], "sim.sig")
         claims = json.loads(body)
-    except (ValueError, KeyError, TypeError, MalformedError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, MalformedError) as exc:
         raise VerificationError("sim.raw", f"does not parse ({exc})") from None
     if not isinstance(claims, dict):
         raise VerificationError("sim.body", "must be a JSON object")

@@ -137,7 +137,7 @@ def read_header(source: BinaryIO) -> dict:
     raw = _read_exact(source, length, "header")
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise MalformedError("sealed_model", "header is not JSON") from None
     if not isinstance(header, dict) or type(header.get("v")) is not int or header["v"] != VERSION:
         raise MalformedError("sealed_model", "unsupported header version")

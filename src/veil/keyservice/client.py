@@ -36,7 +36,7 @@ log = logging.getLogger("veil.keyservice.client")
 def _raise_for(status: int, raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if 200 <= status < 300 and isinstance(body, dict):
         return body

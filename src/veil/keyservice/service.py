@@ -7,6 +7,7 @@ the same transaction as the change it records.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import threading
@@ -25,7 +26,7 @@ from veil.crypto.encoding import b64d, b64e
 from veil.crypto.envelope import check_identifier
 from veil.crypto.errors import CryptoError, MalformedError
 from veil.crypto.identity import Identity, SignedHeaders, principal_id, signing_payload, verify_signature
-from veil.errors import BadRequest, Busy, Conflict, Forbidden, NotFound, Unauthorized, VeilError
+from veil.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, VeilError
 from veil.keyservice import wire
 from veil.keyservice.policy import ReleaseFacts, release_refusal
 from veil.keyservice.store import Store
@@ -100,7 +101,8 @@ class KeyService:
             store.service_secret("answer_signing_key", lambda: Identity.generate().to_private_bytes())
         )
         self._sessions: dict[str, Session] = {}
-        self._challenges: dict[bytes, float] = {}
+        self._challenge_key = os.urandom(32)
+        self._used_challenges: dict[bytes, float] = {}
         self._lock = threading.Lock()
         if runtime_policy.allow_simulated:
             log.warning("KeyService accepts SIMULATED runtime attestation (allow_simulated=true): not for production")
@@ -369,23 +371,39 @@ class KeyService:
 
     # -- runtime attestation and release -------------------------------------------------------
     def challenge(self) -> bytes:
+        """A fresh attestation challenge, kept nowhere: expiry ‖ random ‖ MAC under a key of this
+        process. Unauthenticated callers therefore cannot fill any table by asking for them."""
+        expires = int(time.time()) + wire.CHALLENGE_TTL_S
+        body = expires.to_bytes(6, "big") + os.urandom(10)
+        return body + hmac.new(self._challenge_key, body, hashlib.sha256).digest()[:16]
+
+    def _check_challenge(self, challenge: bytes) -> float:
+        """Its expiry if `challenge` is ours, unexpired and unused; else Unauthorized."""
+        ok = len(challenge) == 32 and hmac.compare_digest(
+            hmac.new(self._challenge_key, challenge[:16], hashlib.sha256).digest()[:16], challenge[16:]
+        )
+        expires = int.from_bytes(challenge[:6], "big") if ok else 0
         now = time.time()
-        value = os.urandom(32)
         with self._lock:
-            for c, exp in list(self._challenges.items()):
+            used = challenge in self._used_challenges
+        if not ok or expires < now or used:
+            raise Unauthorized("challenge unknown, used or expired: fetch a new one", code="bad_challenge")
+        return float(expires)
+
+    def _use_challenge(self, challenge: bytes, expires: float) -> None:
+        """Mark a challenge used, once its evidence verified (so only real runtimes fill the set)."""
+        now = time.time()
+        with self._lock:
+            for c, exp in list(self._used_challenges.items()):
                 if exp < now:
-                    del self._challenges[c]
-            if len(self._challenges) > 10_000:
-                raise Busy("too many outstanding attestation challenges; retry shortly")
-            self._challenges[value] = now + wire.CHALLENGE_TTL_S
-        return value
+                    del self._used_challenges[c]
+            if challenge in self._used_challenges:
+                raise Unauthorized("challenge already used: fetch a new one", code="bad_challenge")
+            self._used_challenges[challenge] = expires
 
     def attest(self, challenge: bytes, public_key: bytes, evidence: Evidence) -> tuple[str, Session]:
         """Verify and validate a runtime's evidence; open an attested session for its key."""
-        with self._lock:
-            expires = self._challenges.pop(challenge, None)
-        if expires is None or expires < time.time():
-            raise Unauthorized("challenge unknown, used or expired: fetch a new one", code="bad_challenge")
+        expires = self._check_challenge(challenge)
         if len(public_key) != hpke.PUBLIC_KEY_BYTES:
             raise BadRequest("public_key: must be a 32-byte X25519 key", code="malformed")
         try:
@@ -405,12 +423,13 @@ class KeyService:
                     "action": "attest",
                     "kind": evidence.kind,
                     "outcome": "refused",
-                    "reason": reason[:500],
+                    "reason": reason,
                 }
             )
             if isinstance(exc, AttestationError | VeilError):
                 raise
             raise Forbidden("attestation: evidence could not be verified", code="attestation_failed") from None
+        self._use_challenge(challenge, expires)
         token = os.urandom(32).hex()
         session = Session(public_key, report, time.time() + self.session_ttl_s)
         with self._lock:
@@ -480,6 +499,13 @@ class KeyService:
         }
         self.store.audit({**audit, "outcome": "allowed", "version": version})
         return body
+
+
+def _summarise(text: str, limit: int = 300) -> str:
+    """An audit-safe summary of a refusal: printable ASCII only, bounded, so attacker-chosen
+    evidence fields cannot bloat the audit log or smuggle control characters into it."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
 
 
 def decode_field(obj: dict, name: str) -> bytes:

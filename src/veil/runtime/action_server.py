@@ -130,7 +130,7 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length)
             try:
                 obj = json.loads(raw or b"{}")
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise BadRequest("body is not valid JSON", code="malformed") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("value", {}), dict):
                 raise BadRequest('body must be {"value": {...}}', code="malformed")

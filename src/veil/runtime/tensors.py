@@ -24,6 +24,7 @@ fault. A header over 64 KiB and unknown header fields or options are refused.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ ERROR_MAGIC = b"VER1"
 DTYPES = {"float32", "float64", "int64", "int32", "int8", "uint8", "bool", "float16"}
 MAX_HEADER = 64 * 1024
 MAX_DIMS = 8
+MAX_ELEMENTS = 1 << 31  # checked before anything is allocated or viewed
 MAX_ERROR_MESSAGE = 4096
 _HEADER_FIELDS = {"tensors", "options", "timings"}
 _OPTIONS = {"timings"}
@@ -102,7 +104,7 @@ def decode_with_meta(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]
     try:
         header = json.loads(data[8 : 8 + length])
         entries = header["tensors"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise MalformedError("tensors", "header is not valid JSON with a 'tensors' list") from None
     if not isinstance(header, dict):
         raise MalformedError("tensors", "header must be a JSON object")
@@ -132,7 +134,10 @@ def decode_with_meta(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         ):
             raise MalformedError(f"tensors.{name}.shape", f"must be a list of ≤ {MAX_DIMS} non-negative ints")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        count = math.prod(shape)  # Python ints: a hostile [2**32, 2**32] cannot wrap around to 0
+        if count > MAX_ELEMENTS:
+            raise MalformedError(f"tensors.{name}.shape", f"at most {MAX_ELEMENTS} elements per tensor")
+        nbytes = count * np.dtype(dtype).itemsize
         if offset + nbytes > len(data):
             raise MalformedError(f"tensors.{name}", "data shorter than its shape requires")
         out[name] = np.frombuffer(data, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize, offset=offset).reshape(
@@ -195,7 +200,7 @@ def decode_error(data: bytes) -> tuple[str, str]:
     try:
         err = json.loads(data[8:])["error"]
         code, message = err["code"], err["message"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise MalformedError("error", 'body is not {"error": {"code", "message"}}') from None
     if not isinstance(code, str) or not _CODE.match(code) or not isinstance(message, str):
         raise MalformedError("error", "code and message must be strings")
