@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from veil import openapi_bodies as bodies
 from veil.crypto import chunked
 from veil.crypto.encoding import b64d
 from veil.crypto.envelope import Envelope, check_identifier
@@ -137,7 +138,7 @@ def create_app(
             )
         return body
 
-    @app.put("/v1/models/{model}/versions/{version}/sealed")
+    @app.put("/v1/models/{model}/versions/{version}/sealed", openapi_extra=bodies.binary_body())
     async def upload_sealed(model: str, version: str, request: Request) -> dict:
         """Store the sealed file of a staged version. Only its owner may write it: the upload carries
         the owner's signature over (model, version, SHA-256 of the file), checked against the
@@ -193,7 +194,7 @@ def create_app(
                 store.delete(model, old)
         return {"v": 1, "model": model, "version": number, "bytes": size}
 
-    @app.post("/v1/models/{model}:infer")
+    @app.post("/v1/models/{model}:infer", openapi_extra=bodies.ENVELOPE)
     async def infer(model: str, request: Request) -> dict:
         """Encrypted envelope in, encrypted envelope out."""
         obj = parse_json_object(await read_body(request, MAX_ENVELOPE))
@@ -202,14 +203,14 @@ def create_app(
             raise BadRequest(f"envelope.model is {envelope.model!r} but the URL names {model!r}", code="malformed")
         return await call(router, model, {"envelope": obj}, "tee")
 
-    @app.post("/v1/he/keys")
+    @app.post("/v1/he/keys", openapi_extra=bodies.HE_OBJECT)
     async def he_keys(request: Request) -> dict:
         if he_router is None:
             raise VeilError("HE mode is not deployed", code="not_deployed", status=404)
         obj = parse_json_object(await read_body(request, MAX_MODEL))
         return await call(he_router, "he-keys", {**obj, "op": "upload_keys"}, "he")
 
-    @app.post("/v1/he/models/{model}:infer")
+    @app.post("/v1/he/models/{model}:infer", openapi_extra=bodies.HE_OBJECT)
     async def he_infer(model: str, request: Request) -> dict:
         if he_router is None:
             raise VeilError("HE mode is not deployed", code="not_deployed", status=404)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
+from veil import openapi_bodies as bodies
 from veil.attest.evidence import Evidence
 from veil.crypto.encoding import b64d, b64e
 from veil.crypto.envelope import check_identifier
@@ -49,7 +50,7 @@ def create_app(ks: KeyService) -> FastAPI:
     async def evidence(nonce: str) -> dict:
         return ks.evidence(b64d(nonce, "nonce"))
 
-    @app.post("/v1/principals")
+    @app.post("/v1/principals", openapi_extra=bodies.REGISTER)
     async def register(request: Request) -> dict:
         body = await read_body(request, wire.MAX_BODY)
         obj = parse_json_object(body)
@@ -62,7 +63,7 @@ def create_app(ks: KeyService) -> FastAPI:
         created = ks.register(caller, public_key)
         return {"v": wire.VERSION, "id": caller, "created": created}
 
-    @app.post("/v1/models/{model}/versions")
+    @app.post("/v1/models/{model}/versions", openapi_extra=bodies.STAGE_VERSION)
     async def stage_version(model: str, request: Request) -> dict:
         """Stage a new version (owner-signed): key, digest, and the allow-list and revocation delay
         that apply once it is committed."""
@@ -75,7 +76,7 @@ def create_app(ks: KeyService) -> FastAPI:
         )
         return {"v": wire.VERSION, "model": model, "version": version, "state": "staged", "owner": caller}
 
-    @app.post("/v1/models/{model}/versions/{version}/commit")
+    @app.post("/v1/models/{model}/versions/{version}/commit", openapi_extra=bodies.EMPTY)
     async def commit_version(model: str, version: str, request: Request) -> dict:
         check_identifier(model, "model")
         number = _version_number(version)
@@ -87,7 +88,7 @@ def create_app(ks: KeyService) -> FastAPI:
         """Public: the owner and state of a version (the gateway checks upload signatures with it)."""
         return ks.version_info(check_identifier(model, "model"), _version_number(version))
 
-    @app.put("/v1/models/{model}/revocation-delay")
+    @app.put("/v1/models/{model}/revocation-delay", openapi_extra=bodies.REVOCATION_DELAY)
     async def put_revocation_delay(model: str, request: Request) -> dict:
         check_identifier(model, "model")
         caller, obj = await signed(request)
@@ -95,7 +96,7 @@ def create_app(ks: KeyService) -> FastAPI:
         ks.set_revocation_delay(caller, model, delay)
         return {"v": wire.VERSION, "model": model, "revocation_delay_s": delay}
 
-    @app.put("/v1/models/{model}/measurements")
+    @app.put("/v1/models/{model}/measurements", openapi_extra=bodies.MEASUREMENTS_BODY)
     async def put_measurements(model: str, request: Request) -> dict:
         check_identifier(model, "model")
         caller, obj = await signed(request)
@@ -116,7 +117,7 @@ def create_app(ks: KeyService) -> FastAPI:
         ks.set_grant(caller, model, check_identifier(user, "user"), False)
         return {"v": wire.VERSION, "model": model, "user": user, "granted": False}
 
-    @app.put("/v1/models/{model}/request-key")
+    @app.put("/v1/models/{model}/request-key", openapi_extra=bodies.REQUEST_KEY)
     async def put_request_key(model: str, request: Request) -> dict:
         check_identifier(model, "model")
         caller, obj = await signed(request)
@@ -140,7 +141,7 @@ def create_app(ks: KeyService) -> FastAPI:
     async def challenge() -> dict:
         return {"v": wire.VERSION, "challenge": b64e(ks.challenge())}
 
-    @app.post("/v1/attest")
+    @app.post("/v1/attest", openapi_extra=bodies.ATTEST)
     async def attest(request: Request) -> dict:
         obj = parse_json_object(await read_body(request, wire.MAX_BODY))
         _version(obj)
@@ -154,7 +155,7 @@ def create_app(ks: KeyService) -> FastAPI:
             "measurement": session.report.measurement,
         }
 
-    @app.post("/v1/release")
+    @app.post("/v1/release", openapi_extra=bodies.RELEASE)
     async def release(request: Request) -> dict:
         obj = parse_json_object(await read_body(request, wire.MAX_BODY))
         _version(obj)
