@@ -43,6 +43,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortInUse(RuntimeError):
+    """A port this deployment was told to use is already taken (by another deployment, say)."""
+
+
+def claim_port(port: int, what: str) -> int:
+    """`port` if nothing listens on it on loopback (0: a free one); else PortInUse naming it.
+
+    Checked before starting, because a health check on a taken port would be answered by
+    whoever holds it, and clients would then talk to someone else's services."""
+    if port == 0:
+        return free_port()
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise PortInUse(f"{what} port {port} is already in use on 127.0.0.1 (another deployment?)") from None
+    return port
+
+
+def check_own_keyservice(url: str, sim_root: SimRoot, measurement: str) -> None:
+    """Verify that the KeyService answering at `url` is the one this deployment started: its
+    evidence must be signed by this deployment's simulation root for this code's measurement,
+    over a fresh nonce. (A liveness check alone would be answered by any KeyService.)"""
+    from veil.attest.evidence import Evidence
+    from veil.attest.validate import Policy, validate
+    from veil.attest.verify import TrustConfig, verify
+    from veil.crypto.encoding import b64d, b64e
+    from veil.keyservice import wire
+
+    nonce = os.urandom(32)
+    body = httpx.get(f"{url}/v1/evidence", params={"nonce": b64e(nonce)}, timeout=10).json()
+    public_key, signing_key = b64d(body["public_key"], "public_key"), b64d(body["signing_key"], "signing_key")
+    report = verify(Evidence.from_json(body["evidence"]), TrustConfig(sim_roots=[sim_root.public_key]))
+    policy = Policy(allowed_measurements=frozenset({measurement}), allow_simulated=True)
+    validate(report, policy, wire.keyservice_binding(public_key, signing_key, nonce))
+
+
 def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,7 +139,9 @@ class LocalDeployment:
         for d in (self.keyservice_dir, self.store_dir / "models", self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
         sim_root = SimRoot.load_or_create(self.keyservice_dir / "sim-root.key")
-        ks_port = self.options.keyservice_port or free_port()
+        ks_port = claim_port(self.options.keyservice_port, "KeyService")
+        if self.options.gateway_port:
+            claim_port(self.options.gateway_port, "gateway")
         ks_url = self._keyservice_url = f"http://127.0.0.1:{ks_port}"
         ks_log = (self.log_dir / "keyservice.log").open("ab")
         self._keyservice = subprocess.Popen(
@@ -123,6 +162,7 @@ class LocalDeployment:
         ks_log.close()
         try:
             wait_http(f"{ks_url}/healthz", 30, self._keyservice)
+            check_own_keyservice(ks_url, sim_root, measure("keyservice"))
             self._start_platform(ks_url)
             gw_url = self._start_gateway()
         except BaseException:
@@ -202,7 +242,7 @@ class LocalDeployment:
             he_router=self.he_router,
             platform=self.platform,
         )
-        port = self.options.gateway_port or free_port()
+        port = claim_port(self.options.gateway_port, "gateway")
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
         self._gateway_server = uvicorn.Server(config)
         self._gateway_server.install_signal_handlers = lambda: None
