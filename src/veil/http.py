@@ -18,8 +18,13 @@ from veil.errors import BadRequest, TooLarge, VeilError, from_exception
 log = logging.getLogger("veil.http")
 
 
+RETRY_AFTER_S = 1  # what a 503 (busy, unavailable) tells clients to wait before trying again
+
+
 def error_response(err: VeilError) -> JSONResponse:
-    return JSONResponse(err.to_json(), status_code=err.status)
+    """The standard error body; a 503 (the request did not run) also says when to retry."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 503 else None
+    return JSONResponse(err.to_json(), status_code=err.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

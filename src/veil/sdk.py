@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,34 @@ class Deployment:
         except ValueError:
             raise BadRequest(f"{path}: not valid JSON", code="bad_deployment") from None
         return cls.from_json(obj)
+
+
+DEFAULT_DEADLINE_S = 120.0
+MAX_RETRIES = 8
+TIMEOUT_HEADER = "x-veil-timeout-ms"
+# Refusals that mean the request did not run: safe to send again (with a fresh envelope).
+CLEAN_REFUSALS = frozenset({"busy", "unavailable", "keyservice_unavailable"})
+
+
+class _Retryable(Exception):
+    """An attempt that failed in a way a retry may fix; `error` is what the caller sees if not."""
+
+    def __init__(self, error: VeilError, *, may_have_run: bool, retry_after: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error, self.may_have_run, self.retry_after = error, may_have_run, retry_after
+
+
+def _backoff(attempt: int, base: float = 0.05, cap: float = 2.0) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base·2^attempt)]."""
+    return random.uniform(0, min(cap, base * 2**attempt))  # noqa: S311 - timing jitter, not a secret
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    try:
+        return min(30.0, max(0.0, float(value)))
+    except ValueError:
+        return None
 
 
 def _gateway_error(response: httpx.Response) -> VeilError:
@@ -238,6 +267,8 @@ class ModelUser(_Principal):
         *,
         input_name: str = "input",
         timings: bool = False,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        idempotent: bool = False,
     ) -> dict[str, np.ndarray]:
         """Encrypt `inputs`, send them, decrypt and return the model's named outputs.
 
@@ -246,12 +277,39 @@ class ModelUser(_Principal):
         and message and the HTTP status. `timings=True` asks the runtime for its timings, which
         come back inside the response envelope; `last_timings` holds them (when asked) and
         `round_trip_ms`, measured here on every call.
-        """
+
+        The whole call, retries included, ends within `deadline_s`: the envelope expires then (a
+        runtime drops it after that) and the gateway is told the time left. Clean refusals that
+        did not run (`busy`, `unavailable`, a connection that never opened) are retried with
+        jittered backoff, honouring `Retry-After`, each with a fresh envelope; a failure after
+        which the request may have run (a timeout, a crashed instance) is retried only if
+        `idempotent` is set."""
         key = self.request_keys.get(model_id)
         if key is None:
             raise BadRequest(f"no request key for model {model_id!r}: call request_access first", code="no_request_key")
         named = inputs if isinstance(inputs, dict) else {input_name: inputs}
-        request_id, envelope = self.sealed_request(model_id, named, timings=timings)
+        deadline = time.monotonic() + deadline_s
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return self._infer_once(model_id, key, named, timings=timings, remaining_s=remaining)
+            except _Retryable as exc:
+                attempt += 1
+                ran = exc.may_have_run
+                pause = exc.retry_after if exc.retry_after is not None else _backoff(attempt)
+                if (ran and not idempotent) or attempt > MAX_RETRIES or time.monotonic() + pause >= deadline:
+                    raise exc.error from None
+                time.sleep(pause)
+
+    def _infer_once(
+        self, model_id: str, key: SymmetricKey, named: dict[str, np.ndarray], *, timings: bool, remaining_s: float
+    ) -> dict[str, np.ndarray]:
+        """One attempt: a fresh envelope that expires with the deadline."""
+        if remaining_s <= 0:
+            raise VeilError("deadline passed before the request could be sent", code="deadline_exceeded", status=504)
+        expires = int(time.time() + max(1.0, remaining_s)) + 1
+        request_id, envelope = self.sealed_request(model_id, named, timings=timings, expires=expires)
 
         def open_answer(obj: object) -> bytes:
             try:
@@ -278,12 +336,18 @@ class ModelUser(_Principal):
             except ValueError:
                 raise VeilError("runtime answered an unreadable error", code="bad_response", status=502) from None
             raise VeilError(message, code=code, status=status)
-
         t0 = time.perf_counter()
         try:
-            response = self.gateway.post(f"/v1/models/{model_id}:infer", json=envelope)
+            response = self.gateway.post(
+                f"/v1/models/{model_id}:infer",
+                json=envelope,
+                headers={TIMEOUT_HEADER: str(int(remaining_s * 1000))},
+                timeout=remaining_s,
+            )
         except httpx.HTTPError as exc:
-            raise Unavailable(f"gateway unreachable: {type(exc).__name__}") from None
+            never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            error = Unavailable(f"gateway unreachable: {type(exc).__name__}")
+            raise _Retryable(error, may_have_run=not never_sent) from None
         self.last_timings = {"round_trip_ms": (time.perf_counter() - t0) * 1e3}
         try:
             body = response.json()
@@ -295,7 +359,12 @@ class ModelUser(_Principal):
                 err.get("envelope") if isinstance(err, dict) else None
             )
             if sealed is None:  # refused before the request authenticated (or by the gateway)
-                raise _gateway_error(response)
+                error = _gateway_error(response)
+                if response.status_code == 503 and error.code in CLEAN_REFUSALS:
+                    raise _Retryable(error, may_have_run=False, retry_after=_retry_after(response))
+                if response.status_code in (502, 504):
+                    raise _Retryable(error, may_have_run=True)
+                raise error
             raise_sealed_error(open_answer(sealed), response.status_code)
         plaintext = open_answer(body.get("envelope") if isinstance(body, dict) else None)
         if tensors.is_error(plaintext):

@@ -63,6 +63,22 @@ def _status(exc: BaseException) -> VeilError:
     return VeilError(message, code=str(code), status=status if isinstance(status, int) else 502)
 
 
+TIMEOUT_HEADER = "x-veil-timeout-ms"
+
+
+def _time_left(request: Request | None, ceiling_s: float) -> float:
+    """The caller's remaining time (`x-veil-timeout-ms`), never more than the gateway's own."""
+    raw = request.headers.get(TIMEOUT_HEADER) if request is not None else None
+    if raw is None:
+        return ceiling_s
+    if not raw.isdigit() or len(raw) > 12:
+        raise BadRequest(f"{TIMEOUT_HEADER}: must be a whole number of milliseconds", code="malformed")
+    left = int(raw) / 1000
+    if left <= 0:
+        raise VeilError("the request's deadline passed before the gateway got it", code="deadline_exceeded", status=504)
+    return min(ceiling_s, left)
+
+
 def create_app(
     router: Router,
     store: LocalModelStore,
@@ -89,10 +105,13 @@ def create_app(
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     )
 
-    async def call(r: Router, model: str, value: dict[str, Any], mode: str) -> dict[str, Any]:
+    async def call(
+        r: Router, model: str, value: dict[str, Any], mode: str, request: Request | None = None
+    ) -> dict[str, Any]:
         t0 = time.perf_counter()
+        timeout = _time_left(request, timeout_s)
         try:
-            result = await run_in_threadpool(r.invoke, model, value, timeout=timeout_s)
+            result = await run_in_threadpool(r.invoke, model, value, timeout=timeout)
         except VeilError:
             requests.labels(mode, "error").inc()
             raise
@@ -201,7 +220,7 @@ def create_app(
         envelope = Envelope.from_json(obj, decode_ct=False)
         if envelope.model != model:
             raise BadRequest(f"envelope.model is {envelope.model!r} but the URL names {model!r}", code="malformed")
-        return await call(router, model, {"envelope": obj}, "tee")
+        return await call(router, model, {"envelope": obj}, "tee", request)
 
     @app.post("/v1/he/keys", openapi_extra=bodies.HE_OBJECT)
     async def he_keys(request: Request) -> dict:
