@@ -1027,7 +1027,11 @@ def _policy_row(v: dict[str, Any]) -> None:
             "revocation_delay_s) VALUES ('iris', ?, ?, 0, 0, 1, 90)",
             (owner.id, m),
         )
-        db.execute("INSERT INTO model_versions VALUES ('iris', 1, ?, ?, 'current', ?, 120, 0)", (digest, sealed_mk, m))
+        db.execute(
+            "INSERT INTO model_versions (model_id, version, digest, sealed_key, state, measurements, "
+            "revocation_delay_s, created) VALUES ('iris', 1, ?, ?, 'current', ?, 120, 0)",
+            (digest, sealed_mk, m),
+        )
         db.execute("INSERT INTO grants VALUES ('iris', ?, 0, NULL)", (user.id,))
         db.execute(
             "INSERT INTO request_keys (model_id, user_id, sealed_key, measurements, updated, max_delay_s) "

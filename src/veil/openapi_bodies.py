@@ -69,3 +69,4 @@ ENVELOPE = json_body(
     ["v", "model", "user", "request_id", "direction", "expires", "ct"],
 )
 HE_OBJECT = json_body({}, [])
+CARD = json_body({"v": V1, "signed_card": {"type": "object"}}, ["v", "signed_card"])

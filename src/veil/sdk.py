@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from veil import onnx_signature
 from veil.crypto import chunked
-from veil.crypto.encoding import b64e
+from veil.crypto.encoding import b64d, b64e
 from veil.crypto.envelope import Envelope, new_request_id, open_envelope, seal
 from veil.crypto.errors import IntegrityError
 from veil.crypto.identity import HEADER_PRINCIPAL, Identity
@@ -28,6 +29,7 @@ from veil.keyservice import wire
 from veil.keyservice.client import PrincipalClient
 from veil.runtime import tensors
 from veil.trust import ANCHOR_FIELDS, TrustAnchors
+from veil.wire.cards import ModelCard, mismatches, sign_card, verify_card
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class ModelOwner(_Principal):
         *,
         allowed_measurements: list[str] | None = None,
         revocation_delay_s: int | None = None,
+        description: str = "",
     ) -> dict[str, Any]:
         """Publish a new version of `model_id`, staged so that a failure changes nothing.
 
@@ -164,7 +167,8 @@ class ModelOwner(_Principal):
            allow-list and revocation delay that apply once it is current) and names its number;
         2. the model is sealed for that version and uploaded with this owner's signature over
            (model, version, SHA-256 of the sealed file): the store takes no one else's bytes;
-        3. the KeyService makes the version current; runtimes serve it within the delay.
+        3. the owner-signed model card (inputs, outputs, mode, description) is attached;
+        4. the KeyService makes the version current; runtimes serve it within the delay.
         A refused stage, a failed upload or a refused commit leaves the previous version serving."""
         data = Path(onnx).read_bytes() if isinstance(onnx, Path) else onnx
         key = SymmetricKey.generate()
@@ -180,6 +184,9 @@ class ModelOwner(_Principal):
         )
         sealed = chunked.seal_bytes(key, data, model=model_id, version=version)
         self.upload_sealed(model_id, version, sealed)
+        inputs, outputs = onnx_signature.signature(data)
+        card = ModelCard(model_id, version, "tee", self.id, inputs, outputs, description)
+        self.keyservice.put_card(model_id, version, sign_card(self.identity, card))
         committed = self.keyservice.commit_version(model_id, version)
         return {
             "model": model_id,
@@ -237,6 +244,7 @@ class ModelUser(_Principal):
     ) -> None:
         super().__init__(deployment, identity, trust=trust, timeout=timeout)
         self.request_keys: dict[str, SymmetricKey] = {}
+        self._cards: dict[str, ModelCard] = {}
         self.last_timings: dict[str, Any] = {}
 
     def request_access(
@@ -265,7 +273,7 @@ class ModelUser(_Principal):
         model_id: str,
         inputs: np.ndarray | dict[str, np.ndarray],
         *,
-        input_name: str = "input",
+        input_name: str | None = None,
         timings: bool = False,
         deadline_s: float = DEFAULT_DEADLINE_S,
         idempotent: bool = False,
@@ -287,7 +295,7 @@ class ModelUser(_Principal):
         key = self.request_keys.get(model_id)
         if key is None:
             raise BadRequest(f"no request key for model {model_id!r}: call request_access first", code="no_request_key")
-        named = inputs if isinstance(inputs, dict) else {input_name: inputs}
+        named = self._named_inputs(model_id, inputs, input_name)
         deadline = time.monotonic() + deadline_s
         attempt = 0
         while True:
@@ -301,6 +309,61 @@ class ModelUser(_Principal):
                 if (ran and not idempotent) or attempt > MAX_RETRIES or time.monotonic() + pause >= deadline:
                     raise exc.error from None
                 time.sleep(pause)
+
+    def card(self, model_id: str, *, refresh: bool = False) -> ModelCard:
+        """The model's card for its current version, verified: fetched through the (untrusted)
+        gateway, its signature checked against the owner's key and version that the KeyService
+        states over its signed channel."""
+        if not refresh and model_id in self._cards:
+            return self._cards[model_id]
+        info = self.keyservice.model_info(model_id)
+        try:
+            response = self.gateway.get(f"/v1/models/{model_id}/card")
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"gateway unreachable: {type(exc).__name__}") from None
+        if not response.is_success:
+            raise _gateway_error(response)
+        try:
+            owner_key = b64d(info.get("owner_public_key"), "owner_public_key")
+            card = verify_card(response.json().get("signed_card"), owner_key)
+        except (ValueError, AttributeError) as exc:
+            raise VeilError(f"model card of {model_id!r} does not verify: {exc}", code="bad_card", status=502) from None
+        if card.model != model_id or card.owner != info.get("owner") or card.version != info.get("current_version"):
+            raise VeilError(
+                f"model card of {model_id!r} is not the owner's card of the current version "
+                f"(card v{card.version}, current v{info.get('current_version')})",
+                code="bad_card",
+                status=502,
+            )
+        self._cards[model_id] = card
+        return card
+
+    def _named_inputs(
+        self, model_id: str, inputs: np.ndarray | dict[str, np.ndarray], input_name: str | None
+    ) -> dict[str, np.ndarray]:
+        """Name a bare array after the card's only input (or `input_name`), and explain any
+        mismatch with the card before anything is sent. Models without a card are sent as given."""
+        try:
+            card: ModelCard | None = self.card(model_id)
+        except VeilError as exc:
+            if exc.code != "no_card":
+                raise
+            card = None
+        if isinstance(inputs, dict):
+            named = inputs
+        elif input_name is not None:
+            named = {input_name: inputs}
+        elif card is not None and len(card.inputs) == 1:
+            named = {card.inputs[0].name: inputs}
+        else:
+            named = {"input": inputs}
+        if card is not None and (problems := mismatches(card, named)):
+            card = self.card(model_id, refresh=True)  # a new version may have a new signature
+            if problems := mismatches(card, named):
+                raise BadRequest(
+                    f"inputs do not fit {model_id} v{card.version}: " + "; ".join(problems), code="card_mismatch"
+                )
+        return named
 
     def _infer_once(
         self, model_id: str, key: SymmetricKey, named: dict[str, np.ndarray], *, timings: bool, remaining_s: float

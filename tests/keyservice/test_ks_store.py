@@ -146,7 +146,7 @@ def test_no_key_material_in_database_or_logs(tmp_path, keyservice_factory, caplo
 
 def test_store_schema_version_and_error_body_on_integrity(keyservice_server) -> None:
     ks = keyservice_server
-    assert ks.service.store.schema_version() == 2
+    assert ks.service.store.schema_version() == 3
     m = setup_model(ks)
     with raw_db(ks) as db:
         db.execute("UPDATE model_versions SET sealed_key=x'00'")

@@ -24,7 +24,7 @@ from veil.errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized,
 from veil.gateway.routing import Router
 from veil.http import install_error_handlers, parse_json_object, read_body
 from veil.keyservice import wire
-from veil.store import LocalModelStore
+from veil.store import ModelStore
 
 MAX_ENVELOPE = 32 << 20
 MAX_MODEL = 2 << 30
@@ -81,7 +81,7 @@ def _time_left(request: Request | None, ceiling_s: float) -> float:
 
 def create_app(
     router: Router,
-    store: LocalModelStore,
+    store: ModelStore,
     *,
     keyservice_url: str,
     he_router: Router | None = None,
@@ -157,6 +157,28 @@ def create_app(
             )
         return body
 
+    @app.get("/v1/models/{model}/card")
+    async def model_card(model: str) -> dict:
+        """The owner-signed card of the model's current version, relayed from the KeyService.
+        Public; clients verify the owner's signature (this gateway is not trusted to)."""
+        check_identifier(model, "model")
+        try:
+            answer = await registry_client.get(f"/v1/models/{model}/card")
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"KeyService unreachable: {type(exc).__name__}", code="keyservice_unavailable") from None
+        try:
+            body = answer.json()
+        except ValueError:
+            raise VeilError("KeyService answered a non-JSON card", code="keyservice_error", status=502) from None
+        if answer.status_code != 200:
+            err = body.get("error", {}) if isinstance(body, dict) else {}
+            raise VeilError(
+                str(err.get("message", "no card")),
+                code=str(err.get("code", "no_card")),
+                status=answer.status_code if answer.status_code < 500 else 502,
+            )
+        return body
+
     @app.put("/v1/models/{model}/versions/{version}/sealed", openapi_extra=bodies.binary_body())
     async def upload_sealed(model: str, version: str, request: Request) -> dict:
         """Store the sealed file of a staged version. Only its owner may write it: the upload carries
@@ -184,7 +206,8 @@ def create_app(
         if info.get("state") != "staged":
             raise Conflict(f"model {model!r} version {number} is {info.get('state')}, not staged", code="not_staged")
         owner_key = b64d(info.get("owner_public_key", ""), "owner_public_key")
-        upload = store.begin_upload(model, number, max_bytes=max_model_bytes)
+        # a network store's calls block on I/O: keep them off the event loop
+        upload = await run_in_threadpool(lambda: store.begin_upload(model, number, max_bytes=max_model_bytes))
         try:
             async for chunk in request.stream():
                 await run_in_threadpool(upload.write, chunk)
@@ -208,9 +231,9 @@ def create_app(
         finally:
             upload.abort()
         current = info.get("current_version") or 0
-        for old in store.versions(model):
+        for old in await run_in_threadpool(store.versions, model):
             if old < current:  # neither current nor newer: nothing will be released for it again
-                store.delete(model, old)
+                await run_in_threadpool(store.delete, model, old)
         return {"v": 1, "model": model, "version": number, "bytes": size}
 
     @app.post("/v1/models/{model}:infer", openapi_extra=bodies.ENVELOPE)

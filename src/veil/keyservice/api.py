@@ -88,6 +88,26 @@ def create_app(ks: KeyService) -> FastAPI:
         """Public: the owner and state of a version (the gateway checks upload signatures with it)."""
         return ks.version_info(check_identifier(model, "model"), _version_number(version))
 
+    @app.put("/v1/models/{model}/versions/{version}/card", openapi_extra=bodies.CARD)
+    async def put_card(model: str, version: str, request: Request) -> dict:
+        """Attach the owner-signed model card to a staged version."""
+        check_identifier(model, "model")
+        number = _version_number(version)
+        caller, obj = await signed(request)
+        ks.put_card(caller, model, number, obj.get("signed_card"))
+        return {"v": wire.VERSION, "model": model, "version": number}
+
+    @app.get("/v1/models/{model}/card")
+    async def card(model: str) -> dict:
+        """Public: the current version's signed card (verify the owner's signature before use)."""
+        return ks.current_card(model)
+
+    @app.get("/v1/models/{model}")
+    async def model_info(model: str, request: Request) -> dict:
+        """Signed: owner, owner key and current version, for verifying the model's card."""
+        await signed(request)
+        return ks.model_info(check_identifier(model, "model"))
+
     @app.put("/v1/models/{model}/revocation-delay", openapi_extra=bodies.REVOCATION_DELAY)
     async def put_revocation_delay(model: str, request: Request) -> dict:
         check_identifier(model, "model")

@@ -280,6 +280,13 @@ class PrincipalClient(_Http):
         self.commit_version(model, version)
         return version
 
+    def put_card(self, model: str, version: int, signed_card: dict[str, Any]) -> None:
+        self._signed("PUT", f"/v1/models/{model}/versions/{version}/card", {"signed_card": signed_card})
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        """Owner, owner key and current version, over the signed channel."""
+        return self._signed("GET", f"/v1/models/{model}")
+
     def set_measurements(self, model: str, measurements: list[str]) -> None:
         self._signed("PUT", f"/v1/models/{model}/measurements", {"measurements": measurements})
 

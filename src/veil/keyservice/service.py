@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from veil.attest.providers import EvidenceProvider
 from veil.attest.validate import Policy, parse_entry, validate
 from veil.attest.verify import TrustConfig, verify
 from veil.crypto import hpke
-from veil.crypto.encoding import b64d, b64e
+from veil.crypto.encoding import b64d, b64e, canonical_json
 from veil.crypto.envelope import check_identifier
 from veil.crypto.errors import CryptoError, MalformedError
 from veil.crypto.identity import Identity, SignedHeaders, principal_id, signing_payload, verify_signature
@@ -30,6 +31,7 @@ from veil.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized,
 from veil.keyservice import wire
 from veil.keyservice.policy import ReleaseFacts, release_refusal
 from veil.keyservice.store import Store
+from veil.wire import cards
 
 log = logging.getLogger("veil.keyservice")
 MAX_MEASUREMENTS = 64
@@ -276,6 +278,61 @@ class KeyService:
             "current_version": model.current_version,
             "owner": model.owner_id,
             "owner_public_key": b64e(owner_key or b""),
+        }
+
+    def put_card(self, caller: str, model_id: str, version: int, signed: object) -> None:
+        """Attach the owner-signed card to a staged version (checked: the caller's signature,
+        this model and version, the caller as owner)."""
+        self._owned_model(caller, model_id)
+        found = self.store.version(model_id, version)
+        if found is None:
+            raise NotFound(f"model {model_id!r} has no version {version}", code="unknown_version")
+        if found.state != "staged":
+            raise Conflict(
+                f"model {model_id!r} version {version} is {found.state}: cards are set while staged", code="not_staged"
+            )
+        owner_key = self.store.principal_key(caller)
+        assert owner_key is not None
+        try:
+            card = cards.verify_card(signed, owner_key)
+        except MalformedError as exc:
+            raise BadRequest(f"card: {exc}", code="bad_card") from None
+        if (card.model, card.version) != (model_id, version):
+            raise BadRequest(
+                f"card: names {card.model!r} v{card.version}, not {model_id!r} v{version}", code="bad_card"
+            )
+        text = canonical_json(signed).decode()
+        if len(text) > cards.MAX_CARD_BYTES:
+            raise BadRequest(f"card: larger than {cards.MAX_CARD_BYTES} bytes", code="bad_card")
+        with self.store.transaction() as db:
+            self.store.set_card(db, model_id, version, text)
+            self.store.append_audit(
+                db, {"actor": caller, "action": "put_card", "subject": f"{model_id}/v{version}", "outcome": "allowed"}
+            )
+
+    def current_card(self, model_id: str) -> dict:
+        """The signed card of the current version (public: readers verify the owner's signature)."""
+        model = self.store.model(check_identifier(model_id, "model"))
+        if model is None:
+            raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
+        text = self.store.card(model_id, model.current_version) if model.current_version else None
+        if text is None:
+            raise NotFound(f"model {model_id!r} has no card for its current version", code="no_card")
+        return {"v": wire.VERSION, "version": model.current_version, "signed_card": json.loads(text)}
+
+    def model_info(self, model_id: str) -> dict:
+        """Who owns a model and which version is current (asked over the signed channel, so a
+        user can trust the owner key it uses to verify the model's card)."""
+        model = self.store.model(check_identifier(model_id, "model"))
+        if model is None:
+            raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
+        return {
+            "v": wire.VERSION,
+            "model": model_id,
+            "owner": model.owner_id,
+            "owner_public_key": b64e(self.store.principal_key(model.owner_id) or b""),
+            "current_version": model.current_version,
+            "revocation_delay_s": model.revocation_delay_s,
         }
 
     def set_revocation_delay(self, caller: str, model_id: str, delay: int) -> None:

@@ -78,6 +78,10 @@ MIGRATIONS: list[str] = [
     CREATE TABLE principal_seq (principal_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
     DROP TABLE nonces;
     """,
+    # 3: owner-signed model cards, one per version (public; users check the owner's signature)
+    """
+    ALTER TABLE model_versions ADD COLUMN card TEXT;
+    """,
 ]
 
 
@@ -543,7 +547,8 @@ class Store:
     ) -> None:
         sealed = self._sealer.seal(f"models/{model_id}/v{version}/key", key)
         db.execute(
-            "INSERT INTO model_versions VALUES (?, ?, ?, ?, 'staged', ?, ?, ?)",
+            "INSERT INTO model_versions (model_id, version, digest, sealed_key, state, measurements, "
+            "revocation_delay_s, created) VALUES (?, ?, ?, ?, 'staged', ?, ?, ?)",
             (
                 model_id,
                 version,
@@ -585,6 +590,20 @@ class Store:
         )
         self._write_model(db, updated)
         return updated
+
+    def set_card(self, db: sqlite3.Connection, model_id: str, version: int, signed_card_json: str) -> None:
+        """Keep the owner-signed card of a version. Not a policy row: its authenticity is the
+        owner's signature, which every reader checks, not the KeyService's word."""
+        db.execute(
+            "UPDATE model_versions SET card=? WHERE model_id=? AND version=?", (signed_card_json, model_id, version)
+        )
+
+    def card(self, model_id: str, version: int) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT card FROM model_versions WHERE model_id=? AND version=?", (model_id, version)
+            ).fetchone()
+        return row[0] if row else None
 
     def current_model_key(self, model_id: str) -> bytes | None:
         """The current version's model key (tools and durability checks; releases use `release_view`)."""

@@ -1,0 +1,1 @@
+"""Formats every side shares (model cards, ...): a leaf that depends only on `veil.crypto`."""
