@@ -20,8 +20,8 @@ import numpy as np
 from veil import onnx_signature
 from veil.crypto import chunked
 from veil.crypto.encoding import b64d, b64e
-from veil.crypto.envelope import Envelope, new_request_id, open_envelope, seal
-from veil.crypto.errors import IntegrityError
+from veil.crypto.envelope import Envelope, check_identifier, new_request_id, open_envelope, seal
+from veil.crypto.errors import IntegrityError, MalformedError
 from veil.crypto.identity import HEADER_PRINCIPAL, Identity
 from veil.crypto.keys import SymmetricKey
 from veil.errors import BadRequest, Unavailable, VeilError
@@ -101,6 +101,27 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+def _model_id(value: str) -> str:
+    """A model id checked here, before anything is sent, with the rule it breaks."""
+    try:
+        return check_identifier(value, "model")
+    except MalformedError as exc:
+        raise BadRequest(f"model id {value!r}: {exc}", code="malformed") from None
+
+
+def _check_loads(data: bytes) -> None:
+    """Refuse, at publish, a model this Veil's runtime could never load (ONNX Runtime's message,
+    in full: the owner is the one who needs it)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise BadRequest(
+            f"model does not load in ONNX Runtime {ort.__version__}: {str(exc).splitlines()[0][:400]}", code="bad_model"
+        ) from None
+
+
 def _gateway_error(response: httpx.Response) -> VeilError:
     try:
         err = response.json().get("error", {})
@@ -170,7 +191,9 @@ class ModelOwner(_Principal):
         3. the owner-signed model card (inputs, outputs, mode, description) is attached;
         4. the KeyService makes the version current; runtimes serve it within the delay.
         A refused stage, a failed upload or a refused commit leaves the previous version serving."""
+        model_id = _model_id(model_id)
         data = Path(onnx).read_bytes() if isinstance(onnx, Path) else onnx
+        _check_loads(data)
         key = SymmetricKey.generate()
         measurements = allowed_measurements if allowed_measurements is not None else self.trust.runtime_measurements
         if not measurements:
@@ -244,7 +267,7 @@ class ModelUser(_Principal):
     ) -> None:
         super().__init__(deployment, identity, trust=trust, timeout=timeout)
         self.request_keys: dict[str, SymmetricKey] = {}
-        self._cards: dict[str, ModelCard] = {}
+        self._cards: dict[str, ModelCard | None] = {}  # None: the model has no card (asked once)
         self.last_timings: dict[str, Any] = {}
 
     def request_access(
@@ -258,6 +281,7 @@ class ModelUser(_Principal):
         """Make (or reuse) a request key for `model_id` and give it to the KeyService, releasable
         only to runtimes whose measurement this user allows (default: the user's trust anchors).
         `max_revocation_delay_s` shortens how long runtimes may cache it (the shorter wins)."""
+        model_id = _model_id(model_id)
         key = key or self.request_keys.get(model_id) or SymmetricKey.generate()
         measurements = allowed_measurements if allowed_measurements is not None else self.trust.runtime_measurements
         if not measurements:
@@ -292,10 +316,15 @@ class ModelUser(_Principal):
         jittered backoff, honouring `Retry-After`, each with a fresh envelope; a failure after
         which the request may have run (a timeout, a crashed instance) is retried only if
         `idempotent` is set."""
+        model_id = _model_id(model_id)
+        named = self._named_inputs(model_id, inputs, input_name)
         key = self.request_keys.get(model_id)
         if key is None:
-            raise BadRequest(f"no request key for model {model_id!r}: call request_access first", code="no_request_key")
-        named = self._named_inputs(model_id, inputs, input_name)
+            raise BadRequest(
+                f"no request key for model {model_id!r}: run `veil user request-access {model_id}` "
+                "(SDK: request_access) first",
+                code="no_request_key",
+            )
         deadline = time.monotonic() + deadline_s
         attempt = 0
         while True:
@@ -314,15 +343,22 @@ class ModelUser(_Principal):
         """The model's card for its current version, verified: fetched through the (untrusted)
         gateway, its signature checked against the owner's key and version that the KeyService
         states over its signed channel."""
+        model_id = _model_id(model_id)
         if not refresh and model_id in self._cards:
-            return self._cards[model_id]
+            cached = self._cards[model_id]
+            if cached is None:
+                raise VeilError(f"model {model_id!r} has no card", code="no_card", status=404)
+            return cached
         info = self.keyservice.model_info(model_id)
         try:
             response = self.gateway.get(f"/v1/models/{model_id}/card")
         except httpx.HTTPError as exc:
             raise Unavailable(f"gateway unreachable: {type(exc).__name__}") from None
         if not response.is_success:
-            raise _gateway_error(response)
+            error = _gateway_error(response)
+            if error.code == "no_card":
+                self._cards[model_id] = None
+            raise error
         try:
             owner_key = b64d(info.get("owner_public_key"), "owner_public_key")
             card = verify_card(response.json().get("signed_card"), owner_key)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
-import numpy as np
 
 from veil.cli._client import (
     client_dir_option,
@@ -78,16 +76,6 @@ def request_access(
     click.echo(f"request key registered for {model_id}")
 
 
-def _load_input(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix in (".csv", ".txt"):
-        return np.atleast_2d(np.loadtxt(path, delimiter=",", dtype=np.float32))
-    if path.suffix == ".json":
-        return np.asarray(json.loads(path.read_text()), dtype=np.float32)
-    raise click.BadParameter("input must be .npy, .csv or .json", param_hint="--input")
-
-
 @user.command("infer")
 @click.argument("model_id")
 @click.option(
@@ -95,17 +83,56 @@ def _load_input(path: Path) -> np.ndarray:
     "input_path",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Input rows: .npy, .csv or .json (a list of rows).",
+    help="Inputs: .csv (header optional), .npy, .npz (one array per model input) or .json "
+    "(a list of rows, or a mapping of input names for multi-input models).",
 )
-@click.option("--input-name", default="input", show_default=True, help="Name of the model's input tensor.")
+@click.option(
+    "--input-name",
+    default=None,
+    help="Input tensor name for a single array (default: the model card's only input, else 'input').",
+)
+@click.option(
+    "--output",
+    "output_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write predictions to .json, .csv or .npz instead of printing JSON.",
+)
 @deployment_option
 @client_dir_option
-def infer(model_id: str, input_path: Path, input_name: str, deployment_path: Path, client_dir: Path) -> None:
-    """Encrypt the input, run MODEL_ID on it in an attested runtime, decrypt and print the outputs."""
+def infer(
+    model_id: str,
+    input_path: Path,
+    input_name: str | None,
+    output_path: Path | None,
+    deployment_path: Path,
+    client_dir: Path,
+) -> None:
+    """Encrypt the input, run MODEL_ID on it in an attested runtime, decrypt and print the outputs.
+
+    Inputs are named, shaped and typed after the model's owner-signed card, and a mismatch is
+    explained before anything is sent."""
+    from veil.cli.io import InputError, load_inputs, write_outputs
+    from veil.errors import VeilError
+
     u = _user(deployment_path, client_dir)
-    x = _load_input(input_path)
-    if x.dtype == np.float64:
-        x = x.astype(np.float32)
+    try:
+        card = u.card(model_id)
+    except VeilError as exc:
+        if exc.code not in ("no_card",):
+            raise click.ClickException(f"{exc.code}: {exc.message}") from None
+        card = None
+    try:
+        x = load_inputs(input_path, card, input_name)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--input") from None
     outputs = run_or_fail(lambda: u.infer(model_id, x, input_name=input_name))
-    click.echo(json.dumps({k: v.tolist() for k, v in outputs.items()}))
+    try:
+        text = write_outputs(outputs, output_path)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--output") from None
+    if text is not None:
+        click.echo(text)
+    else:
+        click.echo(f"predictions written to {output_path}", err=True)
     click.echo(f"round trip {u.last_timings.get('round_trip_ms', 0):.1f} ms", err=True)
