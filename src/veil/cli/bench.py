@@ -22,11 +22,27 @@ def bench_dir() -> Path:
     return Path(veil.__file__).resolve().parents[2] / "bench"
 
 
-@click.command("bench", context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})
-@click.argument("suite", type=click.Choice(SUITES))
+BENCH_HELP = """Run benchmark SUITE and write its figures (`--json PATH`).
+
+Each suite has its own options: `veil bench SUITE --help` shows them."""
+
+
+@click.command(
+    "bench",
+    help=BENCH_HELP,
+    add_help_option=False,  # `--help` after a suite is the suite's own
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.argument("suite", required=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(suite: str, args: tuple[str, ...]) -> None:
-    """Run benchmark SUITE; pass e.g. `--json PATH` after it (`veil bench SUITE --help` for its options)."""
+@click.pass_context
+def bench(ctx: click.Context, suite: str | None, args: tuple[str, ...]) -> None:
+    if suite in (None, "-h", "--help"):
+        click.echo(ctx.get_help())
+        click.echo(f"\nSuites: {', '.join(SUITES)}")
+        return
+    if suite not in SUITES:
+        raise click.BadParameter(f"{suite!r}: not a suite; choose from {', '.join(SUITES)}", param_hint="SUITE")
     path = bench_dir() / f"{suite}.py"
     if not path.exists():
         raise click.ClickException(f"{path} not found: benchmarks run from a source checkout (pip install -e .)")
