@@ -12,6 +12,7 @@ import click
 _COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("veil.cli.demo", "demo", "Run the whole story on the embedded platform: seal, attest, infer."),
     "up": ("veil.cli.up", "up", "Start KeyService, model store, gateway and local platform."),
+    "example": ("veil.cli.example", "example", "Write an example ONNX model and test rows to try Veil with."),
     "owner": ("veil.cli.owner", "owner", "Model owner: seal and upload models, set policy, grant, revoke."),
     "user": ("veil.cli.user", "user", "Model user: register, request keys, run encrypted inference."),
     "keyservice": ("veil.cli.keyservice", "keyservice", "Run and inspect the KeyService."),
@@ -21,6 +22,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "he": ("veil.cli.he", "he", "HE mode: compile models, make keys, encrypted CKKS inference."),
     "runtime": ("veil.cli.runtime", "runtime", "Run a Veil runtime instance (OpenWhisk action server)."),
     "bench": ("veil.cli.bench", "bench", "Run benchmarks from bench/ and write JSON reports."),
+    "store": ("veil.cli.store", "store", "Serve the sealed-model store every node reads (HTTP; local dir or S3)."),
+    "cluster": ("veil.cli.cluster", "cluster", "Prepare a node for a multi-node deployment (simulation root)."),
 }
 
 

@@ -4,8 +4,8 @@ Inputs: CSV (with or without a header row; a header names the columns, which are
 `.npy` (one array), `.npz` (named arrays, one per model input) and JSON (a list of rows, or a
 mapping of input names to nested lists for multi-input models). Values are cast to the dtypes the
 verified model card gives, so an int64 input (MiniLM's `input_ids`) is fed as int64; without a
-card, floats become float32. Outputs: JSON (stdout or `.json`), CSV (one file, or one per
-output) or `.npz`.
+card, floats become float32. Outputs: JSON (stdout or `.json`), CSV (one row per sample, a
+column per output value) or `.npz`.
 """
 
 from __future__ import annotations
@@ -105,15 +105,24 @@ def write_outputs(outputs: dict[str, np.ndarray], target: Path | None) -> str | 
         np.savez(target, **outputs)
         return None
     if suffix == ".csv":
-        for name, arr in outputs.items():
-            out = target if len(outputs) == 1 else target.with_name(f"{target.stem}.{name}.csv")
-            np.savetxt(
-                out,
-                np.atleast_2d(arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr[:, None]),
-                delimiter=",",
-                fmt="%.9g",
-                header=name,
-                comments="",
-            )
+        _write_csv(outputs, target)
         return None
     raise InputError(f"{target}: output must be .json, .csv or .npz")
+
+
+def _write_csv(outputs: dict[str, np.ndarray], target: Path) -> None:
+    """One row per sample, one column per output value (`label`, `probabilities_0`, ...), when
+    every output has one row per sample; otherwise one file per output."""
+    rows = {arr.shape[0] if arr.ndim else None for arr in outputs.values()}
+    if len(rows) == 1 and None not in rows:
+        columns, header = [], []
+        for name, arr in outputs.items():
+            flat = arr.reshape(arr.shape[0], -1)
+            columns.append(flat)
+            header += [name] if flat.shape[1] == 1 else [f"{name}_{i}" for i in range(flat.shape[1])]
+        table = np.concatenate([c.astype(np.float64) for c in columns], axis=1)
+        np.savetxt(target, table, delimiter=",", fmt="%.9g", header=",".join(header), comments="")
+        return
+    for name, arr in outputs.items():
+        out = target.with_name(f"{target.stem}.{name}.csv")
+        np.savetxt(out, np.atleast_2d(arr), delimiter=",", fmt="%.9g", header=name, comments="")
