@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ class Deployment:
         return cls.from_json(obj)
 
 
+Progress = Callable[[str, int, int], None]
+UPLOAD_PIECE = 1 << 20
 DEFAULT_DEADLINE_S = 120.0
 MAX_RETRIES = 8
 TIMEOUT_HEADER = "x-veil-timeout-ms"
@@ -181,8 +184,12 @@ class ModelOwner(_Principal):
         allowed_measurements: list[str] | None = None,
         revocation_delay_s: int | None = None,
         description: str = "",
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Publish a new version of `model_id`, staged so that a failure changes nothing.
+
+        `progress(step, done, total)` hears each step ("check", "stage", "seal", "upload" in
+        bytes, "card", "commit"), for a progress bar on large models.
 
         1. the KeyService stages the version (fresh model key, keyed content digest, the
            allow-list and revocation delay that apply once it is current) and names its number;
@@ -192,7 +199,9 @@ class ModelOwner(_Principal):
         4. the KeyService makes the version current; runtimes serve it within the delay.
         A refused stage, a failed upload or a refused commit leaves the previous version serving."""
         model_id = _model_id(model_id)
+        report = progress or (lambda step, done, total: None)
         data = Path(onnx).read_bytes() if isinstance(onnx, Path) else onnx
+        report("check", 0, 1)
         _check_loads(data)
         key = SymmetricKey.generate()
         measurements = allowed_measurements if allowed_measurements is not None else self.trust.runtime_measurements
@@ -202,15 +211,20 @@ class ModelOwner(_Principal):
                 code="no_measurements",
             )
         digest = chunked.content_digest(key, data)
+        report("stage", 0, 1)
         version = self.keyservice.stage_version(
             model_id, key, digest, measurements=measurements, revocation_delay_s=revocation_delay_s
         )
+        report("seal", 0, 1)
         sealed = chunked.seal_bytes(key, data, model=model_id, version=version)
-        self.upload_sealed(model_id, version, sealed)
+        self.upload_sealed(model_id, version, sealed, progress=lambda done, total: report("upload", done, total))
+        report("card", 0, 1)
         inputs, outputs = onnx_signature.signature(data)
         card = ModelCard(model_id, version, "tee", self.id, inputs, outputs, description)
         self.keyservice.put_card(model_id, version, sign_card(self.identity, card))
+        report("commit", 0, 1)
         committed = self.keyservice.commit_version(model_id, version)
+        report("commit", 1, 1)
         return {
             "model": model_id,
             "version": version,
@@ -221,17 +235,29 @@ class ModelOwner(_Principal):
             "revocation_delay_s": committed.get("revocation_delay_s"),
         }
 
-    def upload_sealed(self, model_id: str, version: int, sealed: bytes) -> dict[str, Any]:
-        """Upload a sealed file for a staged version, signed by this owner."""
+    def upload_sealed(
+        self, model_id: str, version: int, sealed: bytes, *, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
+        """Upload a sealed file for a staged version, signed by this owner, streamed in 1 MiB
+        pieces (`progress(bytes sent, total)` after each)."""
         signature = self.identity.sign(wire.upload_payload(model_id, version, hashlib.sha256(sealed).hexdigest()))
         headers = {
             "content-type": "application/octet-stream",
             HEADER_PRINCIPAL: self.id,
             wire.HEADER_UPLOAD_SIGNATURE: b64e(signature),
         }
+        headers["content-length"] = str(len(sealed))
+
+        def pieces() -> Iterator[bytes]:
+            view = memoryview(sealed)
+            for start in range(0, len(sealed), UPLOAD_PIECE):
+                yield bytes(view[start : start + UPLOAD_PIECE])
+                if progress is not None:
+                    progress(min(start + UPLOAD_PIECE, len(sealed)), len(sealed))
+
         try:
             response = self.gateway.put(
-                f"/v1/models/{model_id}/versions/{version}/sealed", content=sealed, headers=headers
+                f"/v1/models/{model_id}/versions/{version}/sealed", content=pieces(), headers=headers
             )
         except httpx.HTTPError as exc:
             raise Unavailable(f"gateway unreachable: {type(exc).__name__}") from None

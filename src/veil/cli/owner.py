@@ -58,11 +58,23 @@ def publish(
     """Publish ONNX_FILE as a new version of MODEL_ID: staged at the KeyService, sealed under a
     fresh model key, uploaded with your signature, then made current."""
     o = _owner(deployment_path, client_dir)
-    result = run_or_fail(
-        lambda: o.publish(
-            model_id, onnx_file, allowed_measurements=list(measurements) or None, revocation_delay_s=revocation_delay
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), transient=True) as bar:
+        task = bar.add_task("publishing", total=None)
+
+        def show(step: str, done: int, total: int) -> None:
+            bar.update(task, description=step, completed=done, total=total if step == "upload" else None)
+
+        result = run_or_fail(
+            lambda: o.publish(
+                model_id,
+                onnx_file,
+                allowed_measurements=list(measurements) or None,
+                revocation_delay_s=revocation_delay,
+                progress=show,
+            )
         )
-    )
     replaced = f" (replaces v{result['replaced_version']})" if result["replaced_version"] else ""
     click.echo(
         f"published {model_id} v{result['version']}{replaced}: {result['plaintext_bytes']} bytes sealed to "
