@@ -13,6 +13,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("veil.cli.demo", "demo", "Run the whole story on the embedded platform: seal, attest, infer."),
     "up": ("veil.cli.up", "up", "Start KeyService, model store, gateway and local platform."),
     "example": ("veil.cli.example", "example", "Write an example ONNX model and test rows to try Veil with."),
+    "status": ("veil.cli.status", "status", "Show what a deployment runs: services, functions, instances, GB-s."),
     "owner": ("veil.cli.owner", "owner", "Model owner: seal and upload models, set policy, grant, revoke."),
     "user": ("veil.cli.user", "user", "Model user: register, request keys, run encrypted inference."),
     "keyservice": ("veil.cli.keyservice", "keyservice", "Run and inspect the KeyService."),
