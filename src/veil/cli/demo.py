@@ -84,6 +84,13 @@ def demo(workdir: Path | None, samples: int, with_he: bool) -> None:
             with console.status("Stopping…"):
                 stack.stop()
         console.print("[bold green]Demo complete.[/]")
+        console.print(
+            "Next: run it yourself, step by step (README, 'Step by step'):\n"
+            "  veil up                      # in one terminal\n"
+            "  veil trust init --allow-simulated --sim-root .veil/cloud/keyservice/sim-root.key\n"
+            "  veil example breast-cancer && veil owner init && veil owner publish cancer model.onnx\n"
+            "Then: docs/tutorial.md (a hospital, two users, a revocation, the audit), `veil bench SUITE --help`."
+        )
     except VeilError as exc:
         raise click.ClickException(f"{exc.code}: {exc.message}") from None
     finally:
