@@ -7,23 +7,16 @@ with the class count unknown, so the card never claims what the graph does not s
 
 from __future__ import annotations
 
-import onnx
+from typing import Any
 
 from veil.wire.cards import TensorSpec
 
-_ELEM = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.INT8: "int8",
-    onnx.TensorProto.UINT8: "uint8",
-    onnx.TensorProto.BOOL: "bool",
-}
+# onnx.TensorProto element types (imported lazily: the onnx package takes a second to import,
+# and every CLI command loads the SDK)
+_ELEM = {1: "float32", 11: "float64", 10: "float16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
 
 
-def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+def _spec(value: Any) -> TensorSpec:
     kind = value.type.WhichOneof("value")
     if kind == "tensor_type":
         tensor = value.type.tensor_type
@@ -35,6 +28,8 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
 
 def signature(model_bytes: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(inputs, outputs) of the graph, initialisers excluded from the inputs."""
+    import onnx
+
     model = onnx.load_model_from_string(model_bytes)
     initialisers = {i.name for i in model.graph.initializer}
     inputs = tuple(_spec(v) for v in model.graph.input if v.name not in initialisers)
