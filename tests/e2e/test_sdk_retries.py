@@ -42,6 +42,14 @@ def relay(stack) -> Iterator[Relay]:
         def log_message(self, *args: object) -> None:
             return
 
+        def do_GET(self) -> None:  # model cards and the like pass straight through
+            answer = httpx.get(r.upstream + self.path)
+            self.send_response(answer.status_code)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             r.seen.append(json.loads(body))

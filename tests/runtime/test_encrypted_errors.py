@@ -47,6 +47,13 @@ class Served:
         return httpx.post(f"{self.url}/run", json={"value": {"envelope": envelope}}, timeout=30)
 
 
+def status_of(answer: httpx.Response) -> int:
+    """The status a /run failure stands for: OpenWhisk-style, the HTTP status is 200 and the
+    error carries it (`error.status`), which is what platforms read."""
+    assert answer.status_code == 200, answer.text
+    return answer.json()["error"]["status"]
+
+
 def _clear_parts(body: dict[str, Any]) -> str:
     """The answer as the cloud sees it, minus the ciphertext bytes (random base64 may spell anything)."""
     body = json.loads(json.dumps(body))
@@ -76,6 +83,7 @@ def served(harness: Harness, trained, clock) -> Iterator[Served]:
     user.identity = Identity.generate()
     user.request_keys = {MODEL: harness.grant(MODEL, user.identity.id)}
     user.last_timings = {}
+    user._cards = {MODEL: None}  # no model card in this harness (no KeyService to vouch for one)
     s = Served(harness, url, user)
 
     def gateway(request: httpx.Request) -> httpx.Response:
@@ -83,9 +91,11 @@ def served(harness: Harness, trained, clock) -> Iterator[Served]:
         answer = s.run(json.loads(request.content))
         s.answers.append(answer)
         body = answer.json()
+        # as the platform and gateway do: an error's status travels in the error object
+        status = body["error"]["status"] if isinstance(body.get("error"), dict) else answer.status_code
         if s.mutate is not None:
             body = s.mutate(body)
-        return httpx.Response(answer.status_code, json=body)
+        return httpx.Response(status, json=body)
 
     user.gateway = httpx.Client(base_url="http://gateway.test", transport=httpx.MockTransport(gateway))
     try:
@@ -115,13 +125,15 @@ def test_an_error_after_decryption_says_nothing_in_clear(served, trained, inputs
         assert word in err.message, (word, err.message)
 
     (answer,) = served.answers
-    assert answer.status_code == 400
+    assert status_of(answer) == 400
     body = answer.json()
     # in clear: exactly the code, the fixed message and the envelope header (fields the request
     # had in clear already), nothing else
     sent = json.loads(served.sent[-1])
     envelope = body["error"]["envelope"]
-    assert body == {"error": {"code": "bad_input", "message": GENERIC_MESSAGE, "envelope": envelope}}, body
+    assert body == {
+        "error": {"code": "bad_input", "message": GENERIC_MESSAGE, "envelope": envelope, "status": 400}
+    }, body
     assert {k: v for k, v in envelope.items() if k != "ct"} == {
         **{k: v for k, v in sent.items() if k != "ct"},
         "direction": "response",
@@ -137,7 +149,7 @@ def test_garbage_plaintext_in_an_authenticated_envelope_is_answered_encrypted(se
     garbage = b"VTN1\xff\xff\xff\xffgarbage"
     env = seal(key, garbage, model=MODEL, user=served.user.id, request_id=rid, direction="request")
     answer = served.run(env.to_json())
-    assert answer.status_code == 400
+    assert status_of(answer) == 400
     err = answer.json()["error"]
     assert (
         err["code"] == "malformed"
@@ -154,13 +166,17 @@ def test_errors_before_authentication_stay_in_clear_without_an_envelope(served, 
     ct = bytearray(b64d(env["ct"]))
     ct[-1] ^= 1
     answer = served.run({**env, "ct": b64e(bytes(ct))})
-    assert answer.status_code == 400
+    assert status_of(answer) == 400
     assert answer.json() == {
-        "error": {"code": "integrity", "message": "envelope does not authenticate (tampered, swapped or wrong key)"}
+        "error": {
+            "code": "integrity",
+            "message": "envelope does not authenticate (tampered, swapped or wrong key)",
+            "status": 400,
+        }
     }
     stranger = {**env, "user": Identity.generate().id}
     answer = served.run(stranger)
-    assert answer.status_code == 403 and answer.json()["error"]["code"] == "not_granted"
+    assert status_of(answer) == 403 and answer.json()["error"]["code"] == "not_granted"
     assert "envelope" not in answer.json()["error"]
 
 
