@@ -39,14 +39,20 @@ def test_tutorial_runs_as_written(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 90
         while not (tmp_path / ".veil" / "deployment.json").exists():
-            assert up.poll() is None and time.monotonic() < deadline, "veil up did not start"
+            if up.poll() is not None:
+                output = up.stdout.read() if up.stdout else ""
+                if "already in use" in output:  # taken after the probe, by another process here
+                    pytest.skip(f"the tutorial's ports were taken meanwhile: {output.strip()}")
+                raise AssertionError(f"veil up exited: {output}")
+            assert time.monotonic() < deadline, "veil up did not start"
             time.sleep(0.2)
         script = "set -euo pipefail\n" + "\n".join(blocks[1:]) + "\n"
         r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=360)
         assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
         assert "Traceback" not in r.stderr
         assert "published risk v1" in r.stdout and "revocation delay 10 s" in r.stdout
-        assert r.stdout.count("granted ") == 2 and "clinic B refused (exit 1)" in r.stdout
+        assert sum(line.startswith("granted ") for line in r.stdout.splitlines()) == 2
+        assert "clinic B refused (exit 1)" in r.stdout
         assert "clinic A still served" in r.stdout and "not_granted" in r.stderr
         assert (tmp_path / "clinic-b.csv").read_text().startswith("label,probabilities_0,probabilities_1")
         assert "chain OK" in r.stderr and "policy rows OK" in r.stderr

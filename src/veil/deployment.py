@@ -4,17 +4,28 @@ and the end-to-end tests.
 - the KeyService runs as its own subprocess (its SQLite database under `cloud/keyservice`);
 - the local platform starts runtime instances as subprocesses on loopback ports;
 - the gateway (with the packer or a direct router) is served by uvicorn in this process;
-- the model store is the directory `cloud/store` (ciphertext only).
+- the model store is the directory `cloud/store` (ciphertext only), read by runtimes directly, or
+  served by `veil store serve` (`serve_store=True`) so that runtimes on other nodes read it too, or
+  any existing store (`store=`: a directory or a store service's URL).
+
+For more than one node the KeyService and the store service bind an address other nodes reach
+(`keyservice_host`, `store_host`) and are given to runtimes by the URL those nodes use
+(`keyservice_url`, `store_url`). Plain HTTP between nodes is safe for keys because runtimes and
+clients verify the KeyService's attestation and signed answers (TLS in front is still advisable,
+docs/platform.md), and the store holds only ciphertext.
 
 Simulated attestation is switched on explicitly here (there is no TEE on a laptop) and logged
-loudly by the KeyService and every runtime.
+loudly by the KeyService and every runtime; a node other than this one needs the deployment's
+simulation root installed (`veil cluster join`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -29,7 +40,8 @@ import httpx
 from veil.attest.measurement import measure
 from veil.attest.sim import SimRoot
 from veil.sdk import Deployment
-from veil.store import LocalModelStore
+from veil.store import ModelStore
+from veil.store.client import open_store
 from veil.trust import TrustAnchors
 
 log = logging.getLogger("veil.deployment")
@@ -55,6 +67,8 @@ def claim_port(port: int, what: str) -> int:
     if port == 0:
         return free_port()
     with socket.socket() as s:
+        # as the servers themselves do: connections in TIME_WAIT do not hold the port, a listener does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -106,6 +120,31 @@ class StackOptions:
     he: bool = True
     runtime_init: dict[str, Any] = field(default_factory=dict)
     runtime_env: dict[str, str] = field(default_factory=dict)
+    # where the KeyService listens, and the URL runtimes and the gateway are given for it
+    keyservice_host: str = "127.0.0.1"
+    keyservice_url: str | None = None
+    # the model store: None = this deployment's directory cloud/store, read directly by runtimes;
+    # or a directory or the http(s):// URL of a running `veil store serve` to use instead
+    store: str | None = None
+    # serve cloud/store with `veil store serve` on store_host:store_port, advertised as store_url
+    serve_store: bool = False
+    store_host: str = "127.0.0.1"
+    store_port: int = 0
+    store_url: str | None = None
+
+
+def advertised_url(host: str, port: int, given: str | None, what: str) -> str:
+    """The URL other processes use for a service bound to host:port. A wildcard bind (0.0.0.0,
+    ::) names no address anyone can connect to, so it needs the URL given explicitly."""
+    if given:
+        return given.rstrip("/")
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard:
+        raise ValueError(f"{what} binds {host}, which is no address to connect to: give its advertised URL too")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _packer_class() -> Any:
@@ -128,6 +167,9 @@ class LocalDeployment:
         self.store_dir = self.cloud / "store"
         self.log_dir = self.cloud / "logs"
         self._keyservice: subprocess.Popen | None = None
+        self._store_service: subprocess.Popen | None = None
+        self._store_token: str | None = None
+        self.store_location = str(self.store_dir)
         self._gateway_server: Any = None
         self._gateway_thread: threading.Thread | None = None
         self.platform: Any = None
@@ -142,7 +184,8 @@ class LocalDeployment:
         ks_port = claim_port(self.options.keyservice_port, "KeyService")
         if self.options.gateway_port:
             claim_port(self.options.gateway_port, "gateway")
-        ks_url = self._keyservice_url = f"http://127.0.0.1:{ks_port}"
+        o = self.options
+        ks_url = self._keyservice_url = advertised_url(o.keyservice_host, ks_port, o.keyservice_url, "the KeyService")
         ks_log = (self.log_dir / "keyservice.log").open("ab")
         self._keyservice = subprocess.Popen(
             [
@@ -152,6 +195,8 @@ class LocalDeployment:
                 "--allow-simulated",
                 "--state-dir",
                 str(self.keyservice_dir),
+                "--host",
+                o.keyservice_host,
                 "--port",
                 str(ks_port),
             ],
@@ -163,12 +208,14 @@ class LocalDeployment:
         try:
             wait_http(f"{ks_url}/healthz", 30, self._keyservice)
             check_own_keyservice(ks_url, sim_root, measure("keyservice"))
+            self.store_location = self._start_store()
             self._start_platform(ks_url)
             gw_url = self._start_gateway()
         except BaseException:
             self.stop()
             raise
-        self.info = Deployment(gateway_url=gw_url, keyservice_url=ks_url, extra={"store_dir": str(self.store_dir)})
+        extra = {"store_dir": str(self.store_dir), "store": self.store_location}
+        self.info = Deployment(gateway_url=gw_url, keyservice_url=ks_url, extra=extra)
         self.sim_root_public_key = sim_root.public_key
         (self.root / "deployment.json").write_text(json.dumps(self.info.to_json(), indent=2))
         return self.info
@@ -185,6 +232,43 @@ class LocalDeployment:
             sim_roots=[SimRoot.load_or_create(self.keyservice_dir / "sim-root.key").public_key],
         )
 
+    def _start_store(self) -> str:
+        """Where runtimes read sealed models: the options' store, this deployment's directory, or
+        the `veil store serve` started here over that directory (with a write token only this
+        deployment's gateway holds)."""
+        o = self.options
+        if o.store is not None:
+            if o.serve_store:
+                raise ValueError("give either store= (an existing store) or serve_store=True, not both")
+            return o.store
+        if not o.serve_store:
+            return str(self.store_dir)
+        port = claim_port(o.store_port, "model store")
+        url = advertised_url(o.store_host, port, o.store_url, "the model store service")
+        token_file = self.cloud / "store-token"
+        if not token_file.exists():
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        self._store_token = token_file.read_text().strip()
+        store_log = (self.log_dir / "store.log").open("ab")
+        self._store_service = subprocess.Popen(
+            [sys.executable, "-m", "veil.cli", "store", "serve", "--root", str(self.store_dir)]
+            + ["--host", o.store_host, "--port", str(port), "--write-token-file", str(token_file)],
+            stdout=store_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        store_log.close()
+        wait_http(f"{url}/healthz", 30, self._store_service)
+        return url
+
+    def model_store(self) -> ModelStore:
+        """The store as the gateway writes it (this deployment's directory unless told otherwise)."""
+        if self.options.store is None and not self.options.serve_store:
+            return open_store(self.store_dir, create=True)
+        return open_store(self.store_location, token=self._store_token)
+
     def _start_platform(self, ks_url: str) -> None:
         from veil.gateway.routing import DirectRouter
         from veil.platform.local import FunctionSpec, LocalPlatform
@@ -194,6 +278,9 @@ class LocalDeployment:
         env = {
             "VEIL_SIM_ROOT": str(self.keyservice_dir / "sim-root.key"),
             "VEIL_THREADS": str(o.concurrency),
+            # the platform reads an error's status from the HTTP status of /run (until it reads the
+            # body's `error.status`, which the runtime's OpenWhisk-style 200 answers carry)
+            "VEIL_ERROR_STATUS": "http",
             **o.runtime_env,
         }
 
@@ -215,7 +302,7 @@ class LocalDeployment:
             {
                 "kind": "tee",
                 "keyservice_url": ks_url,
-                "store": str(self.store_dir),
+                "store": self.store_location,
                 **o.runtime_init,
             },
         )
@@ -237,7 +324,7 @@ class LocalDeployment:
 
         app = create_app(
             self.router,
-            LocalModelStore(self.store_dir, create=True),
+            self.model_store(),
             keyservice_url=self._keyservice_url,
             he_router=self.he_router,
             platform=self.platform,
@@ -261,13 +348,14 @@ class LocalDeployment:
             self.router.close()
         if self.platform is not None:
             self.platform.close()
-        if self._keyservice is not None and self._keyservice.poll() is None:
-            self._keyservice.terminate()
-            try:
-                self._keyservice.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._keyservice.pid, 9)
-                self._keyservice.wait()
+        for service in (self._keyservice, self._store_service):
+            if service is not None and service.poll() is None:
+                service.terminate()
+                try:
+                    service.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(service.pid, 9)
+                    service.wait()
 
     def __enter__(self) -> LocalDeployment:
         self.start()
