@@ -41,7 +41,12 @@ DEV_MODULES = (
     "veil.he.tasks",
     "veil.he.demo",
     "veil.he.client",
+    "veil.store.client",
+    "veil.store.server",
+    "veil.store.s3",
 )
+# the reader side of the model store: what a runtime reads sealed models with (a directory or HTTP)
+STORE_READER = ("veil.store", "veil.store.base", "veil.store.local", "veil.store.remote")
 HE_SERVER = ("veil.he.action", "veil.he.server", "veil.he.seal_backend", "veil.he.store", "veil.he.compiled")
 
 
@@ -109,7 +114,7 @@ def test_runtime_closure_is_the_server_side_only() -> None:
     for module in c.modules:
         assert not is_dev(module), f"{module} is dev-side but in the runtime's measurement"
     # the lazily imported actions and their imports are in
-    for module in ("veil.runtime.__main__", "veil.runtime.tee_action", "veil.runtime.core", *HE_SERVER):
+    for module in ("veil.runtime.__main__", "veil.runtime.tee_action", "veil.runtime.core", *HE_SERVER, *STORE_READER):
         assert module in c.modules, module
     # package __init__s on the way count: importing veil.keyservice.client runs them
     for init in ("__init__.py", "keyservice/__init__.py", "he/__init__.py", "runtime/__init__.py"):
@@ -117,6 +122,8 @@ def test_runtime_closure_is_the_server_side_only() -> None:
     assert "tenseal" in c.distributions and "onnxruntime" in c.distributions
     # nothing of the HE compiler's or the benchmark's dependencies
     assert not {"onnx", "scikit-learn", "skl2onnx", "matplotlib", "fastapi", "click", "pytest"} & c.distributions.keys()
+    # nor the store's server and S3 adapter, nor httpx (cold-start time)
+    assert not {"boto3", "botocore", "uvicorn", "httpx"} & c.distributions.keys()
     # transitive requirements count (onnxruntime -> protobuf; cryptography -> cffi -> pycparser)
     assert {"protobuf", "cffi", "pycparser"} <= c.distributions.keys()
     # every measured file is a module of the closure, and nothing else is measured

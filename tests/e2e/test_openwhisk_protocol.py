@@ -1,5 +1,9 @@
 """The OpenWhisk action protocol, spoken directly to a runtime subprocess (`python -m veil.runtime`
-on VEIL_PORT), as OpenWhisk's invoker (or Knative, or the local platform) would."""
+on VEIL_PORT), as OpenWhisk's invoker (or Knative, or the local platform) would.
+
+`/run` failures are application errors: HTTP 200 with `{"error": {"code", "message", "status"}}`
+(OpenWhisk destroys a container that answers /run with anything but 200); `/init` failures keep
+their HTTP status. test_openwhisk_invoker.py drives the exact bodies of OpenWhisk's invoker."""
 
 from __future__ import annotations
 
@@ -122,6 +126,14 @@ def _activation(value: dict) -> dict:
     }
 
 
+def run_error(r: httpx.Response) -> tuple[int, dict[str, str]]:
+    """(status, error) of a failed /run: answered 200, the status inside the error object."""
+    assert r.status_code == 200, r.text
+    err = error_of(r)
+    assert isinstance(err.get("status"), int), err
+    return err["status"], err
+
+
 def _wait_sentinels(rt: Runtime, n: int) -> tuple[int, int]:
     """The sentinel is printed after the reply is sent: wait (bounded) for both streams."""
     return wait_until(lambda: rt.sentinels() if rt.sentinels() == (n, n) else None, timeout=10) or rt.sentinels()
@@ -129,10 +141,11 @@ def _wait_sentinels(rt: Runtime, n: int) -> tuple[int, int]:
 
 def test_run_before_init_is_refused(runtime):
     r = runtime.post("/run", _activation({"op": "stats"}))
-    assert r.status_code == 403
-    err = error_of(r)
-    assert err["code"] == "not_initialized" and "/init" in err["message"], err
+    status, err = run_error(r)
+    assert status == 403 and err["code"] == "not_initialized" and "/init" in err["message"], err
     assert runtime.http.get("/healthz").json() == {"ok": True, "initialized": False}
+    # refused before admission, and still an activation: both end markers follow it
+    assert _wait_sentinels(runtime, 1) == (1, 1)
 
 
 def test_init_once_then_refused(stack, runtime):
@@ -180,25 +193,31 @@ def test_activation_in_openwhisk_shape_is_served_and_ends_with_sentinels(stack, 
 
     # an activation that fails in the action is still an activation: error body, then sentinels
     r = runtime.post("/run", _activation({"nonsense": 1}))
-    assert r.status_code == 400
-    assert error_of(r)["code"] == "malformed"
+    status, err = run_error(r)
+    assert status == 400 and err["code"] == "malformed"
     assert _wait_sentinels(runtime, 3) == (3, 3)
     assert runtime.last_lines() == (SENTINEL, SENTINEL)
 
 
 def test_malformed_json_is_a_400_json_error(stack, runtime):
-    for path in ("/init", "/run"):
-        for body in (b"{not json", b"[1, 2]", b'{"value": 5}', b'{"value": "x"}'):
-            r = runtime.post(path, body)
-            assert r.status_code == 400, (path, body, r.text)
-            assert r.headers["content-type"] == "application/json"
-            assert error_of(r)["code"] == "malformed", (path, body)
+    bodies = (b"{not json", b"[1, 2]", b'{"value": 5}', b'{"value": "x"}')
+    for body in bodies:
+        r = runtime.post("/init", body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.headers["content-type"] == "application/json"
+        assert error_of(r)["code"] == "malformed", body
+        r = runtime.post("/run", body)
+        assert r.headers["content-type"] == "application/json"
+        assert run_error(r)[0] == 400 and error_of(r)["code"] == "malformed", body
+    # every /run, even one whose body did not parse, is followed by its end markers
+    assert _wait_sentinels(runtime, len(bodies)) == (len(bodies), len(bodies))
     # nothing of that initialised the action; a good init still works
     assert runtime.http.get("/healthz").json()["initialized"] is False
     assert runtime.post("/init", {"value": _init_value(stack)}).status_code == 200
     r = runtime.post("/run", b"{oops")
-    assert r.status_code == 400 and error_of(r)["code"] == "malformed"
-    assert runtime.post("/run", _activation({"op": "stats"})).status_code == 200
+    assert run_error(r)[0] == 400 and error_of(r)["code"] == "malformed"
+    r = runtime.post("/run", _activation({"op": "stats"}))
+    assert r.status_code == 200 and "error" not in r.json()
 
 
 @pytest.mark.parametrize(
@@ -209,14 +228,30 @@ def test_malformed_json_is_a_400_json_error(stack, runtime):
         ({"kind": "tee", "keyservice_url": "http://127.0.0.1:9"}, 400, "bad_init", ["init.store"]),
         ("bad-cache", 400, "bad_init", ["init.model_cache_mb"]),
         ("no-keyservice", 503, "keyservice_unavailable", ["unreachable"]),
+        ("missing-store-dir", 503, "no_store", ["does not exist"]),
+        ("store-service-down", 503, "no_store", ["unreachable", "veil store serve"]),
+        ({"kind": "tee", "keyservice_url": "http://127.0.0.1:9", "store": "s3://b/p"}, 400, "bad_init", ["s3://"]),
     ],
-    ids=["kind", "no-keyservice-url", "no-store", "bad-cache", "keyservice-unreachable"],
+    ids=[
+        "kind",
+        "no-keyservice-url",
+        "no-store",
+        "bad-cache",
+        "keyservice-unreachable",
+        "missing-store-dir",
+        "store-service-down",
+        "s3-store",
+    ],
 )
 def test_bad_init_is_a_clear_error_and_leaves_the_action_uninitialised(stack, runtime, value, status, code, words):
     if value == "bad-cache":
         value = _init_value(stack, model_cache_mb="lots")
     elif value == "no-keyservice":
         value = _init_value(stack, keyservice_url=f"http://127.0.0.1:{free_port()}")
+    elif value == "missing-store-dir":
+        value = _init_value(stack, store=str(stack.deployment.root / "no-such-store"))
+    elif value == "store-service-down":
+        value = _init_value(stack, store=f"http://127.0.0.1:{free_port()}")
     t0 = time.monotonic()
     r = runtime.post("/init", {"value": value})
     assert time.monotonic() - t0 < 15, "a bad init must fail fast"
@@ -226,7 +261,7 @@ def test_bad_init_is_a_clear_error_and_leaves_the_action_uninitialised(stack, ru
     for word in words:
         assert word in err["message"], (word, err)
     assert runtime.http.get("/healthz").json()["initialized"] is False
-    assert runtime.post("/run", _activation({"op": "stats"})).status_code == 403
+    assert run_error(runtime.post("/run", _activation({"op": "stats"})))[0] == 403
     # a correct init afterwards is accepted
     assert runtime.post("/init", {"value": _init_value(stack)}).status_code == 200
     assert runtime.post("/run", _activation({"op": "stats"})).status_code == 200
@@ -278,7 +313,7 @@ def test_no_init_or_environment_setting_gives_a_plaintext_answer(stack, runtime_
         {"model": LR, "user": stack.user.id, "tensors": encoded},
     ):
         r = runtime.post("/run", _activation(value))
-        assert r.status_code == 400, r.text
+        assert run_error(r)[0] == 400, r.text
         assert error_of(r)["code"] == "malformed"
         assert "tensors" not in r.json() and "envelope" not in r.json()
 

@@ -64,6 +64,9 @@ DEV_MODULES = (
     "veil.he.tasks",
     "veil.he.demo",
     "veil.he.client",
+    "veil.store.client",
+    "veil.store.server",
+    "veil.store.s3",
 )
 
 
@@ -222,9 +225,9 @@ class _RuntimeTransport:
     def _run(self, value: dict[str, Any]) -> dict[str, Any]:
         r = self.rt.run(value)
         body = r.json()
-        if r.status_code >= 400:
+        if r.status_code >= 400 or "error" in body:  # failures are 200 with error.status
             err = body.get("error", {})
-            raise HEError(str(err.get("code")), str(err.get("message")), r.status_code)
+            raise HEError(str(err.get("code")), str(err.get("message")), int(err.get("status", r.status_code)))
         return body
 
     def upload_keys(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ every request thread shares) and keeps its protocol: /init, /run, JSON errors, s
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -13,7 +14,16 @@ from typing import Any
 import httpx
 import pytest
 
-from veil.runtime.action_server import ActionServer, ActionState, Activation, current_activation, make_handler
+from veil.errors import VeilError
+from veil.runtime.action_server import (
+    SENTINEL,
+    ActionServer,
+    ActionState,
+    Activation,
+    current_activation,
+    make_handler,
+    split_init_body,
+)
 
 
 class RecordingAction:
@@ -81,3 +91,80 @@ def test_no_activation_outside_a_call_and_none_fields_when_not_sent(server):
     assert current_activation() is None
     answer = httpx.post(f"{server}/run", json={"value": {}}, timeout=10).json()
     assert answer["before"] == Activation().__dict__
+
+
+def _serve(state: ActionState) -> tuple[ActionServer, str]:
+    srv = ActionServer(("127.0.0.1", 0), make_handler(state))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def _sentinels(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line == SENTINEL)
+
+
+@pytest.mark.parametrize("http_error_status", [False, True], ids=["openwhisk-200", "http-status"])
+def test_refused_runs_are_application_errors_with_their_end_markers(capfd, http_error_status):
+    """A run refused before admission (busy) is answered like any failed activation: 200 with the
+    status in the error (or the HTTP status, with VEIL_ERROR_STATUS=http), then both markers."""
+    state = ActionState(threads=1, queue=0, http_error_status=http_error_status)
+    state.action = RecordingAction()
+    srv, url = _serve(state)
+    try:
+        capfd.readouterr()
+        slow = threading.Thread(target=lambda: httpx.post(f"{url}/run", json={"value": {"sleep": 1.0}}, timeout=10))
+        slow.start()
+        time.sleep(0.3)
+        busy = httpx.post(f"{url}/run", json={"value": {}}, timeout=10)
+        slow.join(10)
+        err = busy.json()["error"]
+        assert (err["code"], err["status"]) == ("busy", 503), err
+        assert busy.status_code == (503 if http_error_status else 200)
+        # and a warm instance keeps serving
+        assert httpx.post(f"{url}/run", json={"value": {}}, timeout=10).status_code == 200
+        time.sleep(0.2)
+        out, err_text = capfd.readouterr()
+        assert _sentinels(out) == 3 and _sentinels(err_text) == 3
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_openwhisk_init_bodies_are_split_into_init_value_and_settings():
+    init = {"kind": "tee", "keyservice_url": "http://ks:8700", "store": "http://store:8900"}
+    # Veil's platforms send the init value itself
+    assert split_init_body(init) == (init, {})
+    assert split_init_body({}) == (None, {})
+    # OpenWhisk's invoker: blackbox without code, init parameters (strings) in env
+    body = {
+        "name": "veil-tee",
+        "binary": False,
+        "main": "main",
+        "env": {
+            "VEIL_INIT": json.dumps(init),
+            "VEIL_SIM_ROOT": "/etc/veil/sim-root.key",
+            "VEIL_THREADS": "8",
+            "__OW_NAMESPACE": "guest",
+            "__OW_ACTIVATION_ID": "a" * 32,
+            "OTHER": "x",
+        },
+    }
+    value, settings = split_init_body(body)
+    assert value == init
+    assert settings == {
+        "VEIL_INIT": json.dumps(init),
+        "VEIL_SIM_ROOT": "/etc/veil/sim-root.key",
+        "VEIL_THREADS": "8",
+    }
+    # an init parameter given as a JSON object (the REST API allows any JSON value) is accepted
+    assert split_init_body({"name": "f", "env": {"VEIL_INIT": init}})[0] == init
+    # no VEIL_INIT: a container that was preinitialised from its own environment
+    assert split_init_body({"name": "f", "main": "main", "binary": False, "code": ""}) == (None, {})
+    for bad, code in (
+        ({"name": "f", "env": {"VEIL_INIT": "{nope"}}, "bad_init"),
+        ({"name": "f", "env": {"VEIL_INIT": "[1]"}}, "bad_init"),
+        ({"name": "f", "env": "VEIL_INIT=1"}, "malformed"),
+    ):
+        with pytest.raises(VeilError) as info:
+            split_init_body(bad)
+        assert info.value.code == code, bad

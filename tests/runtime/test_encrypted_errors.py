@@ -131,9 +131,9 @@ def test_an_error_after_decryption_says_nothing_in_clear(served, trained, inputs
     # had in clear already), nothing else
     sent = json.loads(served.sent[-1])
     envelope = body["error"]["envelope"]
-    assert body == {
-        "error": {"code": "bad_input", "message": GENERIC_MESSAGE, "envelope": envelope, "status": 400}
-    }, body
+    assert body == {"error": {"code": "bad_input", "message": GENERIC_MESSAGE, "envelope": envelope, "status": 400}}, (
+        body
+    )
     assert {k: v for k, v in envelope.items() if k != "ct"} == {
         **{k: v for k, v in sent.items() if k != "ct"},
         "direction": "response",

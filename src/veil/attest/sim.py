@@ -39,6 +39,12 @@ class SimRoot:
         return cls(Identity.generate())
 
     @classmethod
+    def load(cls, path: Path) -> SimRoot:
+        """Load the root from `path`, which must exist: a node that runs runtimes uses the root its
+        deployment distributed (`veil cluster join`), never one it made up itself."""
+        return cls(Identity.from_private_bytes(Path(path).read_bytes()))
+
+    @classmethod
     def load_or_create(cls, path: Path) -> SimRoot:
         """Load the root from `path`, creating it (mode 0600) on first use."""
         if path.exists():

@@ -16,6 +16,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "status": ("veil.cli.status", "status", "Show what a deployment runs: services, functions, instances, GB-s."),
     "owner": ("veil.cli.owner", "owner", "Model owner: seal and upload models, set policy, grant, revoke."),
     "user": ("veil.cli.user", "user", "Model user: register, request keys, run encrypted inference."),
+    "console": ("veil.cli.console", "console", "A local web page for your models, grants, audit log and usage."),
     "keyservice": ("veil.cli.keyservice", "keyservice", "Run and inspect the KeyService."),
     "trust": ("veil.cli.trust", "trust", "Your own trust anchors: KeyService and runtime measurements, simulation."),
     "measure": ("veil.cli.measure", "measure", "Print the measurement of Veil's trusted components."),

@@ -14,7 +14,7 @@ import click
 
 import veil
 
-SUITES = ("keyservice", "runtime", "packer", "he", "attest")
+SUITES = ("keyservice", "runtime", "packer", "he", "attest", "ray")
 
 
 def bench_dir() -> Path:

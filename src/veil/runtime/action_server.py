@@ -2,8 +2,21 @@
 
 The same program is an OpenWhisk blackbox action, a Knative container and a local platform
 instance. Requests are served by a bounded pool: at most `threads` run at once, at most `queue`
-wait; beyond that a clear 503 "busy". After each activation the OpenWhisk sentinel line is
-written to stdout and stderr, as the invoker expects.
+wait; beyond that a clear "busy" (status 503). After every `/run`, admitted or refused, the
+OpenWhisk sentinel line is written to stdout and stderr, as the invoker expects.
+
+`/init` takes either Veil's own init value (`{"value": {"kind": "tee", ...}}`, what the local and
+Ray platforms send) or the body OpenWhisk's invoker sends a blackbox action, `{"value": {"name",
+"main", "binary", "code", "env"}}`, whose `env` carries the init parameters: `VEIL_INIT` (the init
+value as JSON) and any other `VEIL_*` setting (`VEIL_SIM_ROOT`, `VEIL_THREADS`, `VEIL_QUEUE`).
+The `__OW_*` entries of `env` describe the first activation only and are not kept.
+
+`/run` failures are application errors: HTTP 200 with `{"error": {"code", "message", "status"}}`,
+`status` being the HTTP status the failure stands for. OpenWhisk treats any other status as a
+broken container and destroys it, so a bad request must not cost a warm instance.
+`VEIL_ERROR_STATUS=http` (not a security setting: it changes only where the status travels) also
+sends it as the HTTP status, for callers that read status codes. `/init` failures keep their
+status: a failed init is a container that cannot serve.
 
 The activation fields the invoker sends next to `value` (activation id, action name, namespace,
 deadline, API host, transaction id) are per request: an action reads them with
@@ -16,10 +29,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,6 +45,11 @@ log = logging.getLogger("veil.runtime.action")
 SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 MAX_BODY = 48 << 20
 ACTIVATION_FIELDS = ("activation_id", "action_name", "namespace", "deadline", "api_host", "transaction_id")
+INIT_ENV = "VEIL_INIT"
+ERROR_STATUS_ENV = "VEIL_ERROR_STATUS"
+# the keys of the /init value OpenWhisk's invoker sends (WhiskAction.containerInitializer)
+OPENWHISK_INIT_KEYS = frozenset({"name", "main", "binary", "code", "env"})
+MAX_THREADS, MAX_QUEUE = 256, 4096
 
 
 @dataclass(frozen=True)
@@ -57,26 +77,86 @@ def current_activation() -> Activation | None:
     return _ACTIVATION.get()
 
 
+def parse_init(text: str | dict[str, Any], where: str = INIT_ENV) -> dict[str, Any]:
+    """An init value given as JSON text (an environment variable, an OpenWhisk init parameter)."""
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise BadRequest(f"{where}: not valid JSON", code="bad_init") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where}: must be a JSON object (the init value)", code="bad_init")
+    return value
+
+
+def _bounded_int(environ: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+    text = environ.get(name)
+    if text is None:
+        return None
+    if not str(text).isdigit() or not lo <= int(text) <= hi:
+        raise BadRequest(f"{name}: must be an integer in [{lo}, {hi}]", code="bad_init")
+    return int(text)
+
+
+def split_init_body(value: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """(init value or None, the VEIL_* settings that came with it) of an `/init` value.
+
+    Veil's platforms send the init value itself. OpenWhisk's invoker sends `{"name", "main",
+    "binary", "code", "env"}` with the init parameters (all strings) in `env`; the init value is
+    then `env.VEIL_INIT`, and None when there is none (a container preinitialised from its own
+    VEIL_INIT environment variable)."""
+    if not value:
+        return None, {}
+    if "kind" in value or not set(value) <= OPENWHISK_INIT_KEYS:
+        return value, {}
+    env = value.get("env", {})
+    if env is None:
+        env = {}
+    if not isinstance(env, dict):
+        raise BadRequest("value.env: must be an object of init parameters", code="malformed")
+    settings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in env.items() if k.startswith("VEIL_")}
+    init = env.get(INIT_ENV)
+    if init is None:
+        return None, settings
+    if not isinstance(init, str | dict):
+        raise BadRequest(f"value.env.{INIT_ENV}: must be the init value as JSON text", code="bad_init")
+    return parse_init(init, f"value.env.{INIT_ENV}"), settings
+
+
 class ActionState:
     """The action built by /init, and the admission control of /run."""
 
-    def __init__(self, threads: int, queue: int) -> None:
+    def __init__(self, threads: int, queue: int, *, http_error_status: bool = False) -> None:
         self.action: Any = None
         self.init_lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(threads)
-        self.capacity = threads + queue
-        self.admitted = 0
         self.admit_lock = threading.Lock()
+        self.admitted = 0
+        self.resize(threads, queue)
         self.started = time.time()
         self.preinitialized = False  # built from VEIL_INIT: the platform's own /init is then accepted once
+        self.preinit_value: dict[str, Any] | None = None
         self.init_called = False
+        self.http_error_status = http_error_status
 
-    def build(self, value: dict[str, Any]) -> dict[str, Any]:
+    def resize(self, threads: int, queue: int) -> None:
+        """Set the pool's size; only before the action exists (nothing can be admitted yet)."""
+        with self.admit_lock:
+            if self.admitted:
+                raise VeilError("cannot resize the request pool while requests run", code="busy", status=503)
+            self.threads, self.queue = threads, queue
+            self.slots = threading.BoundedSemaphore(threads)
+            self.capacity = threads + queue
+
+    def build(self, value: dict[str, Any], settings: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Build the action `value` describes. `settings` (OpenWhisk init parameters) override the
+        process environment for what the action reads from it."""
+        environ: Mapping[str, str] = {**os.environ, **settings} if settings else os.environ
         kind = value.get("kind", "tee")
         if kind == "tee":
             from veil.runtime.tee_action import TeeAction
 
-            self.action = TeeAction(value)
+            self.action = TeeAction(value, environ)
             return self.action.describe()
         if kind == "he":
             from veil.he.action import HEAction
@@ -84,6 +164,13 @@ class ActionState:
             self.action = HEAction(value)
             return {"kind": "he"}
         raise BadRequest("init.kind: must be 'tee' or 'he'", code="bad_init")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`code: message` of a failure, for a one-line log or exit message."""
+    status, body = _error(exc)
+    err = body.get("error", {})
+    return f"{err.get('code')}: {err.get('message')} (status {status})"
 
 
 def _error(exc: BaseException) -> tuple[int, dict[str, Any]]:
@@ -124,8 +211,13 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
             self.flush_headers()
 
         def _body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
+            declared = (self.headers.get("Content-Length") or "0").strip()
+            if not declared.isdigit():
+                self.close_connection = True  # the body's end is unknown: this connection cannot go on
+                raise BadRequest("Content-Length: must be a byte count", code="malformed")
+            length = int(declared)
             if length > MAX_BODY:
+                self.close_connection = True  # the body stays unread
                 raise VeilError(f"body exceeds {MAX_BODY} bytes", code="too_large", status=413)
             raw = self.rfile.read(length)
             try:
@@ -143,11 +235,12 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
                 self._reply(404, {"error": {"code": "not_found", "message": self.path}})
 
         def do_POST(self) -> None:
+            if self.path == "/run":
+                self._activation()
+                return
             try:
                 if self.path == "/init":
                     self._reply(200, self._init(self._body()))
-                elif self.path == "/run":
-                    self._run(self._body())
                 else:
                     self._reply(404, {"error": {"code": "not_found", "message": self.path}})
             except BaseException as exc:  # noqa: BLE001 - every failure becomes a JSON error
@@ -155,18 +248,45 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
                 self._reply(status, body)
 
         def _init(self, body: dict[str, Any]) -> dict[str, Any]:
+            init, settings = split_init_body(body.get("value", {}))
             with state.init_lock:
-                if state.preinitialized and not state.init_called and not body.get("value", {}).get("kind"):
-                    state.init_called = True
+                if state.preinitialized and not state.init_called and init in (None, state.preinit_value):
+                    state.init_called = True  # the platform's own /init of a container built from VEIL_INIT
                     return {"ok": True, "preinitialized": True}
                 state.init_called = True
                 if state.action is not None:
                     raise VeilError(
                         "Cannot initialize the action more than once.", code="already_initialized", status=403
                     )
-                return {"ok": True, **state.build(body.get("value", {}))}
+                if init is None:
+                    raise BadRequest(
+                        f'no init value: send {{"value": {{"kind": ...}}}} or the init parameter {INIT_ENV} '
+                        f"(OpenWhisk: value.env.{INIT_ENV}), or start the runtime with {INIT_ENV} set",
+                        code="bad_init",
+                    )
+                threads = _bounded_int(settings, "VEIL_THREADS", 1, MAX_THREADS)
+                queue = _bounded_int(settings, "VEIL_QUEUE", 0, MAX_QUEUE)
+                if threads is not None or queue is not None:
+                    state.resize(threads or state.threads, state.queue if queue is None else queue)
+                return {"ok": True, **state.build(init, settings)}
 
-        def _run(self, body: dict[str, Any]) -> None:
+        def _activation(self) -> None:
+            """One /run: the answer (200, failures inside it), then the end-of-activation markers,
+            whether or not the request was admitted."""
+            try:
+                try:
+                    status, answer = 200, self._run(self._body())
+                except BaseException as exc:  # noqa: BLE001 - an application error, not a dead container
+                    status, answer = _error(exc)
+                    err = answer.get("error")
+                    if isinstance(err, dict):
+                        answer = {**answer, "error": {**err, "status": status}}
+                self._reply(status if state.http_error_status else 200, answer)
+            finally:
+                print(SENTINEL, flush=True)
+                print(SENTINEL, file=sys.stderr, flush=True)
+
+        def _run(self, body: dict[str, Any]) -> dict[str, Any]:
             if state.action is None:
                 raise VeilError("action is not initialized: POST /init first", code="not_initialized", status=403)
             with state.admit_lock:
@@ -176,18 +296,11 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
             token = _ACTIVATION.set(Activation.from_body(body))
             try:
                 with state.slots:
-                    try:
-                        result = state.action.run(body.get("value", {}))
-                        self._reply(200, result)
-                    except BaseException as exc:  # noqa: BLE001
-                        status, err = _error(exc)
-                        self._reply(status, err)
+                    return state.action.run(body.get("value", {}))
             finally:
                 _ACTIVATION.reset(token)
                 with state.admit_lock:
                     state.admitted -= 1
-                print(SENTINEL, flush=True)
-                print(SENTINEL, file=sys.stderr, flush=True)
 
     return Handler
 
@@ -212,16 +325,27 @@ def prewarm_imports() -> threading.Thread:
     return thread
 
 
-def serve(port: int, *, threads: int = 4, queue: int = 32, host: str = "127.0.0.1", init: dict | None = None) -> None:
+def serve(
+    port: int,
+    *,
+    threads: int = 4,
+    queue: int = 32,
+    host: str = "127.0.0.1",
+    init: dict | None = None,
+    http_error_status: bool = False,
+) -> None:
     """Serve until killed. `threads` run concurrently; `queue` more may wait.
 
-    `init` (from the `VEIL_INIT` environment variable on OpenWhisk blackbox and Knative, where
-    `/init` carries no custom value) initialises the action before the first request.
+    `init` (from the `VEIL_INIT` environment variable, for Knative, which has no init call)
+    initialises the action before the port opens, so a pod is ready only once it attested; a
+    platform's later `/init` without a different value is then accepted once. A failing `init`
+    raises before anything listens.
     """
-    state = ActionState(threads, queue)
+    state = ActionState(threads, queue, http_error_status=http_error_status)
     if init is not None:
         state.build(init)
         state.preinitialized = True
+        state.preinit_value = init
     server = ActionServer((host, port), make_handler(state))
     log.info("action server on %s:%d (%d threads, queue %d)", host, port, threads, queue)
     server.serve_forever()

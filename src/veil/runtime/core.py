@@ -31,7 +31,7 @@ from veil.keyservice.client import Release
 from veil.runtime import tensors
 from veil.runtime.backend import OnnxModel
 from veil.runtime.caches import KeyCache, ModelCache, ReplayCache
-from veil.store import ModelStore
+from veil.store import ModelReader
 
 log = logging.getLogger("veil.runtime")
 GENERIC_MESSAGE = "request failed; details are in the encrypted envelope"
@@ -77,7 +77,7 @@ class RuntimeCore:
         self,
         config: CoreConfig,
         keys: KeyReleaser,
-        store: ModelStore,
+        store: ModelReader,
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,

@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from veil.attest.measurement import measure
 from veil.attest.providers import select_provider
 from veil.attest.sim import SimRoot
+from veil.crypto.errors import MalformedError
 from veil.errors import BadRequest
 from veil.keyservice.client import RuntimeKeyClient
 from veil.runtime.core import CoreConfig, KeyReleaser, RuntimeCore
-from veil.store import LocalModelStore
+from veil.store import open_reader
 
 log = logging.getLogger("veil.runtime")
 SIM_ROOT_ENV = "VEIL_SIM_ROOT"
@@ -44,22 +46,45 @@ def core_config(init: dict[str, Any]) -> CoreConfig:
 
 def core_from_init(init: dict[str, Any], keys: KeyReleaser) -> RuntimeCore:
     """The trusted core an init value describes, releasing keys through `keys`."""
-    return RuntimeCore(core_config(init), keys, LocalModelStore(Path(init["store"])))
+    return RuntimeCore(core_config(init), keys, open_reader(init["store"]))
+
+
+def load_sim_root(environ: Mapping[str, str]) -> SimRoot | None:
+    """The simulation root named by VEIL_SIM_ROOT, or None when simulation is not configured.
+
+    Only ever loaded: a root made up on a worker would sign evidence no KeyService trusts, and the
+    node would fail every request with a confusing attestation error. The deployment's root is
+    installed on each node explicitly (`veil cluster join`)."""
+    path = environ.get(SIM_ROOT_ENV)
+    if not path:
+        return None
+    try:
+        return SimRoot.load(Path(path))
+    except FileNotFoundError:
+        raise BadRequest(
+            f"{SIM_ROOT_ENV}={path}: no simulation root there; install this deployment's root on the node "
+            "(`veil cluster join ROOT_FILE`) or unset it to use real TEE hardware",
+            code="bad_init",
+        ) from None
+    except (OSError, MalformedError) as exc:
+        raise BadRequest(f"{SIM_ROOT_ENV}={path}: not a simulation root ({exc})", code="bad_init") from None
 
 
 class TeeAction:
     """Init value: {"kind": "tee", "keyservice_url", "store", optional model_cache_mb,
-    intra_op_threads}."""
+    intra_op_threads}. `store` is a directory on this node or the http(s):// URL of
+    `veil store serve`. `environ` is where VEIL_SIM_ROOT is looked up (the process environment,
+    with what OpenWhisk's /init put in `value.env` on top)."""
 
-    def __init__(self, init: dict[str, Any]) -> None:
+    def __init__(self, init: dict[str, Any], environ: Mapping[str, str] | None = None) -> None:
         for name in ("keyservice_url", "store"):
             if not isinstance(init.get(name), str):
                 raise BadRequest(f"init.{name}: required string", code="bad_init")
         config = core_config(init)  # refuse a bad init before attesting
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        sim_root_file = os.environ.get(SIM_ROOT_ENV)
-        sim_root = SimRoot.load_or_create(Path(sim_root_file)) if sim_root_file else None
+        sim_root = load_sim_root(os.environ if environ is None else environ)
+        store = open_reader(init["store"])  # a missing store fails /init, before attesting
         self.measurement = measure("runtime")
         provider = select_provider(sim_root=sim_root, measurement=self.measurement)
         self.provider_description = provider.describe()
@@ -68,7 +93,7 @@ class TeeAction:
         t1 = time.perf_counter()
         self.keys.attest()
         self.timings["attest_ms"] = (time.perf_counter() - t1) * 1e3
-        self.core = RuntimeCore(config, self.keys, LocalModelStore(Path(init["store"])))
+        self.core = RuntimeCore(config, self.keys, store)
         log.info("runtime attested via %s, measurement %s", self.provider_description, self.measurement)
 
     def describe(self) -> dict[str, Any]:
