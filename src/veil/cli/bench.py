@@ -14,7 +14,7 @@ import click
 
 import veil
 
-SUITES = ("keyservice", "runtime", "packer", "he", "attest", "ray")
+SUITES = ("keyservice", "runtime", "packer", "he", "attest", "ray", "report")
 
 
 def bench_dir() -> Path:
