@@ -163,6 +163,16 @@ class _Principal:
     def id(self) -> str:
         return self.identity.id
 
+    def _allowed(self, given: list[str] | None) -> list[str]:
+        """The runtime measurements keys may reach: those given, else this principal's anchors'."""
+        measurements = given if given is not None else self.trust.runtime_measurements
+        if not measurements:
+            raise BadRequest(
+                "allowed_measurements: none given and your trust anchors allow no runtime measurement",
+                code="no_measurements",
+            )
+        return measurements
+
     def register(self) -> str:
         """Verify the KeyService's attestation, then register this principal's public key."""
         self.keyservice.connect()
@@ -204,12 +214,7 @@ class ModelOwner(_Principal):
         report("check", 0, 1)
         _check_loads(data)
         key = SymmetricKey.generate()
-        measurements = allowed_measurements if allowed_measurements is not None else self.trust.runtime_measurements
-        if not measurements:
-            raise BadRequest(
-                "allowed_measurements: none given and your trust anchors allow no runtime measurement",
-                code="no_measurements",
-            )
+        measurements = self._allowed(allowed_measurements)
         digest = chunked.content_digest(key, data)
         report("stage", 0, 1)
         version = self.keyservice.stage_version(
@@ -309,12 +314,7 @@ class ModelUser(_Principal):
         `max_revocation_delay_s` shortens how long runtimes may cache it (the shorter wins)."""
         model_id = _model_id(model_id)
         key = key or self.request_keys.get(model_id) or SymmetricKey.generate()
-        measurements = allowed_measurements if allowed_measurements is not None else self.trust.runtime_measurements
-        if not measurements:
-            raise BadRequest(
-                "allowed_measurements: none given and your trust anchors allow no runtime measurement",
-                code="no_measurements",
-            )
+        measurements = self._allowed(allowed_measurements)
         self.keyservice.put_request_key(model_id, key, measurements, max_revocation_delay_s=max_revocation_delay_s)
         self.request_keys[model_id] = key
 
@@ -461,6 +461,7 @@ class ModelUser(_Principal):
             except ValueError:
                 raise VeilError("runtime answered an unreadable error", code="bad_response", status=502) from None
             raise VeilError(message, code=code, status=status)
+
         t0 = time.perf_counter()
         try:
             response = self.gateway.post(

@@ -63,8 +63,9 @@ def test_republished_model_is_served_within_the_delay(stack):
         assert_matches_reference(mlp, x_mlp, out)
         return True
 
-    assert wait_until(v2_served, timeout=DELAY_S + 5, interval=0.1)
-    assert time.monotonic() - published <= DELAY_S + 2.0
+    assert wait_until(v2_served, timeout=DELAY_S + 8, interval=0.1)
+    # the old keys (and with them v1) expire after the delay; loading v2 takes what a cold load takes
+    assert time.monotonic() - published <= DELAY_S + 5.0
     # old versions are garbage-collected: once v2 is current, publishing v3 removes v1's file
     assert stack.deployment.store_dir.joinpath("models", model_id, "v1.veilm").exists()
     stack.publish(model_id, mlp.onnx, revocation_delay_s=DELAY_S)

@@ -136,48 +136,39 @@ def create_app(
 
     registry_client = httpx.AsyncClient(base_url=keyservice_url, timeout=10.0)
 
-    async def staged_version(model: str, version: int) -> dict[str, Any]:
-        """Ask the KeyService (the principal registry) who owns `model` and whether `version` is
-        staged. The answer decides only what this untrusted store accepts; runtimes check every
-        file cryptographically against the release anyway."""
+    async def registry_get(path: str) -> dict[str, Any]:
+        """A public GET to the KeyService, its refusals passed on with their code (a 5xx as 502)."""
         try:
-            answer = await registry_client.get(f"/v1/models/{model}/versions/{version}")
+            answer = await registry_client.get(path)
         except httpx.HTTPError as exc:
             raise Unavailable(f"KeyService unreachable: {type(exc).__name__}", code="keyservice_unavailable") from None
         try:
             body = answer.json()
         except ValueError:
-            body = {}
+            raise VeilError(
+                "KeyService answered something that is not JSON", code="keyservice_error", status=502
+            ) from None
         if answer.status_code != 200:
             err = body.get("error", {}) if isinstance(body, dict) else {}
             raise VeilError(
                 str(err.get("message", "KeyService refused")),
-                code=str(err.get("code", "unknown_version")),
+                code=str(err.get("code", "keyservice_error")),
                 status=answer.status_code if answer.status_code < 500 else 502,
             )
         return body
+
+    async def staged_version(model: str, version: int) -> dict[str, Any]:
+        """Ask the KeyService (the principal registry) who owns `model` and whether `version` is
+        staged. The answer decides only what this untrusted store accepts; runtimes check every
+        file cryptographically against the release anyway."""
+        return await registry_get(f"/v1/models/{model}/versions/{version}")
 
     @app.get("/v1/models/{model}/card")
     async def model_card(model: str) -> dict:
         """The owner-signed card of the model's current version, relayed from the KeyService.
         Public; clients verify the owner's signature (this gateway is not trusted to)."""
         check_identifier(model, "model")
-        try:
-            answer = await registry_client.get(f"/v1/models/{model}/card")
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"KeyService unreachable: {type(exc).__name__}", code="keyservice_unavailable") from None
-        try:
-            body = answer.json()
-        except ValueError:
-            raise VeilError("KeyService answered a non-JSON card", code="keyservice_error", status=502) from None
-        if answer.status_code != 200:
-            err = body.get("error", {}) if isinstance(body, dict) else {}
-            raise VeilError(
-                str(err.get("message", "no card")),
-                code=str(err.get("code", "no_card")),
-                status=answer.status_code if answer.status_code < 500 else 502,
-            )
-        return body
+        return await registry_get(f"/v1/models/{model}/card")
 
     @app.put("/v1/models/{model}/versions/{version}/sealed", openapi_extra=bodies.binary_body())
     async def upload_sealed(model: str, version: str, request: Request) -> dict:
