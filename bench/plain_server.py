@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ class PlainAction:
 class PlainState(ActionState):
     """The action server's state, building a `PlainAction` at /init (whatever `kind` says)."""
 
-    def build(self, value: dict[str, Any]) -> dict[str, Any]:
+    def build(self, value: dict[str, Any], settings: Mapping[str, str] | None = None) -> dict[str, Any]:
         self.action = PlainAction(value)
         return self.action.describe()
 

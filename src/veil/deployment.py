@@ -116,6 +116,7 @@ class StackOptions:
     memory_mb: int = 512
     concurrency: int = 4
     max_instances: int = 4
+    max_queue: int = 64  # requests a function queues for a slot; beyond that a clean `busy`
     idle_timeout_s: float = 120.0
     he: bool = True
     runtime_init: dict[str, Any] = field(default_factory=dict)
@@ -186,25 +187,8 @@ class LocalDeployment:
             claim_port(self.options.gateway_port, "gateway")
         o = self.options
         ks_url = self._keyservice_url = advertised_url(o.keyservice_host, ks_port, o.keyservice_url, "the KeyService")
-        ks_log = (self.log_dir / "keyservice.log").open("ab")
-        self._keyservice = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "veil.keyservice",
-                "--allow-simulated",
-                "--state-dir",
-                str(self.keyservice_dir),
-                "--host",
-                o.keyservice_host,
-                "--port",
-                str(ks_port),
-            ],
-            stdout=ks_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        ks_log.close()
+        self._keyservice_port = ks_port
+        self._keyservice = self._spawn_keyservice()
         try:
             wait_http(f"{ks_url}/healthz", 30, self._keyservice)
             check_own_keyservice(ks_url, sim_root, measure("keyservice"))
@@ -219,6 +203,47 @@ class LocalDeployment:
         self.sim_root_public_key = sim_root.public_key
         (self.root / "deployment.json").write_text(json.dumps(self.info.to_json(), indent=2))
         return self.info
+
+    # -- the KeyService process (also killed and restarted by the chaos soak) --------------------
+    def _spawn_keyservice(self) -> subprocess.Popen:
+        """The KeyService subprocess on this deployment's port and state directory."""
+        o = self.options
+        ks_log = (self.log_dir / "keyservice.log").open("ab")
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "veil.keyservice", "--allow-simulated"]
+                + ["--state-dir", str(self.keyservice_dir), "--host", o.keyservice_host]
+                + ["--port", str(self._keyservice_port)],
+                stdout=ks_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            ks_log.close()
+
+    def kill_keyservice(self) -> int:
+        """`kill -9` the KeyService (its whole process group) and reap it; returns its old pid."""
+        proc = self._keyservice
+        if proc is None:
+            raise RuntimeError("the KeyService was never started")
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.wait(timeout=10)
+        return proc.pid
+
+    def restart_keyservice(self, *, kill: bool = True, timeout: float = 30.0) -> subprocess.Popen:
+        """Start the KeyService again on the same port and state directory (after `kill -9` of
+        the running one when `kill`), wait until it answers, and check that the KeyService now
+        answering is this deployment's own (`check_own_keyservice`), not whatever took the port."""
+        if kill:
+            self.kill_keyservice()
+        elif self._keyservice is not None and self._keyservice.poll() is None:
+            raise RuntimeError("the KeyService is still running: restart it with kill=True")
+        self._keyservice = self._spawn_keyservice()
+        wait_http(f"{self._keyservice_url}/healthz", timeout, self._keyservice)
+        sim_root = SimRoot.load_or_create(self.keyservice_dir / "sim-root.key")
+        check_own_keyservice(self._keyservice_url, sim_root, measure("keyservice"))
+        return self._keyservice
 
     def local_trust_anchors(self) -> TrustAnchors:
         """The trust anchors of a developer who runs this very code on this machine and accepts its
@@ -292,6 +317,7 @@ class LocalDeployment:
                 memory_mb=o.memory_mb,
                 concurrency=o.concurrency,
                 max_instances=o.max_instances,
+                max_queue=o.max_queue,
                 idle_timeout_s=o.idle_timeout_s,
                 env=env,
                 init_value=init_value,

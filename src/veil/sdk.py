@@ -195,8 +195,13 @@ class ModelOwner(_Principal):
         revocation_delay_s: int | None = None,
         description: str = "",
         progress: Progress | None = None,
+        optimize: bool = False,
     ) -> dict[str, Any]:
         """Publish a new version of `model_id`, staged so that a failure changes nothing.
+
+        `optimize` converts the model to ONNX Runtime's ORT format first (graph optimisations done
+        once, here: `veil.ort_format.to_ort`) and seals that; runtimes then load it without
+        re-optimising and without copying it. The card still describes the original ONNX graph.
 
         `progress(step, done, total)` hears each step ("check", "stage", "seal", "upload" in
         bytes, "card", "commit"), for a progress bar on large models.
@@ -210,8 +215,14 @@ class ModelOwner(_Principal):
         A refused stage, a failed upload or a refused commit leaves the previous version serving."""
         model_id = _model_id(model_id)
         report = progress or (lambda step, done, total: None)
-        data = Path(onnx).read_bytes() if isinstance(onnx, Path) else onnx
+        original = Path(onnx).read_bytes() if isinstance(onnx, Path) else onnx
         report("check", 0, 1)
+        if optimize:
+            from veil.ort_format import to_ort
+
+            data = to_ort(original)
+        else:
+            data = original
         _check_loads(data)
         key = SymmetricKey.generate()
         measurements = self._allowed(allowed_measurements)
@@ -224,7 +235,7 @@ class ModelOwner(_Principal):
         sealed = chunked.seal_bytes(key, data, model=model_id, version=version)
         self.upload_sealed(model_id, version, sealed, progress=lambda done, total: report("upload", done, total))
         report("card", 0, 1)
-        inputs, outputs = onnx_signature.signature(data)
+        inputs, outputs = onnx_signature.signature(original)
         card = ModelCard(model_id, version, "tee", self.id, inputs, outputs, description)
         self.keyservice.put_card(model_id, version, sign_card(self.identity, card))
         report("commit", 0, 1)
@@ -472,7 +483,15 @@ class ModelUser(_Principal):
             )
         except httpx.HTTPError as exc:
             never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-            error = Unavailable(f"gateway unreachable: {type(exc).__name__}")
+            if isinstance(exc, httpx.TimeoutException) and not never_sent:
+                # the HTTP timeout is the time left: the deadline passed with the request out there
+                error = VeilError(
+                    f"no answer within the deadline ({remaining_s:.2f} s were left when this attempt was sent)",
+                    code="deadline_exceeded",
+                    status=504,
+                )
+            else:
+                error = Unavailable(f"gateway unreachable: {type(exc).__name__}")
             raise _Retryable(error, may_have_run=not never_sent) from None
         self.last_timings = {"round_trip_ms": (time.perf_counter() - t0) * 1e3}
         try:

@@ -29,6 +29,18 @@ def mlp_task():
 
 
 @pytest.fixture(scope="session")
+def cnn_task():
+    from veil.he.tasks import digits_cnn
+
+    return digits_cnn()
+
+
+@pytest.fixture(scope="session")
+def cnn_compiled(cnn_task):
+    return compile_model(cnn_task.model, cnn_task.x_train, name="cnn", verify_samples=8)
+
+
+@pytest.fixture(scope="session")
 def lr_compiled(lr_task):
     return compile_model(lr_task.model, lr_task.x_train, name="lr")
 

@@ -95,7 +95,7 @@ def test_http_transport_against_gateway(gateway_url, he_store, mlp_task):
 def test_demo_through_gateway(gateway_url, he_store):
     lines = []
     summary = run_he_demo(he_store, gateway_url, lines.append, samples=2)
-    assert set(summary) == {"he-breast-lr", "he-digits-mlp"}
+    assert set(summary) == {"he-breast-lr", "he-digits-mlp", "he-digits-cnn"}
     for item in summary.values():
         assert item["single_agreement"] == 1.0 and item["batch_agreement"] >= 0.999
     assert any("encrypted ->" in line for line in lines)

@@ -83,7 +83,9 @@ def test_programs_are_chosen_by_shape(lr_compiled, mlp_compiled):
     assert not lr_compiled.params.key_switching and len(lr_compiled.params.coeff_bits) == 1
     assert lr_compiled.params.poly_modulus_degree == 2048
     assert mlp_compiled.latency == "rows"
-    assert mlp_compiled.params.throughput_level == 1  # throughput runs one prime lighter
+    # throughput runs one prime lighter only where the last weights' bits fit beside the range
+    assert mlp_compiled.params.throughput_level in (0, 1)
+    assert min(mlp_compiled.meta["headroom_bits"].values()) >= 0
 
 
 def test_only_needed_rotation_keys_are_made(mlp_compiled):

@@ -17,33 +17,35 @@ def _plan(widths, squares, rng=np.random.default_rng(0)):
 
 
 @pytest.mark.parametrize(
-    ("widths", "squares", "expected_n"),
+    ("widths", "squares", "expected_n", "precision"),
     [
-        ([30, 1], 0, 4096),  # logistic regression: depth 1, lazy final layer
-        ([64, 32, 10], 1, 8192),  # MLP with one square: depth 3
-        ([16, 16, 16, 16, 4], 3, 16384),  # three squares: depth 7
+        ([30, 1], 0, 4096, 1e-4),  # logistic regression: depth 1, lazy final layer
+        ([64, 32, 10], 1, 8192, 1e-4),  # MLP with one square: depth 3
+        # three squares of random weights: values reach 4.7e3, so 1e-4 would need 47-bit scales
+        ([16, 16, 16, 16, 4], 3, 16384, 1e-3),  # depth 7
     ],
 )
-def test_selector_picks_expected_ring(widths, squares, expected_n):
-    params = select_params(_plan(widths, squares))
+def test_selector_picks_expected_ring(widths, squares, expected_n, precision):
+    params = select_params(_plan(widths, squares), precision=precision)
     assert params.poly_modulus_degree == expected_n
     assert params.log2_qp <= HE_STD_128[expected_n]
     # and the next smaller ring could not have held it
     smaller = expected_n // 2
     with pytest.raises(InsecureParametersError):
-        select_params(_plan(widths, squares), poly_modulus_degree=smaller)
+        select_params(_plan(widths, squares), precision=precision, poly_modulus_degree=smaller)
     SealBackend(params)  # SEAL accepts it at tc128
 
 
 def test_depth_sets_prime_count():
     # every layer rescaled: q0 + affine + square + affine; throughput starts a prime lower and
-    # leaves its last layer unrescaled in the large q0
-    p1 = select_params(_plan([64, 32, 10], 1), last_layer="throughput-unrescaled")
+    # leaves its last layer unrescaled in the large q0 (where the last weights' bits fit beside
+    # the scale and the range in one prime: at 1e-3 here)
+    p1 = select_params(_plan([64, 32, 10], 1), precision=1e-3, last_layer="throughput-unrescaled")
     assert p1.data_levels == 4
     assert p1.throughput_level == 1 and p1.final_weight_bits is not None
     assert p1.coeff_bits[0] >= p1.scale_bits + p1.final_weight_bits
     # a lazy last layer everywhere (coeff programs): one prime fewer
-    assert select_params(_plan([64, 32, 10], 1)).data_levels == 3
+    assert select_params(_plan([64, 32, 10], 1), precision=1e-3).data_levels == 3
     p2 = select_params(_plan([16, 16, 16, 16, 4], 3), last_layer="rescaled")
     assert p2.data_levels == 8 and p2.final_weight_bits is None
 

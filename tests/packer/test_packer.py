@@ -181,3 +181,49 @@ def test_real_local_platform_with_the_model_action(tmp_path):
         assert first["cold"] and not second["cold"] and other["cold"]
         assert stats["instances_started"] == 1 and stats["failed"] == 1
         assert stats["platform_gb_s"] == pytest.approx(stats["gb_s"], rel=0.2, abs=0.05)
+
+
+class FakeRoutedPlatform:
+    """A platform that places requests by model itself (like Ray Serve): the packer must hand it
+    the policy at deploy time and the model with every invoke, and place nothing itself."""
+
+    kind = "fake-routed"
+    routes_models = True
+
+    def __init__(self):
+        self.deployed = {}
+        self.calls = []
+
+    def deploy(self, spec, *, routing=None):
+        self.deployed[spec.name] = (spec, routing)
+
+    def invoke(self, name, value, *, timeout=60.0, model=None):
+        self.calls.append((name, model, value))
+        if value.get("fail"):
+            raise ActionError(name, {"code": "boom", "message": "injected"}, 500)
+        return {"ok": True, "model": model}
+
+    def metrics(self, name=None):
+        return {"gb_seconds": 1.5, "peak_instances": 2, "cold_starts": 3, "instances": 1}
+
+
+def test_on_a_model_routing_platform_the_policy_travels_with_the_deploy():
+    plat = FakeRoutedPlatform()
+    unload = lambda m: {"op": "unload", "model": m}  # noqa: E731
+    with Packer(plat, template(), "veil", base_mb=60.0, model_mb={"A": 10.0}, unload_value=unload) as packer:
+        assert packer.invoke("A", {"x": 1}) == {"ok": True, "model": "A"}
+        with pytest.raises(ActionError):
+            packer.invoke("B", {"fail": True})
+        stats = packer.stats()
+    spec, routing = plat.deployed["tpl"]
+    assert spec.name == "tpl" and routing.policy == "veil"
+    assert (routing.base_mb, routing.model_mb) == (60.0, {"A": 10.0})
+    assert routing.unload_request("A") == {"op": "unload", "model": "A"}
+    assert [c[:2] for c in plat.calls] == [("tpl", "A"), ("tpl", "B")]
+    assert stats["requests"] == 2 and stats["failed"] == 1 and stats["gb_s"] == 1.5 and stats["max_instances"] == 2
+
+
+def test_policies_a_model_routing_platform_cannot_run_are_refused():
+    with pytest.raises(PlatformError) as ei:
+        Packer(FakeRoutedPlatform(), template(), "sesemi")
+    assert ei.value.code == "bad_spec" and "veil" in ei.value.message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -223,3 +224,35 @@ def test_close_kills_every_instance(tmp_path, echo_spec):
     with pytest.raises(PlatformError) as ei:
         p.invoke("echo", {}, timeout=1)
     assert ei.value.code == "closed"
+
+
+def test_scale_and_unload_through_the_protocol(platform, echo_spec):
+    from veil.platform.protocol import InstanceControl, Platform, Routing
+
+    assert isinstance(platform, Platform) and isinstance(platform, InstanceControl)
+    assert platform.routes_models is False
+    platform.deploy(echo_spec("e", max_instances=1), routing=Routing(unload_value={"op": "unload"}))
+    platform.invoke("e", {"x": 1}, model="m")
+    assert platform.unload("e", "m") == 1  # the unload request reached the one ready instance
+    platform.scale("e", min_instances=2, max_instances=3)
+    assert (platform.spec("e").min_instances, platform.spec("e").max_instances) == (2, 3)
+    assert platform.unload("e", "m") >= 1
+
+
+def test_an_error_answered_200_keeps_the_status_it_names():
+    import httpx
+
+    from veil.platform.instance import Instance
+
+    inst = Instance(
+        instance_id="i", function="f", command=["true"], env={}, memory_mb=1, concurrency=1,
+        generation=0, log_path=Path("/dev/null"),
+    )
+    named = httpx.Response(200, json={"error": {"code": "integrity", "message": "m", "status": 400}})
+    with pytest.raises(ActionError) as ei:
+        inst._parse_run(named)
+    assert ei.value.status == 400 and ei.value.body["code"] == "integrity"
+    unnamed = httpx.Response(200, json={"error": {"code": "x", "message": "m"}})
+    with pytest.raises(ActionError) as ei:
+        inst._parse_run(unnamed)
+    assert ei.value.status == 502

@@ -14,7 +14,7 @@ import click
 
 import veil
 
-SUITES = ("keyservice", "runtime", "packer", "he", "attest", "ray", "report")
+SUITES = ("keyservice", "runtime", "packer", "he", "attest", "ray", "report", "chaos")
 
 
 def bench_dir() -> Path:

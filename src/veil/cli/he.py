@@ -40,7 +40,11 @@ def he() -> None:
 
 @he.command("compile", context_settings=CONTEXT)
 @click.argument("model", required=False, type=click.Path(exists=True, path_type=Path))
-@click.option("--task", type=click.Choice(["breast_cancer_lr", "digits_mlp"]), help="Train a reference model instead.")
+@click.option(
+    "--task",
+    type=click.Choice(["breast_cancer_lr", "digits_mlp", "digits_mlp3", "digits_cnn"]),
+    help="Train a reference model instead.",
+)
 @click.option("--calib", type=click.Path(exists=True, path_type=Path), help="Calibration inputs (.npy or .csv).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the compiled model to this directory.")
 @click.option("--publish", "publish_to", type=click.Path(path_type=Path), help="Publish into this model store.")
@@ -49,10 +53,22 @@ def he() -> None:
 @click.option("--poly-degree", type=int, help="Pin the ring dimension N (refused if not 128-bit secure).")
 @click.option(
     "--latency-program",
-    type=click.Choice(["auto", "coeff", "rows", "bsgs"]),
+    type=click.Choice(["auto", "coeff", "rows", "conv", "bsgs"]),
     default="auto",
     show_default=True,
     help="Latency-mode program: auto takes the cheapest the model fits (docs/he.md).",
+)
+@click.option(
+    "--verify-samples",
+    default=32,
+    show_default=True,
+    help="Calibration samples run on real ciphertexts to check the precision (0: bounds only).",
+)
+@click.option(
+    "--max-approx-change",
+    default=0.02,
+    show_default=True,
+    help="Largest share of calibration predictions a ReLU/sigmoid/tanh approximation may change.",
 )
 def compile_cmd(
     model: Path | None,
@@ -64,8 +80,15 @@ def compile_cmd(
     precision: float,
     poly_degree: int | None,
     latency_program: str,
+    verify_samples: int,
+    max_approx_change: float,
 ) -> None:
-    """Compile MODEL (ONNX file, or a pickled scikit-learn estimator you trust) to an HE plan."""
+    """Compile MODEL (ONNX file, or a pickled scikit-learn estimator you trust) to an HE plan.
+
+    Every intermediate value is bounded over the calibration data and checked against the exact
+    modulus chain; with --verify-samples the precision is measured on real ciphertexts. A model
+    that would not fit or meet --precision is refused here, naming the layer and the value.
+    """
     from veil.he import store
     from veil.he.compile import compile_model
     from veil.he.tasks import TASKS
@@ -86,7 +109,14 @@ def compile_cmd(
         raise click.ClickException("give MODEL or --task")
     try:
         compiled = compile_model(
-            source, x_calib, precision, poly_modulus_degree=poly_degree, name=model_id, latency=latency_program
+            source,
+            x_calib,
+            precision,
+            poly_modulus_degree=poly_degree,
+            name=model_id,
+            latency=latency_program,
+            verify_samples=verify_samples,
+            max_approx_change=max_approx_change,
         )
         if out:
             compiled.save(out)
@@ -99,6 +129,22 @@ def compile_cmd(
         f"compiled {model_id}: N={p.poly_modulus_degree} log2QP={p.log2_qp} primes={list(p.coeff_bits)} "
         f"scale=2^{p.scale_bits} security={p.security} layers={len(compiled.plan.layers)} latency={compiled.latency}"
     )
+    meta = compiled.meta
+    click.echo(f"headroom (bits, worst intermediate): {meta.get('headroom_bits')}")
+    if "measured_error" in meta:
+        errs = ", ".join(f"{k} {v:.2g}" for k, v in meta["measured_error"].items())
+        click.echo(f"measured max error on real ciphertexts: {errs} (target {precision:g})")
+    approx = meta.get("approximation")
+    if approx:
+        for f in approx["activations"]:
+            click.echo(
+                f"approximated {f['kind']} (op {f['op']}) by degree {approx['degree']} on "
+                f"[{f['lo']:.3g}, {f['hi']:.3g}]: max error {f['max_abs_error']:.3g}"
+            )
+        click.echo(
+            f"approximation changes {approx['prediction_change']:.2%} of calibration predictions "
+            f"(threshold {approx['threshold']:.2%}), scores by up to {approx['max_score_change']:.3g}"
+        )
 
 
 @he.command("keygen", context_settings=CONTEXT)

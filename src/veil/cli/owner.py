@@ -45,6 +45,12 @@ def init(deployment_path: Path, client_dir: Path) -> None:
     default=None,
     help="Seconds runtimes may keep serving a revoked user (0-300; default 60, or the model's current setting).",
 )
+@click.option(
+    "--optimize",
+    is_flag=True,
+    help="Convert to ONNX Runtime's ORT format first (graph optimisations done once, here), so runtimes "
+    "load it without re-optimising or copying it.",
+)
 @deployment_option
 @client_dir_option
 def publish(
@@ -52,6 +58,7 @@ def publish(
     onnx_file: Path,
     measurements: tuple[str, ...],
     revocation_delay: int | None,
+    optimize: bool,
     deployment_path: Path,
     client_dir: Path,
 ) -> None:
@@ -73,6 +80,7 @@ def publish(
                 allowed_measurements=list(measurements) or None,
                 revocation_delay_s=revocation_delay,
                 progress=show,
+                optimize=optimize,
             )
         )
     replaced = f" (replaces v{result['replaced_version']})" if result["replaced_version"] else ""

@@ -9,7 +9,9 @@ under the same key.
 Each chunk's AAD is SHA-256(header) ‖ u64 index ‖ u8 final flag, so chunks
 cannot be reordered, dropped, duplicated, moved between files, truncated after, or extended past
 the final one. Decryption streams: it never holds more than one chunk of ciphertext at a time
-and never writes plaintext anywhere.
+and never writes plaintext anywhere. `open_into` decrypts straight into one preallocated buffer
+(sized from the sealed file's length, which bounds the plaintext's), so a large model exists in
+memory once, in the buffer a runtime then hands to ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import os
 import struct
 from collections.abc import Iterator
 from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from veil.crypto import aead
 from veil.crypto.encoding import canonical_json
@@ -162,23 +167,11 @@ def open_stream(
     MalformedError if the file is for another model, or (when given) another version or digest
     than the KeyService released: the header is authenticated by the first chunk's AAD.
     """
-    header = read_header(source)
-    if header.get("model") != model:
-        raise MalformedError("model", f"sealed file is for model {header.get('model')!r}")
-    if version is not None and header["version"] != version:
-        raise MalformedError("version", f"sealed file is version {header['version']}, the released one is {version}")
-    if digest is not None and not hmac.compare_digest(header["digest"], digest):
-        raise MalformedError("digest", "sealed file's content digest is not the released one")
+    header = _released_header(source, model, version, digest)
     limit = header["chunk_size"] + _OVERHEAD
     index = 0
     while True:
-        prefix = source.read(4)
-        if len(prefix) != 4:
-            raise IntegrityError("sealed model truncated: final chunk missing")
-        (length,) = struct.unpack(">I", prefix)
-        if not _OVERHEAD <= length <= limit:
-            raise IntegrityError(f"chunk {index} has an impossible length {length}")
-        record = _read_exact(source, length, f"chunk {index}")
+        record = _next_record(source, index, limit)
         try:
             plain = aead.decrypt(key, record, _chunk_aad(header["_hash"], index, False))
             final = False
@@ -190,6 +183,97 @@ def open_stream(
             if source.read(1):
                 raise IntegrityError("data after the final chunk")
             return
+        index += 1
+
+
+def _released_header(source: BinaryIO, model: str, version: int | None, digest: str | None) -> dict:
+    """The sealed header, checked against what the KeyService released (model, version, digest)."""
+    header = read_header(source)
+    if header.get("model") != model:
+        raise MalformedError("model", f"sealed file is for model {header.get('model')!r}")
+    if version is not None and header["version"] != version:
+        raise MalformedError("version", f"sealed file is version {header['version']}, the released one is {version}")
+    if digest is not None and not hmac.compare_digest(header["digest"], digest):
+        raise MalformedError("digest", "sealed file's content digest is not the released one")
+    return header
+
+
+def _next_record(source: BinaryIO, index: int, limit: int) -> bytes:
+    """The next record (nonce ‖ ciphertext ‖ tag) of a sealed file, its length bounded first."""
+    prefix = source.read(4)
+    if len(prefix) != 4:
+        raise IntegrityError("sealed model truncated: final chunk missing")
+    (length,) = struct.unpack(">I", prefix)
+    if not _OVERHEAD <= length <= limit:
+        raise IntegrityError(f"chunk {index} has an impossible length {length}")
+    return _read_exact(source, length, f"chunk {index}")
+
+
+def plaintext_bound(sealed_size: int) -> int:
+    """The most plaintext a sealed file of `sealed_size` bytes can hold: its size less the magic,
+    the header length and one record's framing (any header and further records only take more)."""
+    return max(0, sealed_size - len(MAGIC) - 4 - 4 - _OVERHEAD)
+
+
+def open_into(
+    key: SymmetricKey,
+    source: BinaryIO,
+    *,
+    model: str,
+    version: int | None = None,
+    digest: str | None = None,
+    sealed_size: int | None = None,
+) -> bytearray:
+    """Decrypt a sealed model into one buffer: the whole plaintext, exactly as `open_bytes`
+    returns it and refused exactly when `open_bytes` refuses (same header checks, same chunk
+    AADs, same truncation and trailing-data rules), but with each chunk decrypted in place
+    (AES-GCM `decrypt_into`) into a bytearray allocated once, so no chunk list, join or second
+    copy of the plaintext ever exists.
+
+    `sealed_size` (the sealed file's length, as the store reports it) sizes the buffer
+    (`plaintext_bound`); the buffer is then trimmed in place to the plaintext's length (a small
+    shrink: CPython keeps the allocation, nothing is copied). A file whose plaintext does not fit
+    that bound is refused (IntegrityError): the store misreported its size. Without
+    `sealed_size` the buffer grows as chunks arrive.
+
+    On any failure nothing is returned: the partly filled buffer (which may hold unauthenticated
+    bytes of the failing chunk) is dropped with the exception.
+    """
+    header = _released_header(source, model, version, digest)
+    limit = header["chunk_size"] + _OVERHEAD
+    fixed = sealed_size is not None
+    buf = bytearray(plaintext_bound(sealed_size) if sealed_size is not None else 0)
+    cipher = AESGCM(key.material())
+    filled = 0
+    index = 0
+    while True:
+        record = _next_record(source, index, limit)
+        n = len(record) - _OVERHEAD
+        if filled + n > len(buf):
+            if fixed:
+                raise IntegrityError("sealed model is longer than the store reported")
+            buf.extend(bytes(filled + n - len(buf)))
+        nonce, body = record[: aead.NONCE_BYTES], memoryview(record)[aead.NONCE_BYTES :]  # no copy
+        final = False
+        with memoryview(buf) as view:
+            out = view[filled : filled + n]
+            try:
+                cipher.decrypt_into(nonce, body, _chunk_aad(header["_hash"], index, False), out)
+            except InvalidTag:
+                try:
+                    cipher.decrypt_into(nonce, body, _chunk_aad(header["_hash"], index, True), out)
+                except InvalidTag:
+                    raise IntegrityError("authentication failed (wrong key, tampered data or AAD)") from None
+                final = True
+            finally:
+                out.release()
+                body.release()
+        filled += n
+        if final:
+            if source.read(1):
+                raise IntegrityError("data after the final chunk")
+            del buf[filled:]
+            return buf
         index += 1
 
 

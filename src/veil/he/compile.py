@@ -15,13 +15,19 @@ from typing import Any
 
 import numpy as np
 
+from veil.he.approx import approximate
+from veil.he.bounds import analyse, measure_error, verify
 from veil.he.compiled import CompiledModel
 from veil.he.compiler import from_onnx, from_sklearn
-from veil.he.errors import PlanError
+from veil.he.errors import InsecureParametersError, PlanError
 from veil.he.fusion import fuse
-from veil.he.packing import COEFF, ROWS, latency_layout
+from veil.he.packing import BSGS, COEFF, ROWS, latency_layout
 from veil.he.params import CKKSParams, select_params
 from veil.he.plan import Affine, FusedLayer, FusedPlan, Plan
+
+# accept parameters when the measured error is within this fraction of the target (room for the
+# tail that calibration samples may not show); otherwise add scale bits and measure again
+ACCEPT_FRACTION = 0.7
 
 
 def _latency_kind(plan: FusedPlan, params: CKKSParams, latency: str) -> str:
@@ -38,6 +44,30 @@ def input_normalisation(x: np.ndarray) -> np.ndarray:
     return np.exp2(np.ceil(np.log2(peak)))
 
 
+def _choose_params(
+    fused: FusedPlan, precision: float, n: int | None, latency: str, extra: int
+) -> tuple[CKKSParams, str]:
+    """Parameters and latency program: coeff when the plan is one affine map that fits a single
+    prime (nothing rotates, so no key switching and often a smaller ring), else rows/conv/bsgs."""
+    single = len(fused.layers) == 1 and not fused.layers[0].square
+    if single and latency in ("auto", COEFF):
+        try:
+            params = select_params(fused, precision, n, coefficient_packing=True, extra_scale_bits=extra)
+            if _latency_kind(fused, params, "auto") == COEFF:
+                return params, COEFF
+        except (PlanError, InsecureParametersError):  # scale + weights + range overflow one prime
+            if latency == COEFF:
+                raise
+        if latency == COEFF:
+            raise PlanError("this plan does not fit the coeff latency program")
+    params = select_params(fused, precision=precision, poly_modulus_degree=n, extra_scale_bits=extra)
+    kind = _latency_kind(fused, params, BSGS if latency == "auto" and single else latency)
+    # see select_params: only coeff programs may leave latency's last layer unrescaled
+    mode = "throughput-unrescaled" if kind == ROWS else "rescaled"
+    params = select_params(fused, precision=precision, poly_modulus_degree=n, last_layer=mode, extra_scale_bits=extra)
+    return params, _latency_kind(fused, params, kind)  # the program the parameters were chosen for, or an error
+
+
 def compile_plan(
     plan: Plan,
     x_calib: np.ndarray,
@@ -46,35 +76,71 @@ def compile_plan(
     name: str = "model",
     margin: float = 2.0,
     latency: str = "auto",
+    verify_samples: int = 0,
+    max_approx_change: float = 0.02,
 ) -> CompiledModel:
-    """Fuse, normalise inputs, calibrate ranges on `x_calib`, pick parameters and the latency program."""
-    x_calib = np.asarray(x_calib, dtype=np.float64)
+    """Approximate activations, fuse, normalise inputs, bound every intermediate on `x_calib`,
+    pick parameters and the latency program.
+
+    The result is guaranteed to fit (`bounds.verify` on the exact chain, or PlanError naming the
+    layer and value). With `verify_samples` > 0 the compiler also runs that many calibration
+    samples on real ciphertexts in latency packing, and a full throughput group (which costs the
+    same as one sample), and raises the scale (up to 4 bits) until the measured error is within
+    `precision` with room to spare; it refuses the model if it cannot get there. The
+    measured errors go into the manifest (`meta.measured_error`). ReLU/sigmoid/tanh become fitted
+    degree-2 polynomials (`approx`), refused if more than `max_approx_change` of the calibration
+    predictions change (`meta.approximation` reports it).
+    """
+    x_calib = np.asarray(x_calib, dtype=np.float64).reshape(len(x_calib), -1)
     if x_calib.ndim != 2 or x_calib.shape[1] != plan.in_dim:
         raise PlanError(f"calibration data must have shape (n, {plan.in_dim})")
+    plan = approximate(plan, x_calib, max_approx_change)
     fused = fuse(plan)
     scale = input_normalisation(x_calib)
-    first = fused.layers[0]
-    fused.layers[0] = FusedLayer(Affine(first.affine.weight * scale[None, :], first.affine.bias), first.square)
-    fused.calibrate(x_calib / scale, margin=margin)
-    params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree)
-    kind = _latency_kind(fused, params, latency)
-    if kind == COEFF:  # nothing rotates or relinearizes: one prime, often a smaller ring
-        params = select_params(fused, precision, poly_modulus_degree, coefficient_packing=True)
-    else:  # see select_params: only coeff programs may leave latency's last layer unrescaled
-        mode = "throughput-unrescaled" if kind == ROWS else "rescaled"
-        params = select_params(fused, precision=precision, poly_modulus_degree=poly_modulus_degree, last_layer=mode)
-    meta = {
+    first = fused.layers[0].affine
+    fused.layers[0] = FusedLayer(Affine(first.weight * scale[None, :], first.bias, first.conv), fused.layers[0].square)
+    layer_bounds = analyse(fused, x_calib / scale, margin=margin)
+    meta: dict[str, Any] = {
         "source": plan.source,
         "precision_target": precision,
         "calibration_samples": len(x_calib),
+        "calibration_margin": margin,
         "unfused_ops": len(plan.ops),
         "fused_layers": len(fused.layers),
-        "scale_bits_log2": params.scale_bits,
         "max_range_log2": math.log2(max(fused.ranges)),
+        "bounds": [b.to_dict() for b in layer_bounds],
     }
-    kind = _latency_kind(fused, params, kind)  # the program the parameters were chosen for, or an error
-    meta["latency_program"] = kind
-    return CompiledModel(fused, params, scale, name, meta, kind)
+    meta.update(plan.notes)
+    best: tuple[float, CompiledModel] | None = None
+    for extra in range(5 if verify_samples else 1):
+        try:
+            params, kind = _choose_params(fused, precision, poly_modulus_degree, latency, extra)
+        except (PlanError, InsecureParametersError):  # more bits no longer fit
+            if best is None:
+                raise
+            break
+        compiled = CompiledModel(fused, params, scale, name, dict(meta), kind)
+        compiled.meta["scale_bits_log2"] = params.scale_bits
+        compiled.meta["latency_program"] = kind
+        compiled.meta["headroom_bits"] = verify(compiled, layer_bounds)
+        if not verify_samples:
+            return compiled
+        measured = measure_error(compiled, x_calib, verify_samples)
+        compiled.meta["measured_ms"] = measured.pop("timings_ms")
+        compiled.meta["measured_error"] = measured
+        worst = max(measured.values())
+        if worst <= ACCEPT_FRACTION * precision:  # headroom: the samples may understate the tail
+            return compiled
+        if best is None or worst < best[0]:
+            best = (worst, compiled)
+    assert best is not None
+    if best[0] <= precision:
+        return best[1]
+    raise PlanError(
+        f"measured error {best[0]:.3g} exceeds the precision target {precision:g} even at the best scale "
+        f"(2^{best[1].params.scale_bits}, N={best[1].params.poly_modulus_degree}); relax --precision, "
+        "pin a larger --poly-degree or try another --latency-program"
+    )
 
 
 def compile_model(
@@ -84,10 +150,26 @@ def compile_model(
     poly_modulus_degree: int | None = None,
     name: str = "model",
     latency: str = "auto",
+    verify_samples: int = 0,
+    max_approx_change: float = 0.02,
 ) -> CompiledModel:
-    """`veil he compile` in Python: a fitted scikit-learn model, ONNX path or ModelProto."""
-    if isinstance(model, str | Path) or type(model).__name__ == "ModelProto":
+    """`veil he compile` in Python: a fitted scikit-learn model, ONNX path or ModelProto.
+
+    Objects with a `to_onnx()` method (`veil.he.train.PolyCNN`) go through their ONNX export.
+    """
+    if hasattr(model, "to_onnx") and type(model).__name__ != "ModelProto":
+        plan = from_onnx(model.to_onnx(), classes=list(np.asarray(getattr(model, "classes_", [])).tolist()))
+    elif isinstance(model, str | Path) or type(model).__name__ == "ModelProto":
         plan = from_onnx(model)
     else:
         plan = from_sklearn(model)
-    return compile_plan(plan, x_calib, precision, poly_modulus_degree, name, latency=latency)
+    return compile_plan(
+        plan,
+        x_calib,
+        precision,
+        poly_modulus_degree,
+        name,
+        latency=latency,
+        verify_samples=verify_samples,
+        max_approx_change=max_approx_change,
+    )

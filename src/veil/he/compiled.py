@@ -24,7 +24,7 @@ from veil.crypto.encoding import canonical_json
 from veil.he.errors import HEError
 from veil.he.packing import LatencyLayout, latency_layout, throughput_splits
 from veil.he.params import CKKSParams
-from veil.he.plan import Affine, FusedLayer, FusedPlan
+from veil.he.plan import Affine, ConvGeometry, FusedLayer, FusedPlan
 
 FORMAT_VERSION = 1
 
@@ -38,7 +38,7 @@ class CompiledModel:
     input_scale: np.ndarray
     name: str = "model"
     meta: dict[str, Any] = field(default_factory=dict)
-    latency: str = "auto"  # the latency program (packing.COEFF, ROWS or BSGS); "auto" picks
+    latency: str = "auto"  # the latency program (packing.COEFF, ROWS, CONV or BSGS); "auto" picks
 
     def latency_layout(self) -> LatencyLayout:
         return latency_layout(self.plan, self.params.slots, self.latency)
@@ -128,6 +128,7 @@ class CompiledModel:
             "ranges": self.plan.ranges,
             "input_range": self.plan.input_range,
             "latency": self.latency_layout().kind,
+            "conv": [None if lay.affine.conv is None else lay.affine.conv.to_dict() for lay in self.plan.layers],
         }
         (directory / "plan.json").write_text(json.dumps(server, indent=1))
         (directory / "manifest.json").write_text(json.dumps(self.manifest(), indent=1))
@@ -145,8 +146,12 @@ class CompiledModel:
             raise HEError("bad_model", f"compiled model at {directory.name} is unreadable ({exc})", 500) from None
         if manifest.get("v") != FORMAT_VERSION or server.get("v") != FORMAT_VERSION:
             raise HEError("bad_model", "compiled model has an unknown format version", 500)
+        convs = server.get("conv") or [None] * len(server["squares"])
         layers = [
-            FusedLayer(Affine(arrays[f"w{i}"], arrays[f"b{i}"]), bool(sq)) for i, sq in enumerate(server["squares"])
+            FusedLayer(
+                Affine(arrays[f"w{i}"], arrays[f"b{i}"], None if cv is None else ConvGeometry.from_dict(cv)), bool(sq)
+            )
+            for i, (sq, cv) in enumerate(zip(server["squares"], convs, strict=True))
         ]
         plan = FusedPlan(
             layers, server["output"], list(server["classes"]), list(server["ranges"]), float(server["input_range"])
@@ -161,14 +166,26 @@ class CompiledModel:
         )
 
 
-def _cost_table(compiled: CompiledModel) -> dict[str, float]:
-    """Per-request cost estimates the client's packing choice uses (ms, batch 1 and a full batch)."""
+def _cost_table(compiled: CompiledModel) -> dict[str, Any]:
+    """Per-request costs the client's packing choice uses (ms for one latency ciphertext, one
+    throughput group).
+
+    When the compiler ran the model on real ciphertexts (`meta.measured_ms`, end to end on the
+    owner's machine, wire encoding included) those timings are the cost model; otherwise the
+    operation-count estimate of `packing.estimate_ms`.
+    """
     from veil.he.packing import LATENCY, THROUGHPUT, estimate_ms, throughput_group
 
     layout = compiled.latency_layout()
+    measured = compiled.meta.get("measured_ms") or {}
     return {
-        "latency_per_ct": estimate_ms(compiled.plan, compiled.params, layout, LATENCY, 1),
+        "latency_per_ct": float(
+            measured.get("latency_per_ct", estimate_ms(compiled.plan, compiled.params, layout, LATENCY, 1))
+        ),
         "samples_per_ct": layout.samples_per_ciphertext,
-        "throughput_per_group": estimate_ms(compiled.plan, compiled.params, layout, THROUGHPUT, 1),
+        "throughput_per_group": float(
+            measured.get("throughput_per_group", estimate_ms(compiled.plan, compiled.params, layout, THROUGHPUT, 1))
+        ),
         "slots": throughput_group(compiled.params.slots),
+        "source": "measured" if measured else "estimated",
     }

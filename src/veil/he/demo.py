@@ -11,9 +11,11 @@ import numpy as np
 from veil.he import store
 from veil.he.client import HEClient, HttpTransport, RemoteModel, Transport
 from veil.he.compile import compile_model
-from veil.he.tasks import breast_cancer_lr, digits_mlp
+from veil.he.tasks import breast_cancer_lr, digits_cnn, digits_mlp
 
-DEMO_MODELS = {"he-breast-lr": breast_cancer_lr, "he-digits-mlp": digits_mlp}
+# the CryptoNets-style CNN (Conv 3x3/2 -> square -> Dense on the 8x8 digits, compiled from ONNX)
+# is the headline; the LR and MLP show the coefficient and rows programs
+DEMO_MODELS = {"he-breast-lr": breast_cancer_lr, "he-digits-mlp": digits_mlp, "he-digits-cnn": digits_cnn}
 
 
 def run_he_demo(
@@ -23,7 +25,7 @@ def run_he_demo(
     transport: Transport | None = None,
     samples: int = 3,
 ) -> dict[str, Any]:
-    """Train and publish the two demo models, then run encrypted requests through the gateway.
+    """Train and publish the demo models, then run encrypted requests through the gateway.
 
     Echoes encrypted vs plaintext predictions and latency (labels only, which the user owns);
     returns a summary dict per model. `transport` overrides HTTP (tests use the in-process one).

@@ -15,6 +15,11 @@ model is compiled (the client spec names it):
   multiplies block r, slot q by V_qr and sums across blocks with log2(blocks) rotations: slot q
   of each sample's first block holds z_q, every other slot is zero. This uses the slots a
   per-sample block would leave empty instead of spending rotations on baby steps.
+- **conv** (a convolution, its activation, a dense last layer: CryptoNets-style CNNs). The client
+  lays each sample out as zero-padded image grids, one copy per output channel (multiplexed
+  channels); the conv is then C_in*k*k diagonals at fixed offsets, applied baby-step/giant-step
+  with rotations shared by every kernel, and the dense layer is m diagonals and a
+  rotate-and-sum (`conv_grid`). Several samples share a ciphertext.
 - **bsgs** (anything else). Each sample owns a block of 2n slots holding [x, x] (x zero-padded to
   n, the widest layer rounded up to a power of two), so rotations by k < n are cyclic within a
   block. A layer is a diagonal mat-vec, z = sum_k d_k * rot(x, k), evaluated baby-step/giant-step
@@ -52,8 +57,8 @@ from veil.he.slots import coeffs_to_slots, slots_to_coeffs
 LATENCY = "latency"
 THROUGHPUT = "throughput"
 PACKINGS = (LATENCY, THROUGHPUT)
-COEFF, ROWS, BSGS = "coeff", "rows", "bsgs"
-LATENCY_KINDS = (COEFF, ROWS, BSGS)
+COEFF, ROWS, BSGS, CONV = "coeff", "rows", "bsgs", "conv"
+LATENCY_KINDS = (COEFF, ROWS, BSGS, CONV)
 
 
 def _pow2(x: int) -> int:
@@ -124,14 +129,20 @@ class LatencyLayout:
 
     kind coeff: n = D (input width), blocks = M (outputs); a sample spans S = (M+1)*D coefficients.
     kind rows: n = D (input width rounded up), blocks = M (first layer's outputs rounded up);
-    a sample spans M blocks of 2D slots. kind bsgs: n = half-block, blocks = 1.
+    a sample spans M blocks of 2D slots. kind bsgs: n = half-block, blocks = 1. kind conv:
+    n = half the sample span, blocks = 1, and `in_slots[c, j]` is where copy c of feature j goes
+    (one copy of the padded image per output channel).
     """
 
     n: int
     slots: int
     kind: str = BSGS
     blocks: int = 1
-    layers: list = field(default_factory=list)  # SlotLayer (coeff, rows) or LatencyLayer (bsgs)
+    layers: list = field(default_factory=list)  # SlotLayer (coeff, rows) or LatencyLayer (bsgs, conv)
+    in_slots: np.ndarray | None = None
+    # rows with a sparse first layer (a convolution): block r holds x[gather[r]] (-1: zero), so
+    # a block is sized by the receptive field, not the input (the client does the im2col)
+    gather: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LATENCY_KINDS:
@@ -162,11 +173,33 @@ class LatencyLayout:
         return capacity // self.sample_stride
 
     def to_spec(self) -> dict:
-        return {"kind": self.kind, "n": self.n, "blocks": self.blocks}
+        spec: dict = {"kind": self.kind, "n": self.n, "blocks": self.blocks}
+        if self.in_slots is not None:
+            spec["in_slots"] = self.in_slots.tolist()
+        if self.gather is not None:
+            spec["gather"] = self.gather.tolist()
+        return spec
 
     @classmethod
     def from_spec(cls, spec: dict, slots: int) -> LatencyLayout:
-        return cls(n=int(spec["n"]), slots=slots, kind=str(spec["kind"]), blocks=int(spec["blocks"]))
+        in_slots = None
+        if spec.get("in_slots") is not None:
+            in_slots = np.asarray(spec["in_slots"], dtype=np.int64)
+            if in_slots.ndim != 2 or in_slots.min() < 0 or in_slots.max() >= 2 * int(spec["n"]):
+                raise ValueError("in_slots must be a (copies, features) array of slots inside the sample span")
+        gather = None
+        if spec.get("gather") is not None:
+            gather = np.asarray(spec["gather"], dtype=np.int64)
+            if gather.ndim != 2 or gather.shape[1] > int(spec["n"]) or gather.shape[0] > int(spec["blocks"]):
+                raise ValueError("gather must be a (blocks, n) array of feature indices")
+        return cls(
+            n=int(spec["n"]),
+            slots=slots,
+            kind=str(spec["kind"]),
+            blocks=int(spec["blocks"]),
+            in_slots=in_slots,
+            gather=gather,
+        )
 
     def rotation_steps(self) -> list[int]:
         steps: set[int] = set()
@@ -187,6 +220,22 @@ class LatencyLayout:
                 vectors.append(coeffs_to_slots(coeffs, 2 * self.slots))
                 continue
             vec = np.zeros(self.slots)
+            if self.kind == CONV:
+                assert self.in_slots is not None
+                for s, row in enumerate(chunk):
+                    vec[s * stride + self.in_slots] = row[None, :]
+                vectors.append(vec)
+                continue
+            if self.gather is not None:
+                g = self.gather
+                for s, row in enumerate(chunk):
+                    vals = np.where(g >= 0, row[np.maximum(g, 0)], 0.0)  # (blocks, width)
+                    for r in range(len(g)):
+                        base = s * stride + r * self.block
+                        vec[base : base + g.shape[1]] = vals[r]
+                        vec[base + self.n : base + self.n + g.shape[1]] = vals[r]
+                vectors.append(vec)
+                continue
             copies = self.blocks if self.kind == ROWS else 1
             for s, row in enumerate(chunk):
                 for r in range(copies):
@@ -275,11 +324,14 @@ def _rows_programs(plan: FusedPlan, layout: LatencyLayout) -> list[SlotLayer]:
     m, d = first.weight.shape
     big, block, stride = layout.n, layout.block, layout.sample_stride
     weights, bias = np.zeros(layout.slots), np.zeros(layout.slots)
+    g = layout.gather
+    rows = first.weight if g is None else np.where(g >= 0, np.take_along_axis(first.weight, np.maximum(g, 0), 1), 0)
+    d = rows.shape[1]
     for s in range(layout.samples_per_ciphertext):
         for r in range(m):
             base = s * stride + r * block
-            weights[base : base + d] = first.weight[r]
-            weights[base + big : base + big + d] = first.weight[r]
+            weights[base : base + d] = rows[r]
+            weights[base + big : base + big + d] = rows[r]
             # one bias copy in every window the in-block sum reads (slot 0 or slot D)
             bias[base] = bias[base + big] = first.bias[r]
     steps = [big >> (k + 1) for k in range(_log2(big))]
@@ -295,33 +347,171 @@ def _rows_programs(plan: FusedPlan, layout: LatencyLayout) -> list[SlotLayer]:
     return [row_layer, SlotLayer(weights, bias, steps, plan.layers[1].square)]
 
 
+# ------------------------------------------------------------------------------ conv program
+
+
+@dataclass
+class ConvGrid:
+    """The client's slot layout for a conv program (see `conv_grid`)."""
+
+    in_slots: np.ndarray  # (C_out copies, features) slot of each input feature
+    anchors: np.ndarray  # (C_out*Ho*Wo,) slot of each conv output: its receptive field's corner
+    span: int  # slots per sample (a power of two)
+
+
+def conv_grid(plan: FusedPlan) -> ConvGrid:
+    """Multiplexed padded-image layout: one copy of the input per output channel.
+
+    A sample's span starts with m_pad free slots (where the last layer's outputs are summed);
+    then output channel c's block holds the C_in zero-padded Hp x Wp grids. Conv output
+    (c, y, x) is written at the slot of its receptive field's top-left corner in block c, so
+    input (ci, y*s + dy, x*s + dx) is always `ci*G + dy*Wp + dx` slots further on: the whole
+    layer is C_in*k*k diagonals, whatever the number of output channels, and the rotations are
+    shared by every kernel.
+    """
+    geo = plan.layers[0].affine.conv
+    assert geo is not None
+    c_in, h, w = geo.in_shape
+    c_out, ho, wo = geo.out_shape
+    (kh, kw), (sh, sw), (pt, pl) = geo.kernel, geo.stride, geo.pad
+    hp = max(h + pt, (ho - 1) * sh + kh)
+    wp = max(w + pl, (wo - 1) * sw + kw)
+    grid = hp * wp
+    block = c_in * grid
+    origin = _pow2(plan.layers[-1].affine.out_dim)
+    ci, r, q = np.meshgrid(np.arange(c_in), np.arange(h), np.arange(w), indexing="ij")
+    local = (ci * grid + (r + pt) * wp + (q + pl)).reshape(-1)
+    in_slots = origin + np.arange(c_out)[:, None] * block + local[None, :]
+    co, yy, xx = np.meshgrid(np.arange(c_out), np.arange(ho), np.arange(wo), indexing="ij")
+    anchors = (origin + co * block + yy * sh * wp + xx * sw).reshape(-1)
+    return ConvGrid(in_slots, anchors, _pow2(origin + c_out * block))
+
+
+def _best_baby(offsets: set[int]) -> int:
+    """Baby-step size b minimising the rotations sum_k k = g*b + i needs (distinct i and g, not 0)."""
+    best, best_cost = 1, math.inf
+    for b in range(1, max(offsets) + 2):
+        cost = len({k % b for k in offsets} - {0}) + len({k // b for k in offsets} - {0})
+        if cost < best_cost:
+            best, best_cost = b, cost
+    return best
+
+
+def _diag_layer(diags: dict[int, np.ndarray], bias: np.ndarray, sum_steps: list[int], square: bool) -> LatencyLayer:
+    """Sparse diagonals (offset -> full slot vector) as a baby-step/giant-step LatencyLayer."""
+    baby = _best_baby(set(diags))
+    giant = max(diags) // baby + 1
+    grid: list[list[np.ndarray | None]] = [[None] * baby for _ in range(giant)]
+    for k, d in diags.items():
+        j, i = divmod(k, baby)
+        grid[j][i] = np.roll(d, j * baby)
+    return LatencyLayer("hybrid" if sum_steps else "full", baby, giant, grid, bias, sum_steps, None, square)
+
+
+def _conv_programs(plan: FusedPlan, layout: LatencyLayout, grid: ConvGrid) -> list[LatencyLayer]:
+    """The conv layer by its kernel offsets, then the dense last layer as m_pad diagonals + a rotate-and-sum.
+
+    Both are built from the dense matrices and the slot maps, so they compute exactly what the
+    fused plan does; the geometry only makes the diagonals few.
+    """
+    span, per, slots = grid.span, layout.samples_per_ciphertext, layout.slots
+    tile = np.arange(per)[:, None] * span
+
+    def full(index: np.ndarray, values: np.ndarray) -> np.ndarray:
+        vec = np.zeros(slots)
+        vec[(tile + index[None, :]).reshape(-1)] = np.tile(values, per)
+        return vec
+
+    conv = plan.layers[0].affine
+    rows, cols = np.nonzero(conv.weight)
+    # output i (channel c) reads the copy of the input in its own channel block
+    channel = rows // (conv.out_dim // conv.conv.out_shape[0])  # type: ignore[union-attr]
+    offsets = grid.in_slots[channel, cols] - grid.anchors[rows]
+    if offsets.min() < 0:
+        raise ValueError("the conv layout puts an input before its output's anchor")
+    diags = {
+        int(k): full(grid.anchors[rows[offsets == k]], conv.weight[rows[offsets == k], cols[offsets == k]])
+        for k in np.unique(offsets)
+    }
+    first = _diag_layer(diags, full(grid.anchors, conv.bias), [], plan.layers[0].square)
+    dense = plan.layers[1].affine
+    m_pad = _pow2(dense.out_dim)
+    q, j = np.nonzero(dense.weight)
+    t = grid.anchors[j]
+    k = (t - q) % m_pad
+    diags = {int(kk): full(t[k == kk] - kk, dense.weight[q[k == kk], j[k == kk]]) for kk in np.unique(k)}
+    steps = [span >> (e + 1) for e in range(_log2(span // m_pad))]
+    last = _diag_layer(diags, full(np.arange(dense.out_dim), dense.bias), steps, plan.layers[1].square)
+    return [first, last]
+
+
+def _conv_fits(plan: FusedPlan, slots: int) -> ConvGrid | None:
+    if len(plan.layers) != 2 or plan.layers[0].affine.conv is None:
+        return None
+    grid = conv_grid(plan)
+    return grid if grid.span <= slots else None
+
+
 def _fitting_kind(plan: FusedPlan, slots: int) -> tuple[str, int, int]:
     """The cheapest latency program this plan fits: (kind, n, blocks)."""
     first = plan.layers[0].affine
     if len(plan.layers) == 1 and not plan.layers[0].square and (first.out_dim + 1) * first.in_dim <= 2 * slots:
         return COEFF, first.in_dim, first.out_dim
-    big, blocks = _pow2(first.in_dim), _pow2(first.out_dim)
-    if len(plan.layers) == 2 and blocks * 2 * big <= slots and plan.layers[1].affine.out_dim <= big:
-        return ROWS, big, blocks
+    blocks = _pow2(first.out_dim)
+    if len(plan.layers) == 2:
+        gather = row_gather(plan)
+        big = _pow2(first.in_dim if gather is None else gather.shape[1])
+        if blocks * 2 * big <= slots and plan.layers[1].affine.out_dim <= big:
+            return ROWS, big, blocks
+    grid = _conv_fits(plan, slots)
+    if grid is not None:
+        return CONV, grid.span // 2, 1
     return BSGS, latency_block(plan), 1
+
+
+def row_gather(plan: FusedPlan) -> np.ndarray | None:
+    """For a sparse first layer (a convolution's matrix): each row's nonzero columns, -1 padded.
+
+    None when the rows are dense enough that gathering would not shrink the block (a power of
+    two at least the input width).
+    """
+    w = plan.layers[0].affine.weight
+    nnz = np.count_nonzero(w, axis=1)
+    width = max(1, int(nnz.max()))
+    if _pow2(width) >= _pow2(w.shape[1]):
+        return None
+    gather = np.full((w.shape[0], width), -1, dtype=np.int64)
+    for r in range(w.shape[0]):
+        cols = np.flatnonzero(w[r])
+        gather[r, : len(cols)] = cols
+    return gather
 
 
 def latency_layout(plan: FusedPlan, slots: int, kind: str = "auto") -> LatencyLayout:
     """Latency-mode programs for every layer of `plan` in a ring with `slots` slots.
 
-    `kind` "auto" takes coeff, else rows, else bsgs, whichever the plan fits first; naming a
-    kind the plan does not fit raises ValueError.
+    `kind` "auto" takes coeff, else rows (gathered for a sparse first layer), else conv, else
+    bsgs, whichever the plan fits first; naming a kind the plan does not fit raises ValueError
+    (conv may be named whenever the first layer is a convolution).
     """
     best, n, blocks = _fitting_kind(plan, slots)
     if kind == "auto":
         kind = best
     if kind == BSGS:
         n, blocks = latency_block(plan), 1
+    elif kind == CONV:  # the multiplexed program, where the plan has a conv first layer
+        grid = _conv_fits(plan, slots)
+        if grid is None:
+            raise ValueError(f"this plan does not fit the conv latency program (it fits {best})")
+        layout = LatencyLayout(n=grid.span // 2, slots=slots, kind=kind, blocks=1, in_slots=grid.in_slots)
+        layout.layers.extend(_conv_programs(plan, layout, grid))
+        return layout
     elif kind != best:
         raise ValueError(f"this plan does not fit the {kind} latency program (it fits {best})")
     if kind == BSGS and slots < 2 * n:
         raise ValueError(f"{slots} slots cannot hold a latency block of {2 * n}")
-    layout = LatencyLayout(n=n, slots=slots, kind=kind, blocks=blocks)
+    gather = row_gather(plan) if kind == ROWS else None
+    layout = LatencyLayout(n=n, slots=slots, kind=kind, blocks=blocks, gather=gather)
     if kind == COEFF:
         layout.layers.append(_coeff_program(plan, layout))
     elif kind == ROWS:

@@ -23,11 +23,19 @@ HE_STD_128: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 4
 MAX_PRIME_BITS = 60
 MIN_SCALE_BITS = 20
 SPECIAL_PRIME_SLACK = 6
+# a ciphertext value v at scale s must satisfy |v| s < Q/2 to decrypt: one bit over log2(range).
+# SEAL refuses to encode a plaintext unless ceil(log2 |v| s) + 1 < log2 Q (two bits), which the
+# biases get from the calibration margin (>= 2): ranges include margin * |b|. veil.he.bounds
+# checks both on the exact chain.
+RANGE_HEADROOM_BITS = 1
 LAST_LAYER_MODES = ("unrescaled", "throughput-unrescaled", "rescaled")
-# output error ~ NOISE_CONSTANT * sqrt(N) * gain / scale (fresh + rescale rounding noise);
-# calibrated on the test models: at 1.0 the digits MLP's worst throughput logit was 1e-3 off;
-# at 2.0 (one more bit) the worst errors are 9e-5 (latency) and 3e-4 (throughput)
+# output error ~ NOISE_CONSTANT * sqrt(N) * gain / scale (fresh + rescale rounding noise, key
+# switching, weight encoding). Calibrated on real ciphertexts (digits MLP: 2e-6 at 2^34 in both
+# packings once squares are relinearized before their rescale; a three-part ciphertext's rescale
+# rounding is multiplied by s^2 and cost 50-80x). The compiler measures the error on real
+# ciphertexts anyway and adds bits when this model is optimistic.
 NOISE_CONSTANT = 2.0
+COEFF_NOISE_CONSTANT = 2.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ def select_params(
     poly_modulus_degree: int | None = None,
     last_layer: str = "unrescaled",
     coefficient_packing: bool = False,
+    extra_scale_bits: int = 0,
 ) -> CKKSParams:
     """The smallest secure parameter set for `plan` with output error about `precision`.
 
@@ -130,17 +139,19 @@ def select_params(
     (bsgs, whose baby steps rotate inputs at the input scale, where a large q0 adds noise).
     `coefficient_packing` (one affine layer, no square): nothing is ever key-switched, so the
     chain is a single prime without a special prime, and the noise is that of a coefficient.
+    `extra_scale_bits` raises the scale above the noise model's choice (the compiler does when
+    the error it measures on real ciphertexts misses the target).
     """
     if last_layer not in LAST_LAYER_MODES:
         raise PlanError(f"last_layer must be one of {LAST_LAYER_MODES}")
     if coefficient_packing:
-        return _select_coefficient_params(plan, precision, poly_modulus_degree)
+        return _select_coefficient_params(plan, precision, poly_modulus_degree, extra_scale_bits)
     if not plan.ranges:
         raise PlanError("calibrate the plan on sample inputs before selecting parameters")
     if precision <= 0:
         raise PlanError("precision must be positive")
     value_range = max([plan.input_range, *plan.ranges, 1.0])
-    range_bits = math.ceil(math.log2(value_range)) + 1
+    range_bits = math.ceil(math.log2(value_range)) + RANGE_HEADROOM_BITS
     gain = _noise_gain(plan)
     block = latency_block(plan)
     last = plan.layers[-1].affine
@@ -153,18 +164,19 @@ def select_params(
         if n // 2 < 2 * block:
             refusals.append(f"N={n}: {n // 2} slots < latency block {2 * block}")
             continue
-        scale_bits = max(MIN_SCALE_BITS, math.ceil(math.log2(NOISE_CONSTANT * math.sqrt(n) * gain / precision)))
+        scale_bits = _scale_bits(n, gain, precision) + extra_scale_bits
         if scale_bits + range_bits > MAX_PRIME_BITS:
             refusals.append(f"N={n}: scale {scale_bits} + range {range_bits} bits exceed one prime")
             continue
         mids = plan_depth(plan) - 1
         # rounding w to 2**-wbits adds ~ sqrt(in) * |h| * 0.3 * 2**-wbits to each output
-        wbits = max(MIN_SCALE_BITS, math.ceil(math.log2(0.3 * math.sqrt(last.in_dim) * last_in_range / precision)))
+        need_wbits = math.ceil(math.log2(0.3 * math.sqrt(last.in_dim) * last_in_range / precision))
         options = []
         # the last weights' rounding error matters far less than the noise the scale bounds
         # (measured on digits: 19 vs 21 bits changed the error by 10 %), so when q0 would
-        # overflow one prime they take what is left, down to MIN_SCALE_BITS
-        wbits = max(MIN_SCALE_BITS, min(wbits, MAX_PRIME_BITS - scale_bits - range_bits))
+        # overflow one prime they take what is left, down to what their rounding needs (the
+        # compiler measures the result on real ciphertexts)
+        wbits = max(need_wbits, min(max(MIN_SCALE_BITS, need_wbits), MAX_PRIME_BITS - scale_bits - range_bits))
         q0_lazy = scale_bits + wbits + range_bits
         # Leaving the last layer unrescaled saves a prime, so every ciphertext carries one prime
         # fewer (products, key switches, uploads all scale with the primes). The price: the
@@ -189,6 +201,9 @@ def select_params(
             if special < max(data_bits) - SPECIAL_PRIME_SLACK:
                 refusals.append(f"N={n}: log2(QP)={sum(data_bits) + max(data_bits)} > {HE_STD_128[n]}")
                 continue
+            if last_layer == "rescaled" and special < _rotation_special_bits(n, data_bits[0], scale_bits, precision):
+                refusals.append(f"N={n}: special prime {special} bits too small for rotations at the input scale")
+                continue
             check_secure(n, bits)
             return CKKSParams(n, tuple(int(b) for b in bits), int(scale_bits), final_wbits, "tc128", thr_level)
     raise InsecureParametersError(
@@ -196,7 +211,23 @@ def select_params(
     )
 
 
-def _select_coefficient_params(plan: FusedPlan, precision: float, poly_modulus_degree: int | None) -> CKKSParams:
+def _rotation_special_bits(n: int, q0_bits: int, scale_bits: int, precision: float) -> int:
+    """Special prime a program needs when it rotates ciphertexts at the input scale (bsgs, conv).
+
+    Key switching adds noise ~ N^2 * q0 / P in absolute terms (measured on SEAL 4.1: Wine LR in
+    bsgs at N=4096 gave 1.7e-4 ... 8.7e-3 as P shrank from q0 + 8 to q0 - 4 bits, at scale
+    2^27); keep it an eighth of the target at the input scale.
+    """
+    return q0_bits - scale_bits + math.ceil(math.log2(8.0 * n * n / precision))
+
+
+def _scale_bits(n: int, gain: float, precision: float, constant: float = NOISE_CONSTANT) -> int:
+    return max(MIN_SCALE_BITS, math.ceil(math.log2(constant * math.sqrt(n) * gain / precision)))
+
+
+def _select_coefficient_params(
+    plan: FusedPlan, precision: float, poly_modulus_degree: int | None, extra_scale_bits: int = 0
+) -> CKKSParams:
     """One prime q0 = scale + weight bits + range, in the smallest ring that allows it.
 
     The scale is sized for throughput's slot noise (which has the sqrt(N) a coefficient does
@@ -206,7 +237,7 @@ def _select_coefficient_params(plan: FusedPlan, precision: float, poly_modulus_d
     if len(plan.layers) != 1 or plan.layers[0].square:
         raise PlanError("coefficient packing takes one affine layer without a square")
     affine = plan.layers[0].affine
-    range_bits = math.ceil(math.log2(max([plan.input_range, *plan.ranges, 1.0]))) + 1
+    range_bits = math.ceil(math.log2(max([plan.input_range, *plan.ranges, 1.0]))) + RANGE_HEADROOM_BITS
     gain = _noise_gain(plan)
     need_wbits = math.ceil(math.log2(0.3 * math.sqrt(affine.in_dim) * plan.input_range / precision))
     candidates = [poly_modulus_degree] if poly_modulus_degree else sorted(HE_STD_128)
@@ -214,7 +245,7 @@ def _select_coefficient_params(plan: FusedPlan, precision: float, poly_modulus_d
     for n in candidates:
         if n not in HE_STD_128:
             raise InsecureParametersError(f"poly_modulus_degree {n} is not one of {sorted(HE_STD_128)}")
-        scale_bits = max(MIN_SCALE_BITS, math.ceil(math.log2(NOISE_CONSTANT * math.sqrt(n) * gain / precision)))
+        scale_bits = _scale_bits(n, gain, precision, COEFF_NOISE_CONSTANT) + extra_scale_bits
         cap = min(MAX_PRIME_BITS, HE_STD_128[n])
         wbits = cap - scale_bits - range_bits
         if wbits < need_wbits or (affine.out_dim + 1) * affine.in_dim > n:

@@ -19,11 +19,36 @@ OutputKind = Literal["binary", "multiclass", "regression"]
 
 
 @dataclass(frozen=True)
+class ConvGeometry:
+    """Where a convolution's dense matrix came from: shapes, kernel, stride, padding.
+
+    The affine map of a conv layer is stored dense (exact, and what throughput packing and the
+    plaintext reference use); this records its structure so the latency program can lay the
+    input out as padded image grids and apply the kernels with a few shared rotations instead
+    of a dense mat-vec (`packing`). It survives fusion with per-element scalings (batch norm).
+    """
+
+    in_shape: tuple[int, int, int]  # (C_in, H, W)
+    out_shape: tuple[int, int, int]  # (C_out, Ho, Wo)
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]  # top, left (bottom/right padding only shows in out_shape)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConvGeometry:
+        return cls(*(tuple(int(v) for v in d[k]) for k in ("in_shape", "out_shape", "kernel", "stride", "pad")))
+
+
+@dataclass(frozen=True)
 class Affine:
-    """y = W x + b with W of shape (out, in)."""
+    """y = W x + b with W of shape (out, in); `conv` when W is a convolution's matrix."""
 
     weight: np.ndarray
     bias: np.ndarray
+    conv: ConvGeometry | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         w = np.asarray(self.weight, dtype=np.float64)
@@ -65,7 +90,27 @@ class Poly:
         return max(nz) if nz else 0
 
 
-Op = Affine | Poly
+@dataclass(frozen=True)
+class Act:
+    """A non-polynomial activation (relu, logistic, tanh) as the source model has it.
+
+    Never evaluated encrypted: the compiler replaces it with a low-degree polynomial fitted over
+    the calibration range (`veil.he.approx`) and reports what that changed.
+    """
+
+    kind: str
+
+    def apply(self, y: np.ndarray) -> np.ndarray:
+        if self.kind == "relu":
+            return np.maximum(y, 0.0)
+        if self.kind == "logistic":
+            return 1.0 / (1.0 + np.exp(-y))
+        if self.kind == "tanh":
+            return np.tanh(y)
+        raise PlanError(f"unknown activation {self.kind!r}")
+
+
+Op = Affine | Poly | Act
 
 
 @dataclass
@@ -77,6 +122,7 @@ class Plan:
     output: OutputKind
     classes: list = field(default_factory=list)
     source: str = ""
+    notes: dict = field(default_factory=dict)  # what the front end changed (approximations), for the manifest
 
     def evaluate(self, x: np.ndarray) -> np.ndarray:
         """Plaintext reference: the raw scores (logits / regression values), shape (n, out)."""
@@ -98,8 +144,9 @@ class FusedLayer:
 class FusedPlan:
     """The evaluator's program: affine maps and squares only, ending with an affine map.
 
-    `ranges[i]` is the calibrated max |value| after layer i (after its square, if any); the
-    parameter selector sizes the first prime from it.
+    `ranges[i]` is the calibrated max |value| any ciphertext of layer i holds (partial sums,
+    bias, output, its square), with the safety margin; the parameter selector sizes the primes
+    from it.
     """
 
     layers: list[FusedLayer]
@@ -135,11 +182,15 @@ class FusedPlan:
         self.input_range = float(np.max(np.abs(h))) * margin
         ranges: list[float] = []
         for layer in self.layers:
+            # every partial sum of the mat-vec is bounded by sum |W_ij h_j| + |b_i|, which can
+            # exceed the output when large terms cancel (see veil.he.bounds, the compiler's version)
+            partial = float(np.max(np.abs(h) @ np.abs(layer.affine.weight).T + np.abs(layer.affine.bias)))
             h = layer.affine.apply(h)
             pre = float(np.max(np.abs(h)))
             if layer.square:
                 h = h * h
-            ranges.append(max(pre, float(np.max(np.abs(h)))) * margin)
+            sq = pre * pre if layer.square else 0.0
+            ranges.append(max(partial, pre, sq) * margin)
         self.ranges = ranges
 
 

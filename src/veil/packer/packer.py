@@ -9,6 +9,12 @@ applies the policy's keep-alive decisions (`stop_instance`, unloads) at its dead
 platform's own idle timeout is set long (`set_keep_alive`) as a backstop only, so the policy,
 not the platform, decides when instances go.
 
+On a platform that places requests by model itself (`Platform.routes_models`, e.g. Ray
+Serve), the same policy runs inside the platform's request router instead: the packer deploys
+the function with the policy's name and memory model and passes the model with each invoke
+(`veil.packer.routed`). The packer only speaks `veil.platform.protocol`; it never asks which
+platform it has.
+
 Thread-safe: any number of threads may call `invoke` concurrently.
 """
 
@@ -25,8 +31,10 @@ from typing import Any
 from veil.packer.metrics import InstanceSpan, RequestRecord, summarize, timeline
 from veil.packer.policies import make_policy
 from veil.packer.policies.base import Policy
+from veil.packer.routed import RoutedExecutor, unload_routing
 from veil.packer.state import PoolSpec, Reject, Route, Stop, Unload
-from veil.platform import FunctionSpec, LocalPlatform, PlatformError
+from veil.platform import FunctionSpec, PlatformError
+from veil.platform.protocol import InstanceControl, Platform, Routing, routes_models
 
 log = logging.getLogger("veil.packer")
 
@@ -57,16 +65,19 @@ class Packer:
     `exec_time(result) -> seconds | None` reads the runtime's service time from its answer
     (None: the wall time of the invocation, which includes waiting for a slot);
     `clock` (default time.monotonic) is the time source handed to the policy.
+
+    `platform` is any `Platform`; one that does not route by model must also offer
+    `InstanceControl` (the packer then starts, targets and stops instances itself).
     """
 
     def __init__(
         self,
-        platform: LocalPlatform,
+        platform: Platform | InstanceControl,
         template: FunctionSpec,
         policy: str = "veil",
         **options: Any,
     ) -> None:
-        self.platform = platform
+        self.platform: Any = platform
         self.template = copy.deepcopy(template)
         self._clock: Callable[[], float] = options.pop("clock", time.monotonic)
         self._unload_value: Callable[[str], dict] | None = options.pop("unload_value", None)
@@ -80,6 +91,25 @@ class Packer:
             idle_timeout_s=template.idle_timeout_s,
             **pool_opts,
         )
+        self._routed: RoutedExecutor | None = None
+        if routes_models(platform):
+            # The platform's router runs the policy; ours is built only to check its options.
+            if policy != "platform":
+                make_policy(policy, spec, **options)
+            unload, key = unload_routing(self._unload_value)
+            routing = Routing(
+                policy=policy,
+                base_mb=spec.base_mb,
+                default_model_mb=spec.default_model_mb,
+                model_mb=dict(spec.model_mb),
+                unload_value=unload,
+                unload_key=key,
+            )
+            self._routed = RoutedExecutor(platform, template, routing, clock=self._clock)  # type: ignore[arg-type]
+            self.policy = make_policy("veil", spec)  # placeholder view: no instances are placed here
+            self._closed = False
+            self._lock = threading.Lock()
+            return
         self.policy: Policy = make_policy(policy, spec, **options)
         self._bound = max(spec.max_instances, getattr(self.policy, "pool_size", 0))
         # The platform must not reap before the policy does: its keep-alive is only a backstop.
@@ -100,6 +130,10 @@ class Packer:
     def invoke(self, model: str, value: dict, *, timeout: float = 60.0) -> dict:
         """Run `value` for `model` on the instance the policy picks; raises PlatformError
         (ActionError if the action answered an error, PackerError "busy" if refused)."""
+        if self._routed is not None:
+            if self._closed:
+                raise PackerError("closed", "the packer is closed")
+            return self._routed.invoke(model, value, timeout=timeout)
         t0 = self._clock()
         deadline = t0 + timeout
         with self._lock:
@@ -245,15 +279,21 @@ class Packer:
     # -- reporting -----------------------------------------------------------------------------
 
     def records(self) -> list[RequestRecord]:
+        if self._routed is not None:
+            return self._routed.records()
         with self._lock:
             return list(self._records)
 
     def spans(self) -> list[InstanceSpan]:
+        if self._routed is not None:
+            return []  # the platform's instances are its own; see platform.metrics()
         with self._lock:
             return [copy.copy(s) for s in self._spans.values()]
 
     def stats(self) -> dict:
         """Figures of the run so far (see veil.packer.metrics) plus the platform's own GB-s."""
+        if self._routed is not None:
+            return self._routed_stats(self._routed)
         with self._lock:
             end = self._clock() - self._origin
             out = summarize(self._records, list(self._spans.values()), end)
@@ -268,8 +308,26 @@ class Packer:
         out["platform_gb_s"] = round(platform_gb_s, 3)
         return out
 
+    def _routed_stats(self, routed: RoutedExecutor) -> dict:
+        """On a model-routing platform the instances are the platform's: GB-s and instance
+        counts come from its metrics, latencies from this packer's records."""
+        out = summarize(routed.records(), [], routed.elapsed())
+        out["policy"] = routed.routing.policy
+        m: dict[str, Any] = {}
+        with contextlib.suppress(PlatformError):
+            m = self.platform.metrics(routed.function)
+        out["platform_gb_s"] = round(float(m.get("gb_seconds", 0.0)), 3)
+        out["gb_s"] = out["platform_gb_s"]
+        out["max_instances"] = int(m.get("peak_instances", 0))
+        out["instances_started"] = int(m.get("cold_starts", 0))
+        out["instances_now"] = int(m.get("instances", 0))
+        return out
+
     def close(self) -> None:
         """Stop the ticker and every instance this packer started. Idempotent."""
+        if self._routed is not None:
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return

@@ -19,6 +19,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "action_error": 502,
     "closed": 503,
     "bad_spec": 400,
+    "bad_request": 400,
+    "platform_error": 502,
 }
 
 

@@ -7,6 +7,7 @@ owned by the function pool and only changed under the pool's lock.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -22,7 +23,9 @@ from typing import Any
 
 import httpx
 
+from veil.platform import lifeline
 from veil.platform.errors import ActionError, PlatformError
+from veil.platform.spec import FunctionSpec
 
 log = logging.getLogger("veil.platform.instance")
 
@@ -73,12 +76,37 @@ def free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
+def instance_env(spec: FunctionSpec, instance_id: str, api_host: str) -> dict[str, str]:
+    """An instance's environment: inherited; defaults the spec's env may override (the
+    runtime's request threads = the function's concurrency); then what OpenWhisk's invoker
+    exports to an action, and Veil's own identifiers."""
+    ns = spec.namespace
+    return {
+        **os.environ,
+        "VEIL_THREADS": str(spec.concurrency),
+        **spec.env,
+        "__OW_ACTION_NAME": f"/{ns}/{spec.name}",
+        "__OW_ACTION_VERSION": "0.0.1",
+        "__OW_NAMESPACE": ns,
+        "__OW_API_HOST": api_host,
+        "VEIL_FUNCTION": spec.name,
+        "VEIL_INSTANCE_ID": instance_id,
+        "VEIL_MEMORY_MB": str(spec.memory_mb),
+        "VEIL_CONCURRENCY": str(spec.concurrency),
+    }
+
+
 def _mono_to_wall(mono: float) -> float:
     return time.time() - (time.monotonic() - mono)
 
 
 class Instance:
-    """One runtime subprocess. Thread-safe for concurrent `run` calls (httpx.Client is)."""
+    """One runtime subprocess. Thread-safe for concurrent `run` calls (httpx.Client is).
+
+    `die_with_parent`: the kernel kills the process when this one dies (see
+    `veil.platform.lifeline`), for owners that can be killed without running any cleanup, such
+    as a Ray Serve replica.
+    """
 
     def __init__(
         self,
@@ -91,8 +119,10 @@ class Instance:
         concurrency: int,
         generation: int,
         log_path: Path,
+        die_with_parent: bool = False,
     ) -> None:
         self.id = instance_id
+        self.die_with_parent = die_with_parent
         self.function = function
         self.command = list(command)
         self.env = dict(env)
@@ -124,9 +154,11 @@ class Instance:
         self.port = free_loopback_port()
         env = {**self.env, "VEIL_PORT": str(self.port)}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        preexec = lifeline.die_with_parent_preexec(os.getpid()) if self.die_with_parent else None
         with open(self.log_path, "ab") as logf:
-            try:
-                self.proc = subprocess.Popen(
+
+            def popen() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
                     self.command,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -134,7 +166,11 @@ class Instance:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
+                    preexec_fn=preexec,
                 )
+
+            try:
+                self.proc = lifeline.spawn_tied(popen) if preexec is not None else popen()
             except OSError as e:
                 raise PlatformError(
                     "start_failed",
@@ -219,15 +255,35 @@ class Instance:
             raise InstanceGone(f"{what} ({type(e).__name__})", code) from None
         return self._parse_run(resp)
 
+    async def run_async(self, client: httpx.AsyncClient, body: bytes, timeout: float) -> dict[str, Any]:
+        """`run` on an event loop (`client` belongs to that loop): the same answers and errors,
+        without a thread per request in flight."""
+        try:
+            resp = await client.post(
+                f"http://127.0.0.1:{self.port}/run",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
+            )
+        except httpx.TimeoutException:
+            raise
+        except httpx.TransportError as e:
+            code = await asyncio.to_thread(self.wait_exit, 2.0)
+            what = f"exited with code {code}" if code is not None else "connection lost"
+            raise InstanceGone(f"{what} ({type(e).__name__})", code) from None
+        return self._parse_run(resp)
+
     def _parse_run(self, resp: httpx.Response) -> dict[str, Any]:
         try:
             payload = resp.json()
         except ValueError:
             payload = None
         if isinstance(payload, dict) and "error" in payload:
-            # OpenWhisk treats any result with an "error" field as an application error.
-            status = resp.status_code if resp.status_code >= 400 else 502
-            raise ActionError(self.function, payload["error"], status)
+            # OpenWhisk treats any result with an "error" field as an application error. Under
+            # OpenWhisk a runtime answers those 200 (any other status is a dead container to the
+            # invoker) and says the status in the error: keep it, so every platform reports the
+            # same status for the same error.
+            raise ActionError(self.function, payload["error"], _error_status(resp.status_code, payload["error"]))
         if not 200 <= resp.status_code < 300:
             raise ActionError(
                 self.function,
@@ -331,6 +387,17 @@ def _rss_mb(pid: int) -> float | None:
         return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
     except Exception:  # best effort: the process may be gone already
         return None
+
+
+def _error_status(http_status: int, error: Any) -> int:
+    """The status of an action error: the HTTP one if it is an error status, else the one the
+    error object names (`{"code", "message", "status"}`), else 502."""
+    if http_status >= 400:
+        return http_status
+    named = error.get("status") if isinstance(error, dict) else None
+    if isinstance(named, int) and not isinstance(named, bool) and 400 <= named <= 599:
+        return named
+    return 502
 
 
 def _error_text(resp: httpx.Response) -> str:

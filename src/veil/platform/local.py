@@ -31,6 +31,7 @@ from veil.platform import dispatch
 from veil.platform.errors import ActionError, PlatformError
 from veil.platform.instance import InstanceInfo
 from veil.platform.pool import FunctionPool
+from veil.platform.protocol import Routing
 from veil.platform.spec import FunctionSpec
 
 __all__ = ["ActionError", "FunctionSpec", "InstanceInfo", "LocalPlatform", "PlatformError"]
@@ -46,7 +47,14 @@ class LocalPlatform:
     directory removed by `close()` when no `log_dir` is given). Call `close()` (or use it as a
     context manager); instances are also killed when the platform is garbage-collected or the
     interpreter exits, so no orphan processes stay behind.
+
+    Implements `veil.platform.protocol.Platform` and `InstanceControl`: it schedules requests
+    over instances without knowing models (`routes_models = False`), so model affinity is the
+    packer's job, through `start_instance` / `invoke_instance` / `stop_instance`.
     """
+
+    kind = "local"
+    routes_models = False
 
     def __init__(
         self,
@@ -63,6 +71,7 @@ class LocalPlatform:
         self._api_host = api_host
         self._lock = threading.RLock()
         self._pools: dict[str, FunctionPool] = {}
+        self._routing: dict[str, Routing] = {}
         self._removed: dict[str, FunctionPool] = {}  # kept so their metrics stay readable
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
@@ -79,13 +88,18 @@ class LocalPlatform:
 
     # -- functions -------------------------------------------------------------------------
 
-    def deploy(self, spec: FunctionSpec) -> None:
+    def deploy(self, spec: FunctionSpec, *, routing: Routing | None = None) -> None:
         """Create the function, or update it (idempotent). Scaling knobs apply at once; a new
-        command, env, init value or memory drains the running instances and new ones start."""
+        command, env, init value or memory drains the running instances and new ones start.
+
+        `routing` is kept only for `unload` (its unload request): this platform does not place
+        requests by model, the caller does."""
         spec = copy.deepcopy(spec)
         spec.validate()
         with self._lock:
             self._check_open()
+            if routing is not None:
+                self._routing[spec.name] = routing
             pool = self._pools.get(spec.name)
             if pool is None:
                 self._removed.pop(spec.name, None)
@@ -126,17 +140,48 @@ class LocalPlatform:
 
     # -- invocation ------------------------------------------------------------------------
 
-    def invoke(self, name: str, value: dict, *, timeout: float = 60.0) -> dict:
+    def invoke(self, name: str, value: dict, *, timeout: float = 60.0, model: str | None = None) -> dict:
         """Run `value` on the function; cold-starts, queues, retries once after a crash.
 
-        Raises ActionError if the action answered `{"error": ...}`, PlatformError otherwise
-        (codes: unknown_function, busy, start_failed, instance_crashed, timeout).
+        `model` is accepted for the protocol and not used: this platform's scheduling is the
+        same for every model (the packer adds affinity on top). Raises ActionError if the
+        action answered `{"error": ...}`, PlatformError otherwise (codes: unknown_function,
+        busy, start_failed, instance_crashed, timeout).
         """
         return dispatch.invoke(self._pool(name), value, timeout)
 
     def invoke_instance(self, name: str, instance_id: str, value: dict, *, timeout: float = 60.0) -> dict:
         """Run `value` on one given instance (waits for a free slot on it; no crash retry)."""
         return dispatch.invoke(self._pool(name), value, timeout, instance_id=instance_id)
+
+    def scale(self, name: str, *, min_instances: int | None = None, max_instances: int | None = None) -> None:
+        """Change the instance bounds (a scaling-only re-deploy: running instances stay)."""
+        spec = self.spec(name)
+        if min_instances is not None:
+            spec.min_instances = min_instances
+        if max_instances is not None:
+            spec.max_instances = max_instances
+        self.deploy(spec)
+
+    def unload(self, name: str, model: str) -> int:
+        """Send the routing's unload request for `model` to every ready instance; returns how
+        many answered. 0 without an unload request (the runtime manages its own cache)."""
+        with self._lock:
+            routing = self._routing.get(name)
+        body = routing.unload_request(model) if routing is not None else None
+        if body is None:
+            self._pool(name)  # still refuse unknown functions
+            return 0
+        done = 0
+        for info in self.instances(name):
+            if info.state != "ready":
+                continue
+            try:
+                self.invoke_instance(name, info.id, dict(body), timeout=10.0)
+                done += 1
+            except PlatformError as e:
+                log.warning("unload of %r on %s failed: %s", model, info.id, e.code)
+        return done
 
     # -- instances -------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ for an instance still starting, its start thread does.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -34,6 +33,7 @@ from veil.platform.instance import (
     Instance,
     InstanceGone,
     InstanceInfo,
+    instance_env,
 )
 from veil.platform.metrics import FunctionMetrics
 from veil.platform.spec import FunctionSpec
@@ -118,22 +118,7 @@ class FunctionPool:
             raise PlatformError("closed", f"function {self.name!r} was removed or the platform closed")
 
     def _instance_env(self, instance_id: str) -> dict[str, str]:
-        """Inherited env; defaults the spec's env may override (the runtime's request threads =
-        the function's concurrency); then what OpenWhisk's invoker exports to an action."""
-        ns = self.spec.namespace
-        return {
-            **os.environ,
-            "VEIL_THREADS": str(self.spec.concurrency),
-            **self.spec.env,
-            "__OW_ACTION_NAME": f"/{ns}/{self.spec.name}",
-            "__OW_ACTION_VERSION": "0.0.1",
-            "__OW_NAMESPACE": ns,
-            "__OW_API_HOST": self._api_host,
-            "VEIL_FUNCTION": self.spec.name,
-            "VEIL_INSTANCE_ID": instance_id,
-            "VEIL_MEMORY_MB": str(self.spec.memory_mb),
-            "VEIL_CONCURRENCY": str(self.spec.concurrency),
-        }
+        return instance_env(self.spec, instance_id, self._api_host)
 
     def _begin_start(self) -> Instance:
         """Create a STARTING instance and spawn + /init it on a thread (so waiters keep their

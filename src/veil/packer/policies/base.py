@@ -57,6 +57,37 @@ class Policy(ABC):
         else:
             self._drop(instance)
 
+    def adopt(
+        self,
+        instance: str,
+        now: float,
+        *,
+        capacity: int | None = None,
+        resident: tuple[str, ...] = (),
+        seq: int | None = None,
+    ) -> Instance:
+        """Take in a ready instance the executor did not ask for (a platform's replica that its
+        own autoscaler started): the policy routes to it from now on. `resident` are models it
+        is known to hold already; `seq` keeps its age rank when it is taken in again (ties go
+        to lower ranks, i.e. older instances)."""
+        if seq is None:
+            self._seq += 1
+            seq = self._seq
+        inst = Instance(
+            id=instance,
+            function=self.spec.function,
+            capacity=self.spec.capacity if capacity is None else capacity,
+            memory_mb=self.spec.memory_mb,
+            created_at=now,
+            seq=seq,
+            ready=True,
+            last_used=now,
+        )
+        for model in resident:
+            inst.resident[model] = now
+        self.instances[instance] = inst
+        return inst
+
     def lost(self, instance: str, now: float) -> None:
         """The instance disappeared (crashed, reaped by the platform): forget it."""
         self._drop(instance)

@@ -122,6 +122,11 @@ class VeilPolicy(Policy):
         with the lowest expected wait (a short queue on a warm instance beats a cold load, and
         a short queue beats an instance start)."""
         self.keepalive.observe(model, now)
+        return self.reroute(model, now)
+
+    def reroute(self, model: str, now: float) -> Decision:
+        """Place a request whose arrival was already recorded (an executor retrying the
+        placement, e.g. after the instance it chose refused the request for being full)."""
         load = self.load_estimate(model)
         # (expected wait, preference rank, inflight, evictions, seq) -> (instance, evict)
         options: list[tuple[tuple[float, int, int, int, int], Instance, tuple[str, ...]]] = []

@@ -1,0 +1,427 @@
+"""`RayPlatform`: Veil's `Platform` on a Ray cluster, through Ray Serve.
+
+Each function is a Serve application of one deployment (`replica.VeilReplica`: one runtime
+subprocess per replica) with autoscaling from zero, per-replica concurrency and model
+multiplexing; requests go through a `DeploymentHandle` held by this process (no Serve HTTP
+proxy is started: nothing listens for Serve beyond Ray's own ports). With `Routing("veil")`
+the handle's request router is Veil's packing policy (`veil.packer.ray_router.VeilRequestRouter`), otherwise
+Serve's default multiplex-aware router: the baseline.
+
+Errors are the local platform's: a replica answers plain dicts (`wire`), rebuilt here into the
+same `PlatformError` / `ActionError`; Ray's own failures are mapped to Veil codes (back-pressure
+-> `busy`, a replica that died under the request -> retried once, then `instance_crashed`, no
+answer in time -> `timeout`) with messages that never carry a Ray traceback.
+
+    platform = RayPlatform(address="127.0.0.2:6379", node_ip="127.0.0.2")
+    platform.deploy(FunctionSpec("veil-tee", [sys.executable, "-m", "veil.runtime"], ...),
+                    routing=Routing("veil"))
+    platform.invoke("veil-tee", {"envelope": ...}, model="m1")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+
+from veil.platform.errors import PlatformError
+from veil.platform.metrics import FunctionMetrics
+from veil.platform.protocol import Routing
+from veil.platform.ray_serve import wire
+from veil.platform.ray_serve.options import RayOptions
+from veil.platform.ray_serve.replica import build_app
+from veil.platform.spec import FunctionSpec
+
+log = logging.getLogger("veil.platform.ray_serve")
+
+#: Replica states that hold resources (billed), as Serve reports them.
+_BILLED = {"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION", "STOPPING"}
+
+
+@dataclass
+class _Function:
+    spec: FunctionSpec
+    routing: Routing | None
+    handle: Any
+    metrics: FunctionMetrics
+    by_model: dict[str | None, Any] = field(default_factory=dict)  # handle options per model id
+    replicas: dict[str, str] = field(default_factory=dict)  # replica id -> state, as last seen
+    ever_running: set[str] = field(default_factory=set)
+    removed: bool = False
+
+
+class RayPlatform:
+    """Deploy, invoke, scale, unload and meter Veil functions on Ray Serve."""
+
+    kind = "ray"
+    routes_models = True
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        node_ip: str | None = None,
+        options: RayOptions | None = None,
+        namespace: str = "veil",
+        poll_interval_s: float = 0.25,
+        ray_init: dict[str, Any] | None = None,
+    ) -> None:
+        """Connect to the Ray cluster at `address` (None: start a local one) as a driver on
+        the node whose IP is `node_ip` (keep it inside 127.0.0.0/8 on a single machine: Ray
+        otherwise replaces 127.0.0.1 with the host's own address)."""
+        self.options = options or RayOptions()
+        self._connected = False  # we called ray.init (disconnect on close)
+        self._owns_ray = False  # ...and it started a local cluster (shut Serve and Ray down too)
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"namespace": namespace, "log_to_driver": False, **(ray_init or {})}
+            if node_ip is not None:
+                kwargs["_node_ip_address"] = node_ip
+            if address is None:
+                kwargs.setdefault("include_dashboard", False)
+            ray.init(address=address, **kwargs)
+            self._connected = True
+            self._owns_ray = address is None
+        serve.start(proxy_location="Disabled")
+        self._origin = time.monotonic()
+        self._lock = threading.RLock()
+        self._functions: dict[str, _Function] = {}
+        self._closed = False
+        self._stop = threading.Event()
+        self._poll_interval = poll_interval_s
+        self._poller = threading.Thread(target=self._poll_loop, name="veil-ray-poller", daemon=True)
+        self._poller.start()
+
+    # -- functions ---------------------------------------------------------------------------
+
+    def deploy(self, spec: FunctionSpec, *, routing: Routing | None = None) -> None:
+        """Create or update the function's Serve application. Same spec: nothing happens; only
+        scaling knobs changed: Serve updates the running replicas in place; a new command,
+        env, init value, memory or routing: Serve replaces the replicas."""
+        spec = copy.deepcopy(spec)
+        spec.validate()
+        with self._lock:
+            self._check_open()
+            current = self._functions.get(spec.name)
+            if (
+                current is not None
+                and not current.removed
+                and current.spec == spec
+                and (current.routing == routing)
+            ):
+                return
+        app = build_app(spec, routing, self.options)
+        try:
+            fresh = serve.run(app, name=spec.name, route_prefix=None)
+        except RayServeException as e:
+            raise PlatformError("start_failed", f"function {spec.name!r}: Serve refused the deployment: {e}") from None
+        with self._lock:
+            old = self._functions.get(spec.name)
+            keep = old is not None and not old.removed and old.routing == routing
+            # Keep the handle across updates: its router holds the routing policy's state
+            # (what is warm where, learned keep-alives); a new handle would start from nothing.
+            handle = old.handle if keep and old is not None else fresh
+            metrics = old.metrics if old is not None and not old.removed else FunctionMetrics(spec.name, self._origin)
+            fn = _Function(spec, routing, handle, metrics)
+            if old is not None and not old.removed:
+                fn.replicas, fn.ever_running = old.replicas, old.ever_running
+            self._functions[spec.name] = fn
+        if old is not None and not keep:
+            _shutdown_handle(old.handle)
+        log.info(
+            "deployed %r on Ray Serve (router %s, %d MB, concurrency %d, %d..%d replicas)",
+            spec.name,
+            routing.policy if routing is not None else "ray",
+            spec.memory_mb,
+            spec.concurrency,
+            spec.min_instances,
+            spec.max_instances,
+        )
+
+    def scale(self, name: str, *, min_instances: int | None = None, max_instances: int | None = None) -> None:
+        fn = self._fn(name)
+        spec = copy.deepcopy(fn.spec)
+        if min_instances is not None:
+            spec.min_instances = min_instances
+        if max_instances is not None:
+            spec.max_instances = max_instances
+        self.deploy(spec, routing=fn.routing)
+
+    def remove(self, name: str) -> None:
+        fn = self._fn(name)
+        _shutdown_handle(fn.handle)
+        with contextlib.suppress(RayServeException):
+            serve.delete(name, _blocking=True)
+        with self._lock:
+            fn.removed = True
+        self._poll_once()
+
+    def functions(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, f in self._functions.items() if not f.removed)
+
+    def spec(self, name: str) -> FunctionSpec:
+        return copy.deepcopy(self._fn(name).spec)
+
+    # -- invocation --------------------------------------------------------------------------
+
+    def invoke(self, name: str, value: dict, *, timeout: float = 60.0, model: str | None = None) -> dict:
+        """Run `value` on the function; `model` is the multiplexed model id the router places
+        by. A replica that dies under the request (its Ray worker killed) is retried once."""
+        fn = self._fn(name)
+        if not isinstance(value, dict):
+            raise PlatformError("bad_request", f"function {name!r}: value must be a JSON object", status=400)
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise PlatformError("bad_request", f"function {name!r}: the value is not JSON-serialisable: {e}") from None
+        handle = self._handle_for(fn, model)
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        first: str | None = None
+        outcome = "ok"
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PlatformError("timeout", f"function {name!r}: no result within {timeout:.2f} s")
+                try:
+                    answer = self._call(handle, name, value, remaining)
+                except _ReplicaDied as died:
+                    if first is None:
+                        first = died.reason
+                        fn.metrics.retried()
+                        continue
+                    raise PlatformError(
+                        "instance_crashed",
+                        f"function {name!r}: the request failed twice: a replica {first}, and the retry's "
+                        f"replica {died.reason}",
+                    ) from None
+                return wire.result(answer, name)
+        except PlatformError as e:
+            outcome = e.code
+            raise
+        finally:
+            elapsed = time.monotonic() - t0
+            fn.metrics.request_done(cold=False, queue_s=0.0, exec_s=elapsed, outcome=outcome)
+
+    def _handle_for(self, fn: _Function, model: str | None) -> Any:
+        """The function's handle with this request's options (one router for all of them)."""
+        handle = fn.by_model.get(model)
+        if handle is None:
+            opts: dict[str, Any] = {}
+            if model:
+                opts["multiplexed_model_id"] = model
+            if self.options.grpc_transport:
+                opts["_by_reference"] = False
+            handle = fn.handle.options(**opts) if opts else fn.handle
+            with self._lock:
+                if len(fn.by_model) >= 4096:  # many models: keep the cache bounded
+                    fn.by_model.clear()
+                fn.by_model[model] = handle
+        return handle
+
+    def _call(self, handle: Any, name: str, value: dict, remaining: float) -> Any:
+        response = handle.remote(value, timeout=remaining)
+        try:
+            return response.result(timeout_s=remaining)
+        except TimeoutError:
+            response.cancel()
+            raise PlatformError("timeout", f"function {name!r}: no result within {remaining:.2f} s") from None
+        except BackPressureError as e:
+            raise PlatformError(
+                "busy",
+                f"function {name!r} is busy: the queue is full ({e.num_queued_requests} waiting, "
+                f"max_queue={e.max_queued_requests})",
+            ) from None
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            raise _ReplicaDied(f"died while running it ({type(e).__name__})") from None
+        except RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), ActorDiedError):
+                raise _ReplicaDied("died while running it (ActorDiedError)") from None
+            raise PlatformError(
+                "platform_error", f"function {name!r}: the replica failed ({type(e.cause).__name__})"
+            ) from None
+        except DeploymentUnavailableError:
+            raise PlatformError("unknown_function", f"function {name!r} is not deployed on Ray Serve") from None
+        except RayServeException as e:
+            raise PlatformError("platform_error", f"function {name!r}: Ray Serve failed: {_first_line(e)}") from None
+
+    def unload(self, name: str, model: str) -> int:
+        """Broadcast the unload of `model` to every replica; returns how many dropped it."""
+        fn = self._fn(name)
+        try:
+            results = fn.handle.broadcast("unload", model).results(timeout_s=30.0)
+        except (TimeoutError, RayServeException, RayActorError) as e:
+            raise PlatformError(
+                "timeout", f"function {name!r}: unload of {model!r} failed: {type(e).__name__}"
+            ) from None
+        return sum(1 for r in results if r)
+
+    def replicas(self, name: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Every running replica's own report (id, node, worker pid, runtime pid and port,
+        models held, starts and crashes): for operators and tests."""
+        fn = self._fn(name)
+        try:
+            return list(fn.handle.broadcast("stats").results(timeout_s=timeout))
+        except (TimeoutError, RayServeException, RayActorError) as e:
+            raise PlatformError("timeout", f"function {name!r}: replica stats failed: {type(e).__name__}") from None
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def metrics(self, name: str | None = None, *, raw: bool = False) -> dict[str, Any]:
+        """The local platform's metrics keys; instance counts and GB-seconds come from Serve's
+        replica list (sampled every `poll_interval_s`), cold starts count replicas that reached
+        RUNNING, latencies are end to end through the handle (`exec_ms`)."""
+        if name is not None:
+            return self._function_metrics(name, raw)
+        with self._lock:
+            names = sorted(self._functions)
+        per = {n: self._function_metrics(n, raw) for n in names}
+        return {
+            "platform": "ray",
+            "uptime_s": round(time.monotonic() - self._origin, 3),
+            "functions": per,
+            "totals": {
+                "gb_seconds": round(sum(m["gb_seconds"] for m in per.values()), 6),
+                "cold_starts": sum(m["cold_starts"] for m in per.values()),
+                "requests": sum(m["requests"] for m in per.values()),
+                "instances": sum(m["instances"] for m in per.values()),
+            },
+        }
+
+    def _function_metrics(self, name: str, raw: bool) -> dict[str, Any]:
+        with self._lock:
+            fn = self._functions.get(name)
+        if fn is None:
+            raise self._unknown(name)
+        out = fn.metrics.snapshot(raw=raw)
+        with self._lock:
+            states = list(fn.replicas.values())
+        out.update(
+            {
+                "removed": fn.removed,
+                "memory_mb": fn.spec.memory_mb,
+                "router": fn.routing.policy if fn.routing is not None else "ray",
+                "starting": sum(1 for s in states if s in ("STARTING", "UPDATING", "RECOVERING")),
+                "ready": sum(1 for s in states if s == "RUNNING"),
+                "draining": sum(1 for s in states if s == "STOPPING"),
+            }
+        )
+        return out
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self._poll_interval):
+            try:
+                self._poll_once()
+            except Exception:  # the meter must survive a controller hiccup
+                log.debug("polling Serve's replica list failed", exc_info=True)
+
+    def _poll_once(self) -> None:
+        """Follow every replica's life from Serve's details: billed from its start until it is
+        gone, as the local platform bills from spawn until exit."""
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeInstanceDetails
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return
+        details = ServeInstanceDetails(**client.get_serve_details())
+        now_mono, now_wall = time.monotonic(), time.time()
+        with self._lock:
+            functions = list(self._functions.items())
+        for name, fn in functions:
+            seen: dict[str, tuple[str, float]] = {}
+            app = details.applications.get(name)
+            deployment = app.deployments.get(name) if app is not None else None
+            if deployment is not None:
+                for r in deployment.replicas:
+                    state = r.state.value if hasattr(r.state, "value") else str(r.state)
+                    if state in _BILLED:
+                        seen[r.replica_id] = (state, r.start_time_s)
+            with self._lock:
+                for rid, (state, started) in seen.items():
+                    if rid not in fn.replicas:
+                        at = now_mono - max(0.0, now_wall - started) if started else now_mono
+                        fn.metrics.instance_started(rid, fn.spec.memory_mb, at)
+                    if state == "RUNNING" and rid not in fn.ever_running:
+                        fn.ever_running.add(rid)
+                        fn.metrics.instance_ready(max(0.0, now_wall - started) if started else 0.0)
+                for rid in [r for r in fn.replicas if r not in seen]:
+                    fn.metrics.instance_ended(rid, now_mono)
+                fn.replicas = {rid: state for rid, (state, _) in seen.items()}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Delete the applications this platform deployed (and Ray, if it started it)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            live = [f for f in self._functions.values() if not f.removed]
+            names = [f.spec.name for f in live]
+        for f in live:  # routers first: their metrics tasks must not outlive the connection
+            _shutdown_handle(f.handle)
+        for name in names:
+            with contextlib.suppress(Exception):
+                serve.delete(name, _blocking=True)
+        with contextlib.suppress(Exception):
+            self._poll_once()
+        self._stop.set()
+        self._poller.join(timeout=5.0)
+        if self._owns_ray:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+        if self._connected:
+            ray.shutdown()
+
+    def __enter__(self) -> RayPlatform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _fn(self, name: str) -> _Function:
+        with self._lock:
+            self._check_open()
+            fn = self._functions.get(name)
+            if fn is None or fn.removed:
+                raise self._unknown(name)
+            return fn
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PlatformError("closed", "the platform is closed")
+
+    def _unknown(self, name: str) -> PlatformError:
+        known = ", ".join(self.functions()) if not self._closed else ""
+        return PlatformError("unknown_function", f"no function {name!r} is deployed (deployed: {known or 'none'})")
+
+
+class _ReplicaDied(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _shutdown_handle(handle: Any) -> None:
+    """Stop a handle's router (and its background metrics tasks)."""
+    with contextlib.suppress(Exception):
+        handle.shutdown()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

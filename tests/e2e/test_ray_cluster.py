@@ -1,0 +1,302 @@
+"""Veil on a real Ray cluster on this machine: a head and a second node (`ray start`, node IPs
+127.0.0.2 and 127.0.0.3, dashboard off, token authentication, fractional CPUs per replica), the
+Ray platform deploying real subprocesses (the echo action, then Veil's runtime against the real
+KeyService of the e2e stack), compared with the local platform on the same requests.
+
+Checks: answers and error codes equal the local platform's; failing starts back off with a clear
+error; a model stays on the replica that has it (Veil's router and Serve's default one); a killed
+runtime and a killed Ray worker are replaced (the request in flight is retried); scale to zero
+leaves no process behind; the cold start from zero replicas. Both nodes read the same model store
+directory (this machine's filesystem); the network store is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from e2e_support import CLIENT_TIMEOUT_S, assert_matches_reference, error_of, gateway_post, wait_until  # noqa: E402
+
+from veil.crypto.encoding import b64d, b64e  # noqa: E402
+from veil.errors import VeilError  # noqa: E402
+from veil.platform import ActionError, FunctionSpec, LocalPlatform, PlatformError  # noqa: E402
+from veil.platform.protocol import Routing  # noqa: E402
+from veil.platform.ray_serve import RayOptions  # noqa: E402
+from veil.platform.ray_serve.cluster import LocalRayCluster  # noqa: E402
+from veil.platform.ray_serve.platform import RayPlatform  # noqa: E402
+from veil.ray_deployment import GatewayServer, gateway_on_platform  # noqa: E402
+from veil.sdk import Deployment, ModelUser  # noqa: E402
+
+ECHO = [sys.executable, str(Path(__file__).resolve().parents[1] / "platform" / "echo_action.py")]
+VEIL = Routing("veil")
+SERVE_DEFAULT = Routing("platform")
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def echo_spec(name: str = "echo", **kw: object) -> FunctionSpec:
+    base: dict = dict(concurrency=2, max_instances=2, idle_timeout_s=2.0, start_timeout_s=15.0, memory_mb=256)
+    base.update(kw)
+    return FunctionSpec(name=name, command=list(ECHO), **base)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRayCluster]:
+    root = Path(tempfile.mkdtemp(prefix="vr-"))  # short: Ray's socket paths must fit 107 bytes
+    c = LocalRayCluster(root, workers=1, num_cpus=2)
+    saved: dict[str, str | None] = {}
+    try:
+        c.start()
+        saved = c.connect_here()
+        yield c
+    finally:
+        c.stop()
+        c.restore_env(saved)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_platform(cluster: LocalRayCluster) -> Iterator[RayPlatform]:
+    p = RayPlatform(
+        address=cluster.address,
+        node_ip=cluster.head_ip,
+        options=RayOptions(num_cpus=0.25, log_dir=str(cluster.root / "runtime-logs")),
+    )
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture(scope="module")
+def local_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPlatform]:
+    with LocalPlatform(log_dir=tmp_path_factory.mktemp("local-logs"), reap_interval_s=0.05) as p:
+        yield p
+
+
+def both(ray_platform: RayPlatform, local_platform: LocalPlatform, spec: FunctionSpec, routing=VEIL):
+    ray_platform.deploy(spec, routing=routing)
+    local_platform.deploy(spec)
+    return ray_platform, local_platform
+
+
+def outcome(platform, name: str, value, **kw) -> tuple[str, int, dict]:
+    try:
+        platform.invoke(name, value, **kw)
+    except PlatformError as e:
+        assert "Traceback" not in e.message and "ray." not in e.message.lower(), e.message
+        return e.code, e.status, e.to_json()
+    return "ok", 200, {}
+
+
+def runtime_pids(replicas: list[dict]) -> set[int]:
+    return {r["runtime_pid"] for r in replicas if r.get("runtime_pid")}
+
+
+def gone(pids: set[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+# -- the echo action: platform behaviour ------------------------------------------------------
+
+
+def test_answers_and_error_codes_equal_the_local_platform(ray_platform, local_platform):
+    ray_p, local_p = both(ray_platform, local_platform, echo_spec("echo", init_value={"mode": "test"}))
+    for value in ({"x": 1}, {"nested": {"a": [1, 2, 3]}}):
+        got, want = ray_p.invoke("echo", value, model="m1"), local_p.invoke("echo", value)
+        assert got["echo"] == want["echo"] == value and got["init"] == want["init"] == {"mode": "test"}
+        assert got["activation"]["action_name"] == want["activation"]["action_name"] == "/guest/echo"
+        assert got["env"]["VEIL_HOST"] == "127.0.0.1"  # the runtime binds loopback under Ray
+    cases = [
+        ({"fail": True}, {}),  # the action's own error: status and body kept
+        ({"crash": True}, {}),  # crashes on the retry too: instance_crashed
+        ({"sleep": 3}, {"timeout": 0.5}),  # no answer in time
+        ({"bad": {1, 2}}, {}),  # not JSON
+    ]
+    for value, kw in cases:
+        r, loc = outcome(ray_p, "echo", value, model="m1", **kw), outcome(local_p, "echo", value, **kw)
+        assert r[:2] == loc[:2], (value, r, loc)
+        if r[0] == "action_error":
+            assert r[2] == loc[2] == {"error": {"code": "bad_input", "message": "asked to fail"}}
+    assert outcome(ray_p, "nope", {})[:2] == outcome(local_p, "nope", {})[:2] == ("unknown_function", 404)
+    with pytest.raises(ActionError) as ei:
+        ray_p.invoke("echo", {"fail": True}, model="m1")
+    assert ei.value.status == 400 and ei.value.body == {"code": "bad_input", "message": "asked to fail"}
+
+
+def test_failing_starts_back_off_with_a_clear_error(ray_platform, local_platform):
+    spec = echo_spec("broken", init_value={"init_fail": True}, max_instances=1)
+    ray_p, local_p = both(ray_platform, local_platform, spec)
+    try:
+        r, loc = outcome(ray_p, "broken", {"x": 1}, timeout=30), outcome(local_p, "broken", {"x": 1}, timeout=30)
+        assert r[:2] == loc[:2] == ("start_failed", 502)
+        t0 = time.monotonic()
+        messages = []
+        for _ in range(8):
+            with pytest.raises(PlatformError) as ei:
+                ray_p.invoke("broken", {"x": 1}, timeout=30)
+            assert ei.value.code == "start_failed" and "/init answered 502" in ei.value.message, ei.value
+            messages.append(ei.value.message)
+        assert time.monotonic() - t0 < 6.0, "requests must not wait for starts that keep failing"
+        assert any("next attempt in" in m for m in messages), messages
+        [replica] = ray_p.replicas("broken")
+        assert replica["start_failures"] <= 4, replica  # backed off: far fewer starts than requests
+    finally:
+        ray_p.remove("broken")
+        local_p.remove("broken")
+
+
+@pytest.mark.parametrize("routing", [VEIL, SERVE_DEFAULT], ids=["veil-router", "serve-router"])
+def test_a_model_stays_on_the_replica_that_has_it(ray_platform, routing):
+    name = f"affinity-{routing.policy}"
+    ray_platform.deploy(echo_spec(name, min_instances=2, max_instances=2, idle_timeout_s=30.0), routing=routing)
+    try:
+        assert wait_until(lambda: ray_platform.metrics(name)["ready"] == 2, 30), "two replicas did not start"
+        def round_() -> dict[str, str]:
+            out = {}
+            for model in ("A", "B", "C"):
+                env = ray_platform.invoke(name, {"model": model}, model=model)["env"]
+                out[model] = env["VEIL_INSTANCE_ID"].rsplit("-", 1)[0]  # <function>-<replica>
+            return out
+
+        first = round_()
+        if routing is SERVE_DEFAULT:
+            time.sleep(1.0)  # Serve's router learns which replica holds a model from the controller
+        rounds = [round_() for _ in range(4)]
+        if routing is VEIL:
+            rounds.insert(0, first)  # Veil's router knows at once: it placed the model itself
+        for model in ("A", "B", "C"):
+            assert len({r[model] for r in rounds}) == 1, (model, rounds)
+        held = {m: {r["replica_id"] for r in ray_platform.replicas(name) if m in r["models"]} for m in "ABC"}
+        if routing is VEIL:
+            assert all(len(h) == 1 for h in held.values()), held
+        nodes = {r["node_id"] for r in ray_platform.replicas(name)}
+        assert len(nodes) >= 1
+    finally:
+        ray_platform.remove(name)
+
+
+def test_killed_runtime_and_killed_worker_are_replaced_then_scale_to_zero(ray_platform, cluster, tmp_path):
+    ray_platform.deploy(echo_spec("heal", max_instances=1), routing=VEIL)
+    first = ray_platform.invoke("heal", {"x": 0}, model="m1")
+    [replica] = ray_platform.replicas("heal")
+    seen = runtime_pids([replica])
+
+    # the runtime is killed: the replica replaces it and retries the request once
+    os.kill(replica["runtime_pid"], signal.SIGKILL)
+    again = ray_platform.invoke("heal", {"x": 1}, model="m1")
+    assert again["pid"] != first["pid"]
+    [after] = ray_platform.replicas("heal")
+    assert after["worker_pid"] == replica["worker_pid"] and after["crashes"] == 1 and after["retries"] == 1
+    seen |= runtime_pids([after])
+
+    # the Ray worker is killed with a request in flight: Serve replaces the replica, the platform
+    # retries the request, and the runtime of the killed worker dies with it
+    result: dict = {}
+    thread = threading.Thread(
+        target=lambda: result.update(out=ray_platform.invoke("heal", {"sleep": 0.5}, model="m1", timeout=60))
+    )
+    thread.start()
+    time.sleep(0.2)
+    os.kill(after["worker_pid"], signal.SIGKILL)
+    thread.join(timeout=60)
+    assert result.get("out", {}).get("echo") == {"sleep": 0.5}
+    assert wait_until(lambda: gone({after["runtime_pid"]}), 10), "the runtime outlived its replica"
+    [fresh] = ray_platform.replicas("heal")
+    assert fresh["worker_pid"] != after["worker_pid"]
+    seen |= runtime_pids([fresh])
+    m = ray_platform.metrics("heal")
+    assert m["retries"] >= 1 and m["cold_starts"] >= 2 and m["gb_seconds"] > 0, m
+    cluster.remember_processes()
+
+    # idle: keep-alive (2 s) ends, the replica goes, nothing of it is left running
+    assert wait_until(lambda: ray_platform.metrics("heal")["instances"] == 0, 30), ray_platform.metrics("heal")
+    assert wait_until(lambda: gone(seen), 10), "a runtime process survived scale to zero"
+
+    # cold start from zero replicas
+    t0 = time.monotonic()
+    assert ray_platform.invoke("heal", {"x": 2}, model="m1", timeout=60)["echo"] == {"x": 2}
+    cold_s = time.monotonic() - t0
+    print(f"cold start from zero replicas: {cold_s * 1000:.0f} ms")
+    assert cold_s < 10.0
+    ray_platform.remove("heal")
+
+
+# -- the real runtime: TEE inference with the e2e stack's KeyService ---------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_gateway(stack, ray_platform) -> Iterator[GatewayServer]:
+    """The gateway app, unchanged, in front of the packer on the Ray platform."""
+    gw = gateway_on_platform(stack.deployment, ray_platform, policy="veil")
+    try:
+        yield gw
+    finally:
+        gw.close()
+
+
+def test_real_runtime_answers_and_error_codes_equal_the_local_platform(stack, ray_gateway):
+    ray_user = ModelUser(
+        Deployment(gateway_url=ray_gateway.url, keyservice_url=stack.info.keyservice_url),
+        stack.user.identity,
+        trust=stack.trust,
+        timeout=CLIENT_TIMEOUT_S,
+    )
+    ray_user.request_keys = stack.user.request_keys
+    try:
+        for model_id, model in stack.models.items():
+            x = model.x_test[:4]
+            got, want = ray_user.infer(model_id, x), stack.infer(stack.user, model_id, x)
+            assert sorted(got) == sorted(want)
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name])
+            assert_matches_reference(model, x, got)
+
+        model_id = next(iter(stack.models))
+        x = stack.models[model_id].x_test[:1]
+        path = f"/v1/models/{model_id}:infer"
+        ray_stack = _Via(stack, ray_gateway.url)
+        # a flipped ciphertext bit: the runtime refuses it (integrity)
+        _, env = stack.user.sealed_request(model_id, {"input": x})
+        ct = bytearray(b64d(env["ct"]))
+        ct[len(ct) // 2] ^= 1
+        bad = {**env, "ct": b64e(bytes(ct))}
+        r_local, r_ray = gateway_post(stack, path, bad), gateway_post(ray_stack, path, bad)
+        assert r_local.status_code == r_ray.status_code == 400
+        assert error_of(r_local)["code"] == error_of(r_ray)["code"] == "integrity"
+        # a response replayed as a request: refused by name (malformed direction)
+        ok = gateway_post(ray_stack, path, stack.user.sealed_request(model_id, {"input": x})[1])
+        assert ok.status_code == 200, ok.text
+        replay = ok.json()["envelope"]
+        r_local, r_ray = gateway_post(stack, path, replay), gateway_post(ray_stack, path, replay)
+        assert (r_local.status_code, error_of(r_local)["code"]) == (r_ray.status_code, error_of(r_ray)["code"])
+        # an input of the wrong shape: the runtime's error, opened by the user, is the same
+        wrong = np.zeros((1, x.shape[1] + 3), dtype=x.dtype)
+        codes = []
+        for user in (stack.user, ray_user):
+            with pytest.raises(VeilError) as ei:
+                user.infer(model_id, wrong)
+            codes.append((ei.value.code, ei.value.status))
+        assert codes[0] == codes[1], codes
+    finally:
+        ray_user.close()
+
+
+class _Via:
+    """What `gateway_post` needs of a stack, pointing at another gateway."""
+
+    def __init__(self, stack, url: str) -> None:
+        self.info = Deployment(gateway_url=url, keyservice_url=stack.info.keyservice_url)
