@@ -237,14 +237,38 @@ def decrypt(spec: Path, keys: Path, response_path: Path, out: Path | None) -> No
 
 
 @he.command("infer", context_settings=CONTEXT)
-@click.option("--gateway", required=True, help="Gateway base URL, e.g. http://127.0.0.1:8000")
+@click.option(
+    "--gateway",
+    default=None,
+    help="Gateway base URL (default: gateway_url from --deployment, as every command reads it).",
+)
+@click.option(
+    "--deployment",
+    "deployment_path",
+    type=click.Path(path_type=Path),
+    default=Path(".veil/deployment.json"),
+    show_default=True,
+    help="deployment.json written by `veil up` (addresses only).",
+)
 @click.option("--model", "model_id", required=True)
 @click.option("--spec", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--keys", type=click.Path(exists=True, path_type=Path), help="Key dir from keygen (default: fresh keys).")
 @click.option("--input", "inp", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--packing", type=click.Choice(["latency", "throughput"]))
-def infer(gateway: str, model_id: str, spec: Path, keys: Path | None, inp: Path, packing: str | None) -> None:
+def infer(
+    gateway: str | None,
+    deployment_path: Path,
+    model_id: str,
+    spec: Path,
+    keys: Path | None,
+    inp: Path,
+    packing: str | None,
+) -> None:
     """Encrypt, send to the gateway, decrypt: one command."""
+    if gateway is None:
+        from veil.cli._client import load_deployment
+
+        gateway = load_deployment(deployment_path).gateway_url
     from veil.he.client import HEClient, HttpTransport, RemoteModel
 
     client = _client(spec, keys) if keys else HEClient(_read_json(spec))

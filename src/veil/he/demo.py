@@ -41,12 +41,14 @@ def run_he_demo(
             spec = store.client_spec(Path(store_dir), model_id)
             echo(
                 f"[he] {model_id}: N={compiled.params.poly_modulus_degree}, log2 QP={compiled.params.log2_qp}, "
-                f"{len(compiled.plan.layers)} fused layers, published"
+                f"{len(compiled.plan.layers)} fused layer{'s' if len(compiled.plan.layers) != 1 else ''}, published"
             )
             client = HEClient(spec)
             remote = RemoteModel(client, transport, model_id)
             remote.upload_keys()
-            echo(f"[he]   evaluation keys uploaded: {len(client.eval_keys()) / 2**20:.1f} MiB, id {client.key_id[:12]}")
+            size = len(client.eval_keys())
+            shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB (no rotation keys needed)"
+            echo(f"[he]   evaluation keys uploaded: {shown}, id {client.key_id[:12]}")
             latencies, agree = [], 0
             for i in range(samples):
                 x = task.x_test[i : i + 1]
