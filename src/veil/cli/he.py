@@ -108,16 +108,20 @@ def compile_cmd(
     else:
         raise click.ClickException("give MODEL or --task")
     try:
-        compiled = compile_model(
-            source,
-            x_calib,
-            precision,
-            poly_modulus_degree=poly_degree,
-            name=model_id,
-            latency=latency_program,
-            verify_samples=verify_samples,
-            max_approx_change=max_approx_change,
-        )
+        from rich.console import Console
+
+        # compiling picks parameters and, with --verify-samples, runs real ciphertexts: seconds to minutes
+        with Console(stderr=True).status(f"compiling {model_id}: bounds, parameters, packing, verification…"):
+            compiled = compile_model(
+                source,
+                x_calib,
+                precision,
+                poly_modulus_degree=poly_degree,
+                name=model_id,
+                latency=latency_program,
+                verify_samples=verify_samples,
+                max_approx_change=max_approx_change,
+            )
         if out:
             compiled.save(out)
         if publish_to:
@@ -289,10 +293,23 @@ def infer(
 
 @he.command("demo", context_settings=CONTEXT)
 @click.option("--store", "store_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--gateway", required=True)
-def demo(store_dir: Path, gateway: str) -> None:
+@click.option("--gateway", default=None, help="Gateway base URL (default: gateway_url from --deployment).")
+@click.option(
+    "--deployment",
+    "deployment_path",
+    type=click.Path(path_type=Path),
+    default=Path(".veil/deployment.json"),
+    show_default=True,
+    help="deployment.json written by `veil up` (addresses only).",
+)
+def demo(store_dir: Path, gateway: str | None, deployment_path: Path) -> None:
     """Publish the two demo models and run encrypted requests through a gateway."""
     from veil.he.demo import run_he_demo
+
+    if gateway is None:
+        from veil.cli._client import load_deployment
+
+        gateway = load_deployment(deployment_path).gateway_url
 
     try:
         summary = run_he_demo(store_dir, gateway, click.echo)
