@@ -399,6 +399,7 @@ class Soak:
         self.stopped_pids: set[int] = set()
         self.setup_s = 0.0
         self.phases: dict[str, float] = {}
+        self.machine = machine()  # before anything runs: its load average is the machine's own
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -1355,7 +1356,7 @@ def report(soak: Soak, writes: dict[str, Any], rows: dict[str, Any], wall_s: flo
         "phases_s": {"setup": round(soak.setup_s, 1), **{k: round(v, 1) for k, v in soak.phases.items()}},
         "soak_s": round(soak.end_t, 1),
         "wall_s": round(wall_s, 1),
-        "machine": {**machine(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {**soak.machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
