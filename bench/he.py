@@ -539,7 +539,9 @@ def coverage(out: Path) -> list[dict]:
             primes=list(p.coeff_bits),
             latency_ms=round(statistics.median(lat), 2),
             max_abs_error=float(np.max(np.abs(res.scores - compiled.predict_plain(xte)))),
-            agreement_with_source=float(np.mean(res.predictions == model.predict(xte))),
+            agreement_with_source=None
+            if compiled.plan.output == "regression"
+            else float(np.mean(res.predictions == model.predict(xte))),
             approximation=None
             if not approx
             else {"degree": approx["degree"], "prediction_change": approx["prediction_change"]},
