@@ -7,6 +7,7 @@ their HTTP status. test_openwhisk_invoker.py drives the exact bodies of OpenWhis
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -61,8 +62,8 @@ def _last(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-@pytest.fixture
-def runtime(stack, tmp_path) -> Iterator[Runtime]:
+@contextlib.contextmanager
+def _start_runtime(stack, tmp_path: Path, **extra_env: str) -> Iterator[Runtime]:
     """A fresh, uninitialised runtime process (stdout and stderr to separate files)."""
     port = free_port()
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
@@ -70,6 +71,7 @@ def runtime(stack, tmp_path) -> Iterator[Runtime]:
         VEIL_PORT=str(port),
         VEIL_SIM_ROOT=str(stack.deployment.keyservice_dir / "sim-root.key"),
         VEIL_THREADS="4",
+        **extra_env,
     )
     with out.open("wb") as fo, err.open("wb") as fe:
         proc = subprocess.Popen(
@@ -101,6 +103,12 @@ def runtime(stack, tmp_path) -> Iterator[Runtime]:
             data = f.read_bytes()
             leaked = [label for label, needle in stack.secrets.needles.items() if needle in data]
             assert not leaked, f"{f.name} contains {leaked}"
+
+
+@pytest.fixture
+def runtime(stack, tmp_path) -> Iterator[Runtime]:
+    with _start_runtime(stack, tmp_path) as r:
+        yield r
 
 
 def _init_value(stack, **extra) -> dict:
@@ -270,33 +278,8 @@ def test_bad_init_is_a_clear_error_and_leaves_the_action_uninitialised(stack, ru
 @pytest.fixture
 def runtime_with_bench_switches(stack, tmp_path) -> Iterator[Runtime]:
     """A runtime whose operator set every switch the old benchmark-only plaintext path read."""
-    port = free_port()
-    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    env = python_env(
-        VEIL_PORT=str(port),
-        VEIL_SIM_ROOT=str(stack.deployment.keyservice_dir / "sim-root.key"),
-        VEIL_BENCH_ALLOW_PLAINTEXT="1",
-    )
-    with out.open("wb") as fo, err.open("wb") as fe:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "veil.runtime"], env=env, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL
-        )
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0)
-    try:
-        wait_until(lambda: _healthy(http, proc), timeout=30)
-        yield Runtime(proc, f"http://127.0.0.1:{port}", out, err, http)
-    finally:
-        http.close()
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def _healthy(http: httpx.Client, proc: subprocess.Popen) -> bool:
-    assert proc.poll() is None, f"runtime exited with {proc.returncode}"
-    try:
-        return http.get("/healthz").status_code == 200
-    except httpx.HTTPError:
-        return False
+    with _start_runtime(stack, tmp_path, VEIL_BENCH_ALLOW_PLAINTEXT="1") as r:
+        yield r
 
 
 def test_no_init_or_environment_setting_gives_a_plaintext_answer(stack, runtime_with_bench_switches):
