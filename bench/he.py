@@ -560,8 +560,28 @@ WORKERS = {
 }
 
 
+def _serving_main(argv: list[str]) -> int:
+    """`veil bench he --serving ...`: the serving benchmark lives in bench/he_serving.py (through
+    `veil up`, not in-process), kept apart so each file measures one thing."""
+    import importlib.util
+
+    path = Path(__file__).with_name("he_serving.py")
+    if not path.exists():
+        print(f"{path} not found", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("veil_bench_he_serving", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 def main(argv: list[str]) -> int:
+    if "--serving" in argv:
+        return _serving_main([a for a in argv if a != "--serving"])
     parser = argparse.ArgumentParser(prog="veil bench he", description=__doc__.splitlines()[0])
+    parser.add_argument("--serving", action="store_true", help="Instead: the serving benchmark (bench/he_serving.py).")
     parser.add_argument("--json", type=Path, help="Write the report here.")
     parser.add_argument("--reps", type=int, default=15, help="Repetitions per latency median.")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"Comma-separated, of {', '.join(TASKS)}.")
