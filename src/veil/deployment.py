@@ -2,7 +2,13 @@
 and the end-to-end tests.
 
 - the KeyService runs as its own subprocess (its SQLite database under `cloud/keyservice`);
-- the local platform starts runtime instances as subprocesses on loopback ports;
+- the local platform starts runtime instances as subprocesses on loopback ports, or, with
+  `platform="ray"` (`veil up --platform ray`), the TEE runtime runs as a Ray Serve application
+  on the Ray cluster at `ray_address` (none given: a one-node Ray head on loopback, 127.0.0.2,
+  started and stopped by this deployment; see `veil.platform.ray_serve.launch`), placed by
+  Veil's packing policy as Serve's request router (`packer_policy="veil"`) or by Serve's own
+  multiplex router (`"platform"`). HE functions stay on the local platform: their evaluation
+  keys and compiled models live in this node's store directory;
 - the gateway (with the packer or a direct router) is served by uvicorn in this process;
 - the model store is the directory `cloud/store` (ciphertext only), read by runtimes directly, or
   served by `veil store serve` (`serve_store=True`) so that runtimes on other nodes read it too, or
@@ -132,6 +138,34 @@ class StackOptions:
     store_host: str = "127.0.0.1"
     store_port: int = 0
     store_url: str | None = None
+    # where the TEE runtime runs: "local" (subprocesses of this process) or "ray" (Ray Serve)
+    platform: str = "local"
+    # ray: the cluster's head (HOST:PORT or "auto"); None = start a one-node head on loopback
+    ray_address: str | None = None
+    # ray: this driver's node IP (with no address, the head's: default 127.0.0.2)
+    ray_node_ip: str | None = None
+    # ray: a veil.platform.ray_serve.RayOptions (None: defaults, runtime logs under cloud/logs)
+    ray_options: Any = None
+    # ray: put before function names to make Serve application names (shared clusters)
+    ray_app_prefix: str = ""
+
+    def validate(self) -> None:
+        """Refuse combinations that cannot work, before anything starts."""
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"platform: must be one of {', '.join(PLATFORMS)}, not {self.platform!r}")
+        if self.platform == "local" and self.packer_policy == "platform":
+            raise ValueError("packer_policy 'platform' (the platform's own router) needs platform='ray'")
+        if self.platform == "local" and (self.ray_address or self.ray_node_ip):
+            raise ValueError("ray_address and ray_node_ip need platform='ray'")
+        if self.platform == "ray" and self.packer_policy not in (None, *RAY_POLICIES):
+            raise ValueError(
+                f"packer_policy {self.packer_policy!r} cannot route on Ray: choose 'veil' (Veil's router) "
+                "or 'platform' (Ray Serve's default multiplex router)"
+            )
+
+
+PLATFORMS = ("local", "ray")
+RAY_POLICIES = ("veil", "platform")
 
 
 def advertised_url(host: str, port: int, given: str | None, what: str) -> str:
@@ -174,11 +208,14 @@ class LocalDeployment:
         self._gateway_server: Any = None
         self._gateway_thread: threading.Thread | None = None
         self.platform: Any = None
+        self.he_platform: Any = None
+        self.ray_address: str | None = None
         self.router: Any = None
         self.info: Deployment | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Deployment:
+        self.options.validate()
         for d in (self.keyservice_dir, self.store_dir / "models", self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
         sim_root = SimRoot.load_or_create(self.keyservice_dir / "sim-root.key")
@@ -198,7 +235,9 @@ class LocalDeployment:
         except BaseException:
             self.stop()
             raise
-        extra = {"store_dir": str(self.store_dir), "store": self.store_location}
+        extra = {"store_dir": str(self.store_dir), "store": self.store_location, "platform": self.platform.kind}
+        if self.platform.kind == "ray":
+            extra["ray_address"] = self.ray_address
         self.info = Deployment(gateway_url=gw_url, keyservice_url=ks_url, extra=extra)
         self.sim_root_public_key = sim_root.public_key
         (self.root / "deployment.json").write_text(json.dumps(self.info.to_json(), indent=2))
@@ -299,13 +338,11 @@ class LocalDeployment:
         from veil.platform.local import FunctionSpec, LocalPlatform
 
         o = self.options
-        self.platform = LocalPlatform(log_dir=self.log_dir)
+        self.platform = self._open_platform()
+        self.he_platform = self.platform if self.platform.kind == "local" else None
         env = {
             "VEIL_SIM_ROOT": str(self.keyservice_dir / "sim-root.key"),
             "VEIL_THREADS": str(o.concurrency),
-            # the platform reads an error's status from the HTTP status of /run (until it reads the
-            # body's `error.status`, which the runtime's OpenWhisk-style 200 answers carry)
-            "VEIL_ERROR_STATUS": "http",
             **o.runtime_env,
         }
 
@@ -340,8 +377,27 @@ class LocalDeployment:
             self.router = DirectRouter(self.platform, TEE_FUNCTION)
         self.he_router = None
         if o.he:
-            self.platform.deploy(runtime_function(HE_FUNCTION, {"kind": "he", "store": str(self.store_dir)}))
-            self.he_router = DirectRouter(self.platform, HE_FUNCTION)
+            if self.he_platform is None:
+                self.he_platform = LocalPlatform(log_dir=self.log_dir)
+            self.he_platform.deploy(runtime_function(HE_FUNCTION, {"kind": "he", "store": str(self.store_dir)}))
+            self.he_router = DirectRouter(self.he_platform, HE_FUNCTION)
+
+    def _open_platform(self) -> Any:
+        """The platform the TEE runtime runs on (`StackOptions.platform`)."""
+        from veil.platform.local import LocalPlatform
+
+        o = self.options
+        if o.platform == "local":
+            return LocalPlatform(log_dir=self.log_dir)
+        from veil.platform.ray_serve.launch import open_ray_platform
+        from veil.platform.ray_serve.options import RayOptions
+
+        ray_options = o.ray_options or RayOptions(log_dir=str(self.log_dir / "ray-runtimes"))
+        platform = open_ray_platform(
+            o.ray_address, node_ip=o.ray_node_ip, options=ray_options, app_prefix=o.ray_app_prefix
+        )
+        self.ray_address = platform.cluster.address if platform.cluster is not None else o.ray_address
+        return platform
 
     def _start_gateway(self) -> str:
         import uvicorn
@@ -372,6 +428,8 @@ class LocalDeployment:
                 self._gateway_thread.join(timeout=10)
         if self.router is not None and hasattr(self.router, "close"):
             self.router.close()
+        if self.he_platform is not None and self.he_platform is not self.platform:
+            self.he_platform.close()
         if self.platform is not None:
             self.platform.close()
         for service in (self._keyservice, self._store_service):

@@ -220,7 +220,6 @@ class LocalRayCluster:
         self.stop()
 
 
-
 def _refresh_ray_auth() -> None:
     if "ray" not in sys.modules:
         return

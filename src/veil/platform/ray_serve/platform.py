@@ -26,6 +26,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,11 +76,17 @@ class RayPlatform:
         namespace: str = "veil",
         poll_interval_s: float = 0.25,
         ray_init: dict[str, Any] | None = None,
+        app_prefix: str = "",
     ) -> None:
         """Connect to the Ray cluster at `address` (None: start a local one) as a driver on
         the node whose IP is `node_ip` (keep it inside 127.0.0.0/8 on a single machine: Ray
-        otherwise replaces 127.0.0.1 with the host's own address)."""
+        otherwise replaces 127.0.0.1 with the host's own address). `app_prefix` goes before
+        each function's name to make its Serve application's name, so that several
+        deployments can share one cluster (Serve's application names are cluster-wide)."""
         self.options = options or RayOptions()
+        self.app_prefix = app_prefix
+        self._on_close: list[Callable[[], None]] = []
+        self.cluster: Any = None  # the LocalRayCluster this platform owns, if launch started one
         self._connected = False  # we called ray.init (disconnect on close)
         self._owns_ray = False  # ...and it started a local cluster (shut Serve and Ray down too)
         if not ray.is_initialized():
@@ -112,16 +119,11 @@ class RayPlatform:
         with self._lock:
             self._check_open()
             current = self._functions.get(spec.name)
-            if (
-                current is not None
-                and not current.removed
-                and current.spec == spec
-                and (current.routing == routing)
-            ):
+            if current is not None and not current.removed and current.spec == spec and (current.routing == routing):
                 return
         app = build_app(spec, routing, self.options)
         try:
-            fresh = serve.run(app, name=spec.name, route_prefix=None)
+            fresh = serve.run(app, name=self.app_name(spec.name), route_prefix=None)
         except RayServeException as e:
             raise PlatformError("start_failed", f"function {spec.name!r}: Serve refused the deployment: {e}") from None
         with self._lock:
@@ -160,7 +162,7 @@ class RayPlatform:
         fn = self._fn(name)
         _shutdown_handle(fn.handle)
         with contextlib.suppress(RayServeException):
-            serve.delete(name, _blocking=True)
+            serve.delete(self.app_name(name), _blocking=True)
         with self._lock:
             fn.removed = True
         self._poll_once()
@@ -341,7 +343,7 @@ class RayPlatform:
             functions = list(self._functions.items())
         for name, fn in functions:
             seen: dict[str, tuple[str, float]] = {}
-            app = details.applications.get(name)
+            app = details.applications.get(self.app_name(name))
             deployment = app.deployments.get(name) if app is not None else None
             if deployment is not None:
                 for r in deployment.replicas:
@@ -374,7 +376,7 @@ class RayPlatform:
             _shutdown_handle(f.handle)
         for name in names:
             with contextlib.suppress(Exception):
-                serve.delete(name, _blocking=True)
+                serve.delete(self.app_name(name), _blocking=True)
         with contextlib.suppress(Exception):
             self._poll_once()
         self._stop.set()
@@ -384,6 +386,20 @@ class RayPlatform:
                 serve.shutdown()
         if self._connected:
             ray.shutdown()
+        for hook in reversed(self._on_close):
+            try:
+                hook()
+            except Exception:  # every hook runs (a cluster to stop, an environment to restore)
+                log.warning("a close hook of the Ray platform failed", exc_info=True)
+
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Run `hook` at the end of `close()`, after Ray was disconnected (e.g. stop the local
+        Ray cluster started for this platform: `veil.platform.ray_serve.launch`)."""
+        self._on_close.append(hook)
+
+    def app_name(self, name: str) -> str:
+        """The Serve application (cluster-wide name) of function `name`."""
+        return self.app_prefix + name
 
     def __enter__(self) -> RayPlatform:
         return self

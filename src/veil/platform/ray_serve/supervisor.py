@@ -212,9 +212,7 @@ class RuntimeSupervisor:
         error: PlatformError | None = None
         try:
             inst.spawn()
-            inst.initialize(
-                dict(self.spec.init_value), t0 + self.spec.start_timeout_s, cancelled=lambda: self._closed
-            )
+            inst.initialize(dict(self.spec.init_value), t0 + self.spec.start_timeout_s, cancelled=lambda: self._closed)
         except PlatformError as e:
             error = e
         except Exception as e:  # an OS error or a bug must still end the start cleanly
