@@ -165,6 +165,7 @@ def test_a_model_stays_on_the_replica_that_has_it(ray_platform, routing):
     ray_platform.deploy(echo_spec(name, min_instances=2, max_instances=2, idle_timeout_s=30.0), routing=routing)
     try:
         assert wait_until(lambda: ray_platform.metrics(name)["ready"] == 2, 30), "two replicas did not start"
+
         def round_() -> dict[str, str]:
             out = {}
             for model in ("A", "B", "C"):
@@ -300,3 +301,97 @@ class _Via:
 
     def __init__(self, stack, url: str) -> None:
         self.info = Deployment(gateway_url=url, keyservice_url=stack.info.keyservice_url)
+
+
+# -- `veil up --platform ray` / LocalDeployment(platform="ray") --------------------------------
+
+
+def test_deployment_on_ray_publishes_and_infers_like_the_local_platform(stack, make_stack, cluster):
+    """The Python API of `veil up --platform ray --address ADDR`: a whole deployment (its own
+    KeyService, store, gateway) whose TEE runtime is a Ray Serve application on the cluster,
+    routed by Veil's router; its owner publishes, its user infers, answers equal the local
+    platform's, and so does a runtime error. Stopping it deletes its application only."""
+    ray_stack = make_stack(platform="ray", ray_address=cluster.address, ray_app_prefix="up-", packer_policy="veil")
+    platform = ray_stack.platform
+    assert platform.kind == "ray" and ray_stack.info.extra["platform"] == "ray"
+    assert ray_stack.info.extra["ray_address"] == cluster.address
+    requests = 0
+    for model_id, model in ray_stack.models.items():
+        x = model.x_test[:4]
+        got, want = ray_stack.infer(ray_stack.user, model_id, x), stack.infer(stack.user, model_id, x)
+        requests += 1
+        assert sorted(got) == sorted(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+        assert_matches_reference(model, x, got)
+    m = platform.metrics("veil-tee")
+    assert m["router"] == "veil" and m["requests"] >= requests and m["cold_starts"] >= 1, m
+    model_id = next(iter(ray_stack.models))
+    x_test = ray_stack.models[model_id].x_test
+    wrong = np.zeros((1, x_test.shape[1] + 3), dtype=x_test.dtype)
+    codes = []
+    for s in (stack, ray_stack):
+        with pytest.raises(VeilError) as ei:
+            s.user.infer(model_id, wrong)
+        codes.append((ei.value.code, ei.value.status))
+    assert codes[0] == codes[1], codes
+    [replica] = [r for r in platform.replicas("veil-tee") if model_id in r["models"]]
+    pids = runtime_pids([replica])
+    ray_stack.close()
+    from ray import serve
+
+    assert "up-veil-tee" not in serve.status().applications
+    assert wait_until(lambda: gone(pids), 15), "the deployment's runtime outlived it"
+
+
+def test_veil_up_platform_ray_starts_and_stops_its_own_ray_head(tmp_path):
+    """`veil up --platform ray` without --address: a one-node Ray head on loopback, started for
+    the deployment and stopped with it (nothing of it left running), Ray's default router."""
+    import json
+    import subprocess
+
+    import httpx
+
+    root = tmp_path / "v"
+    cmd = [sys.executable, "-m", "veil.cli", "up", "--dir", str(root), "--platform", "ray"]
+    cmd += ["--ray-node-ip", "127.0.0.4", "--policy", "platform", "--gateway-port", "0", "--keyservice-port", "0"]
+    log = tmp_path / "up.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # not the module cluster's
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        assert wait_until(lambda: b"Ctrl-C" in log.read_bytes() or proc.poll() is not None, 120), log.read_text()
+        assert proc.poll() is None, log.read_text()
+        text = log.read_text()
+        assert "platform     ray at 127.0.0.4:" in text and "started here" in text, text
+        info = json.loads((root / "deployment.json").read_text())
+        assert info["platform"] == "ray" and info["ray_address"].startswith("127.0.0.4:")
+        assert httpx.get(f"{info['gateway_url']}/healthz", timeout=10).status_code == 200
+        descendants = {p.pid: p.create_time() for p in psutil.Process(proc.pid).children(recursive=True)}
+        assert any("raylet" in " ".join(_cmdline(pid)) for pid in descendants), "no Ray head was started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def left() -> list[int]:
+        out = []
+        for pid, created in descendants.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+            except psutil.Error:
+                pass
+        return out
+
+    assert wait_until(lambda: not left(), 15), [_cmdline(p) for p in left()]
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
