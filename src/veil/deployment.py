@@ -379,8 +379,15 @@ class LocalDeployment:
         if o.he:
             if self.he_platform is None:
                 self.he_platform = LocalPlatform(log_dir=self.log_dir)
-            self.he_platform.deploy(runtime_function(HE_FUNCTION, {"kind": "he", "store": str(self.store_dir)}))
-            self.he_router = DirectRouter(self.he_platform, HE_FUNCTION)
+            # HE mode reads the same store as TEE mode (models and users' evaluation keys) and goes
+            # through a packer too: routing keys carry the key id, so the instance already holding
+            # a user's keys is preferred (any other fetches them from the store)
+            he_spec = runtime_function(HE_FUNCTION, {"kind": "he", "store": self.store_location})
+            if packer is not None:
+                self.he_router = packer(self.he_platform, he_spec, policy=o.packer_policy)
+            else:
+                self.he_platform.deploy(he_spec)
+                self.he_router = DirectRouter(self.he_platform, HE_FUNCTION)
 
     def _open_platform(self) -> Any:
         """The platform the TEE runtime runs on (`StackOptions.platform`)."""
@@ -410,6 +417,8 @@ class LocalDeployment:
             keyservice_url=self._keyservice_url,
             he_router=self.he_router,
             platform=self.platform,
+            he_platform=self.he_platform,
+            he_function=HE_FUNCTION if self.he_router is not None else None,
         )
         port = claim_port(self.options.gateway_port, "gateway")
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -426,8 +435,9 @@ class LocalDeployment:
             self._gateway_server.should_exit = True
             if self._gateway_thread is not None:
                 self._gateway_thread.join(timeout=10)
-        if self.router is not None and hasattr(self.router, "close"):
-            self.router.close()
+        for router in (self.router, getattr(self, "he_router", None)):
+            if router is not None and hasattr(router, "close"):
+                router.close()
         if self.he_platform is not None and self.he_platform is not self.platform:
             self.he_platform.close()
         if self.platform is not None:

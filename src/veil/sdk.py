@@ -30,7 +30,7 @@ from veil.keyservice import wire
 from veil.keyservice.client import PrincipalClient
 from veil.runtime import tensors
 from veil.trust import ANCHOR_FIELDS, TrustAnchors
-from veil.wire.cards import ModelCard, mismatches, sign_card, verify_card
+from veil.wire.cards import MODES, ModelCard, TensorSpec, mismatches, sign_card, verify_card
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ MAX_RETRIES = 8
 TIMEOUT_HEADER = "x-veil-timeout-ms"
 # Refusals that mean the request did not run: safe to send again (with a fresh envelope).
 CLEAN_REFUSALS = frozenset({"busy", "unavailable", "keyservice_unavailable"})
+HYBRID_REQUEST, HYBRID_RESPONSE = tensors.HYBRID_REQUEST, tensors.HYBRID_RESPONSE
 
 
 class _Retryable(Exception):
@@ -189,8 +190,9 @@ class ModelOwner(_Principal):
     def publish(
         self,
         model_id: str,
-        onnx: bytes | Path,
+        onnx: bytes | Path | Any,
         *,
+        mode: str = "tee",
         allowed_measurements: list[str] | None = None,
         revocation_delay_s: int | None = None,
         description: str = "",
@@ -198,6 +200,13 @@ class ModelOwner(_Principal):
         optimize: bool = False,
     ) -> dict[str, Any]:
         """Publish a new version of `model_id`, staged so that a failure changes nothing.
+
+        `mode` is how users will be served, and goes into the owner-signed card:
+        "tee" (an ONNX model, sealed, run by attested runtimes), "he" (a compiled HE model, a
+        `veil.he.compiled.CompiledModel` or the directory `veil he compile --out` wrote; its
+        weights reach the cloud in clear, inputs and outputs stay CKKS ciphertexts) or "hybrid"
+        (the same compiled model, sealed like a TEE model and evaluated on ciphertexts inside
+        attested runtimes: the cloud sees neither weights nor inputs).
 
         `optimize` converts the model to ONNX Runtime's ORT format first (graph optimisations done
         once, here: `veil.ort_format.to_ort`) and seals that; runtimes then load it without
@@ -214,6 +223,18 @@ class ModelOwner(_Principal):
         4. the KeyService makes the version current; runtimes serve it within the delay.
         A refused stage, a failed upload or a refused commit leaves the previous version serving."""
         model_id = _model_id(model_id)
+        if mode not in MODES:
+            raise BadRequest(f"mode: must be one of {list(MODES)}, not {mode!r}", code="bad_mode")
+        if mode != "tee":
+            return self._publish_he(
+                model_id,
+                onnx,
+                mode=mode,
+                allowed_measurements=allowed_measurements,
+                revocation_delay_s=revocation_delay_s,
+                description=description,
+                progress=progress,
+            )
         report = progress or (lambda step, done, total: None)
         original = Path(onnx).read_bytes() if isinstance(onnx, Path) else onnx
         report("check", 0, 1)
@@ -251,11 +272,92 @@ class ModelOwner(_Principal):
             "revocation_delay_s": committed.get("revocation_delay_s"),
         }
 
-    def upload_sealed(
-        self, model_id: str, version: int, sealed: bytes, *, progress: Callable[[int, int], None] | None = None
+    def _publish_he(
+        self,
+        model_id: str,
+        compiled: Any,
+        *,
+        mode: str,
+        allowed_measurements: list[str] | None,
+        revocation_delay_s: int | None,
+        description: str,
+        progress: Progress | None,
     ) -> dict[str, Any]:
-        """Upload a sealed file for a staged version, signed by this owner, streamed in 1 MiB
-        pieces (`progress(bytes sent, total)` after each)."""
+        """HE and hybrid publishing: the same stage → upload → card → commit as a TEE model.
+        The blob is `veil.he.bundle`; hybrid seals it with the version's model key (released only
+        to allowed measurements), HE mode uploads it as it is, owner-signed either way."""
+        from veil.he import bundle
+        from veil.he.compiled import CompiledModel
+        from veil.he.packing import throughput_group
+
+        report = progress or (lambda step, done, total: None)
+        report("check", 0, 1)
+        if not isinstance(compiled, CompiledModel):
+            directory = Path(compiled)
+            if not (directory / "manifest.json").is_file():
+                raise BadRequest(
+                    f"{directory}: not a compiled HE model (run `veil he compile --out DIR` first)", code="bad_model"
+                )
+            compiled = CompiledModel.load(directory)
+        data = bundle.pack(compiled, model_id)
+        spec = compiled.client_spec()
+        key = SymmetricKey.generate()
+        measurements = self._allowed(allowed_measurements)
+        report("stage", 0, 1)
+        version = self.keyservice.stage_version(
+            model_id,
+            key,
+            chunked.content_digest(key, data),
+            measurements=measurements,
+            revocation_delay_s=revocation_delay_s,
+        )
+        uploaded = lambda done, total: report("upload", done, total)  # noqa: E731
+        if mode == "hybrid":
+            report("seal", 0, 1)
+            blob = chunked.seal_bytes(key, data, model=model_id, version=version)
+            self.upload_sealed(model_id, version, blob, progress=uploaded)
+        else:
+            blob = data
+            self.upload_sealed(model_id, version, blob, progress=uploaded, route="he")
+        report("card", 0, 1)
+        inputs = (TensorSpec("input", "float64", (None, compiled.in_dim)),)
+        outputs = (
+            TensorSpec("scores", "float64", (None, compiled.out_dim)),
+            TensorSpec("predictions", "int64" if spec.get("output") != "regression" else "float64", (None,)),
+        )
+        extra = {
+            "he_spec": spec,
+            "throughput_group": throughput_group(compiled.params.slots),
+            "params_digest": spec["params_digest"],
+        }
+        card = ModelCard(model_id, version, mode, self.id, inputs, outputs, description, extra)
+        self.keyservice.put_card(model_id, version, sign_card(self.identity, card))
+        report("commit", 0, 1)
+        committed = self.keyservice.commit_version(model_id, version)
+        report("commit", 1, 1)
+        return {
+            "model": model_id,
+            "version": version,
+            "mode": mode,
+            "replaced_version": version - 1 if version > 1 else None,
+            "plaintext_bytes": len(data),
+            "uploaded_bytes": len(blob),
+            "poly_modulus_degree": compiled.params.poly_modulus_degree,
+            "measurements": measurements,
+            "revocation_delay_s": committed.get("revocation_delay_s"),
+        }
+
+    def upload_sealed(
+        self,
+        model_id: str,
+        version: int,
+        sealed: bytes,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        route: str = "sealed",
+    ) -> dict[str, Any]:
+        """Upload a sealed file (or, `route="he"`, an HE-mode model blob) for a staged version,
+        signed by this owner, streamed in 1 MiB pieces (`progress(bytes sent, total)` after each)."""
         signature = self.identity.sign(wire.upload_payload(model_id, version, hashlib.sha256(sealed).hexdigest()))
         headers = {
             "content-type": "application/octet-stream",
@@ -273,7 +375,7 @@ class ModelOwner(_Principal):
 
         try:
             response = self.gateway.put(
-                f"/v1/models/{model_id}/versions/{version}/sealed", content=pieces(), headers=headers
+                f"/v1/models/{model_id}/versions/{version}/{route}", content=pieces(), headers=headers
             )
         except httpx.HTTPError as exc:
             raise Unavailable(f"gateway unreachable: {type(exc).__name__}") from None
@@ -306,8 +408,15 @@ class ModelUser(_Principal):
         *,
         trust: TrustAnchors,
         timeout: float = 120.0,
+        key_dir: Path | None = None,
     ) -> None:
+        """`key_dir` keeps this user's HE keys (CKKS secret keys 0600, evaluation keys) so they
+        are made and uploaded once per model parameters; None keeps them in memory only."""
         super().__init__(deployment, identity, trust=trust, timeout=timeout)
+        from veil.he.user import HEKeyChain
+
+        self.he_keys = HEKeyChain(self.id, key_dir)
+        self._he_uploaded: set[str] = set()
         self.request_keys: dict[str, SymmetricKey] = {}
         self._cards: dict[str, ModelCard | None] = {}  # None: the model has no card (asked once)
         self.last_timings: dict[str, Any] = {}
@@ -338,8 +447,15 @@ class ModelUser(_Principal):
         timings: bool = False,
         deadline_s: float = DEFAULT_DEADLINE_S,
         idempotent: bool = False,
+        packing: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Encrypt `inputs`, send them, decrypt and return the model's named outputs.
+
+        The model card says how: TEE mode seals tensors in an envelope; HE mode encrypts the
+        samples (rows of features) under this user's CKKS key and returns `scores` and
+        `predictions`; hybrid mode does both (CKKS ciphertexts inside the envelope, evaluated in
+        an attested runtime). `packing` ("latency" or "throughput") overrides the HE cost
+        model's choice. HE keys are made, kept (`key_dir`) and uploaded once per model parameters.
 
         An error the runtime answers after authenticating the request comes encrypted (only its
         code travels in clear): it is opened here and raised as a VeilError with the detailed code
@@ -354,6 +470,9 @@ class ModelUser(_Principal):
         which the request may have run (a timeout, a crashed instance) is retried only if
         `idempotent` is set."""
         model_id = _model_id(model_id)
+        card = self._card_or_none(model_id)
+        if card is not None and card.mode in ("he", "hybrid"):
+            return self._infer_he(model_id, card, inputs, packing=packing, deadline_s=deadline_s, idempotent=idempotent)
         named = self._named_inputs(model_id, inputs, input_name)
         key = self.request_keys.get(model_id)
         if key is None:
@@ -375,6 +494,149 @@ class ModelUser(_Principal):
                 if (ran and not idempotent) or attempt > MAX_RETRIES or time.monotonic() + pause >= deadline:
                     raise exc.error from None
                 time.sleep(pause)
+
+    def _card_or_none(self, model_id: str) -> ModelCard | None:
+        try:
+            return self.card(model_id)
+        except VeilError as exc:
+            if exc.code in ("no_card", "unknown_model"):
+                return None
+            raise
+
+    # -- HE and hybrid ------------------------------------------------------------------------
+    def _infer_he(
+        self,
+        model_id: str,
+        card: ModelCard,
+        inputs: np.ndarray | dict[str, np.ndarray],
+        *,
+        packing: str | None,
+        deadline_s: float,
+        idempotent: bool,
+    ) -> dict[str, np.ndarray]:
+        from veil.he.errors import HEError
+        from veil.he.user import decrypt_response, encrypt_request
+
+        if isinstance(inputs, dict):
+            if len(inputs) != 1:
+                raise BadRequest(f"inputs: {model_id} takes one input, {card.inputs[0].name!r}", code="card_mismatch")
+            inputs = next(iter(inputs.values()))
+        x = np.atleast_2d(np.asarray(inputs, dtype=np.float64))
+        spec = card.extra.get("he_spec")
+        if not isinstance(spec, dict) or spec.get("params_digest") != card.extra.get("params_digest"):
+            raise VeilError(f"model card of {model_id!r} carries no usable HE spec", code="bad_card", status=502)
+        width = int(spec.get("in_dim", 0))
+        if x.ndim != 2 or x.shape[1] != width:
+            raise BadRequest(
+                f"inputs do not fit {model_id} v{card.version}: expected float64 [batch, {width}], got "
+                f"{x.dtype} {list(x.shape)}",
+                code="card_mismatch",
+            )
+        if card.mode == "hybrid" and model_id not in self.request_keys:
+            raise BadRequest(
+                f"no request key for model {model_id!r}: run `veil user request-access {model_id}` "
+                "(SDK: request_access) first",
+                code="no_request_key",
+            )
+        keys = self.he_keys.for_model(model_id, spec)
+        self._upload_he_keys(model_id, keys)
+        try:
+            req, batch = encrypt_request(model_id, keys, x, packing)
+        except HEError as exc:
+            raise BadRequest(exc.message, code=exc.code) from None
+        deadline = time.monotonic() + deadline_s
+        attempt, reuploaded = 0, False
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                raw = (
+                    self._he_once(model_id, req, remaining)
+                    if card.mode == "he"
+                    else self._hybrid_once(model_id, req, remaining)
+                )
+                break
+            except VeilError as exc:
+                if exc.code != "unknown_key" or reuploaded:
+                    raise
+                reuploaded = True  # the store lost them (or never had them): upload, then once more
+                self._upload_he_keys(model_id, keys, force=True)
+            except _Retryable as exc:
+                attempt += 1
+                pause = exc.retry_after if exc.retry_after is not None else _backoff(attempt)
+                if (exc.may_have_run and not idempotent) or attempt > MAX_RETRIES:
+                    raise exc.error from None
+                if time.monotonic() + pause >= deadline:
+                    raise exc.error from None
+                time.sleep(pause)
+        try:
+            return decrypt_response(keys, raw, batch.packing, batch.batch)
+        except HEError as exc:
+            raise VeilError(exc.message, code=exc.code, status=502) from None
+
+    def _upload_he_keys(self, model_id: str, keys: Any, *, force: bool = False) -> None:
+        """Make sure the store holds this user's evaluation keys for the model: once per key id
+        (remembered in the key directory), streamed, signed by this user."""
+        from veil.he.user import key_upload
+
+        if not force and (keys.key_id in self._he_uploaded or keys.uploaded()):
+            self._he_uploaded.add(keys.key_id)
+            return
+        try:
+            if not force:
+                stored = self.gateway.get(f"/v1/he/models/{model_id}/keys/{keys.key_id}")
+                if stored.is_success and stored.json().get("stored"):
+                    keys.mark_uploaded()
+                    self._he_uploaded.add(keys.key_id)
+                    return
+            headers, pieces = key_upload(self.identity, model_id, keys)
+            response = self.gateway.put(f"/v1/he/models/{model_id}/keys", content=pieces(), headers=headers)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"gateway unreachable: {type(exc).__name__}") from None
+        if not response.is_success:
+            raise _gateway_error(response)
+        keys.mark_uploaded()
+        self._he_uploaded.add(keys.key_id)
+
+    def _he_once(self, model_id: str, req: Any, remaining_s: float) -> dict[str, Any]:
+        """One HE-mode attempt: a freshly signed request to the gateway's HE route."""
+        from veil.he.user import signed_request
+
+        if remaining_s <= 0:
+            raise VeilError("deadline passed before the request could be sent", code="deadline_exceeded", status=504)
+        body, headers = signed_request(self.identity, req, remaining_s)
+        headers[TIMEOUT_HEADER] = str(int(remaining_s * 1000))
+        t0 = time.perf_counter()
+        try:
+            response = self.gateway.post(
+                f"/v1/he/models/{model_id}:infer", content=body, headers=headers, timeout=remaining_s
+            )
+        except httpx.HTTPError as exc:
+            never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            raise _Retryable(
+                Unavailable(f"gateway unreachable: {type(exc).__name__}"), may_have_run=not never_sent
+            ) from None
+        self.last_timings = {"round_trip_ms": (time.perf_counter() - t0) * 1e3}
+        if not response.is_success:
+            error = _gateway_error(response)
+            if response.status_code == 503 and error.code in CLEAN_REFUSALS:
+                raise _Retryable(error, may_have_run=False, retry_after=_retry_after(response))
+            if response.status_code in (502, 504):
+                raise _Retryable(error, may_have_run=True)
+            raise error
+        return response.json()
+
+    def _hybrid_once(self, model_id: str, req: Any, remaining_s: float) -> dict[str, Any]:
+        """One hybrid attempt: the HE request sealed in an envelope for the attested runtime."""
+        payload = json.dumps(req.to_json(), separators=(",", ":")).encode()
+        named = {HYBRID_REQUEST: np.frombuffer(payload, dtype=np.uint8)}
+        outputs = self._infer_once(model_id, self.request_keys[model_id], named, timings=False, remaining_s=remaining_s)
+        answer = outputs.get(HYBRID_RESPONSE)
+        if answer is None:
+            raise VeilError("the runtime's answer holds no HE response", code="bad_response", status=502)
+        try:
+            return json.loads(answer.tobytes())
+        except ValueError:
+            raise VeilError("the runtime's HE response is not JSON", code="bad_response", status=502) from None
 
     def card(self, model_id: str, *, refresh: bool = False) -> ModelCard:
         """The model's card for its current version, verified: fetched through the (untrusted)

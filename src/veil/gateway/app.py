@@ -1,11 +1,17 @@
-"""Gateway app: `/v1/models/{model}:infer` (TEE envelopes), HE routes, sealed-model upload,
-`/healthz`, Prometheus `/metrics` and the OpenAPI schema FastAPI generates."""
+"""Gateway app: `/v1/models/{model}:infer` (TEE and hybrid envelopes), the HE routes
+(`veil.gateway.he_routes`), owner-signed uploads of sealed models and HE model blobs, `/healthz`,
+Prometheus `/metrics` and the OpenAPI schema FastAPI generates.
+
+Body limits (docs/he-serving.md): inference bodies ≤ `MAX_ENVELOPE` (32 MiB) here, below the
+runtime's 48 MiB `/run` limit, so whatever the gateway admits an instance accepts; evaluation
+keys (≤ 256 MiB) and models (≤ 2 GiB) stream into the model store and never pass through `/run`."""
 
 from __future__ import annotations
 
 import hmac
 import io
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -21,7 +27,12 @@ from veil.crypto.envelope import Envelope, check_identifier
 from veil.crypto.errors import CryptoError
 from veil.crypto.identity import HEADER_PRINCIPAL, verify_signature
 from veil.errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized, Unavailable, VeilError
+from veil.gateway.he_routes import install_he_routes
+from veil.gateway.he_split import Spreader
 from veil.gateway.routing import Router
+from veil.he import bundle
+from veil.he.errors import HEError
+from veil.he.keys import MAX_KEY_BYTES
 from veil.http import install_error_handlers, parse_json_object, read_body
 from veil.keyservice import wire
 from veil.store import ModelStore
@@ -79,6 +90,27 @@ def _time_left(request: Request | None, ceiling_s: float) -> float:
     return min(ceiling_s, left)
 
 
+def _check_sealed_head(head: bytes, model: str, number: int) -> None:
+    try:
+        header = chunked.read_header(io.BytesIO(head))
+    except CryptoError as exc:
+        raise BadRequest(f"body: not a Veil sealed model ({exc})", code="malformed") from None
+    if header.get("model") != model or header.get("version") != number:
+        raise BadRequest(
+            f"body: sealed for {header.get('model')!r} v{header.get('version')}, not {model!r} v{number}",
+            code="malformed",
+        )
+
+
+def _check_he_head(head: bytes, model: str, number: int) -> None:
+    try:
+        header = bundle.read_header(head)
+    except HEError as exc:
+        raise BadRequest(f"body: not a Veil HE model blob ({exc.message})", code="malformed") from None
+    if header["model"] != model:
+        raise BadRequest(f"body: an HE blob of {header['model']!r}, not {model!r}", code="malformed")
+
+
 def create_app(
     router: Router,
     store: ModelStore,
@@ -88,7 +120,13 @@ def create_app(
     platform: Any = None,
     timeout_s: float = 120.0,
     max_model_bytes: int = MAX_MODEL,
+    max_key_bytes: int = MAX_KEY_BYTES,
+    he_function: str | None = None,
+    he_platform: Any = None,
 ) -> FastAPI:
+    """The gateway over `router` (TEE and hybrid envelopes) and `he_router` (HE mode), writing
+    `store`. `he_function` names the function behind `he_router` on `he_platform` (default
+    `platform`), so a throughput batch can be spread over its instances."""
     app = FastAPI(
         title="Veil gateway",
         version="1",
@@ -106,12 +144,23 @@ def create_app(
     )
 
     async def call(
-        r: Router, model: str, value: dict[str, Any], mode: str, request: Request | None = None
+        r: Router | None,
+        model: str,
+        value: dict[str, Any],
+        mode: str,
+        request: Request | None = None,
+        *,
+        runner: Callable[[float], Awaitable[dict[str, Any]]] | None = None,
     ) -> dict[str, Any]:
+        """Run one request on `r` (or through `runner(timeout)`), counted and timed by mode."""
         t0 = time.perf_counter()
         timeout = _time_left(request, timeout_s)
         try:
-            result = await run_in_threadpool(r.invoke, model, value, timeout=timeout)
+            if runner is not None:
+                result = await runner(timeout)
+            else:
+                assert r is not None
+                result = await run_in_threadpool(r.invoke, model, value, timeout=timeout)
         except VeilError:
             requests.labels(mode, "error").inc()
             raise
@@ -176,7 +225,21 @@ def create_app(
         the owner's signature over (model, version, SHA-256 of the file), checked against the
         KeyService's principal registry before the file becomes visible; the body streams to disk
         under a size limit, never buffered whole."""
+        return await upload_version(model, version, request, _check_sealed_head)
+
+    @app.put("/v1/models/{model}/versions/{version}/he", openapi_extra=bodies.binary_body())
+    async def upload_he(model: str, version: str, request: Request) -> dict:
+        """Store the HE model blob (`veil.he.bundle`) of a staged HE-mode version: signed by the
+        owner exactly like a sealed upload. Its weights are in clear by design (HE mode hides
+        inputs and outputs; hybrid mode seals the blob and uses the `sealed` route)."""
+        return await upload_version(model, version, request, _check_he_head)
+
+    async def upload_version(
+        model: str, version: str, request: Request, check_head: Callable[[bytes, str, int], None]
+    ) -> dict:
         check_identifier(model, "model")
+        if model.startswith(wire.RESERVED_MODEL_PREFIX):
+            raise BadRequest(f"model: ids starting with {wire.RESERVED_MODEL_PREFIX!r} are reserved", code="malformed")
         if not version.isdigit() or not 0 < len(version) <= 15 or int(version) < 1:
             raise BadRequest("version: must be a positive integer", code="malformed")
         number = int(version)
@@ -209,15 +272,7 @@ def create_app(
                     "upload signature does not verify with the owner's key (or the file changed)",
                     code="bad_upload_signature",
                 ) from None
-            try:
-                header = chunked.read_header(io.BytesIO(upload.head))
-            except CryptoError as exc:
-                raise BadRequest(f"body: not a Veil sealed model ({exc})", code="malformed") from None
-            if header.get("model") != model or header.get("version") != number:
-                raise BadRequest(
-                    f"body: sealed for {header.get('model')!r} v{header.get('version')}, not {model!r} v{number}",
-                    code="malformed",
-                )
+            check_head(upload.head, model, number)
             size = await run_in_threadpool(upload.commit)
         finally:
             upload.abort()
@@ -236,27 +291,21 @@ def create_app(
             raise BadRequest(f"envelope.model is {envelope.model!r} but the URL names {model!r}", code="malformed")
         return await call(router, model, {"envelope": obj}, "tee", request)
 
-    @app.post("/v1/he/keys", openapi_extra=bodies.HE_OBJECT)
-    async def he_keys(request: Request) -> dict:
-        if he_router is None:
-            raise VeilError("HE mode is not deployed", code="not_deployed", status=404)
-        obj = parse_json_object(await read_body(request, MAX_MODEL))
-        return await call(he_router, "he-keys", {**obj, "op": "upload_keys"}, "he")
-
-    @app.post("/v1/he/models/{model}:infer", openapi_extra=bodies.HE_OBJECT)
-    async def he_infer(model: str, request: Request) -> dict:
-        if he_router is None:
-            raise VeilError("HE mode is not deployed", code="not_deployed", status=404)
-        check_identifier(model, "model")
-        obj = parse_json_object(await read_body(request, MAX_ENVELOPE))
-        return await call(he_router, model, {**obj, "op": "infer", "model": model}, "he")
-
-    @app.get("/v1/he/models/{model}/spec")
-    async def he_spec(model: str) -> dict:
-        """The public client spec of an HE model (parameters, packing): no secrets in it."""
-        if he_router is None:
-            raise VeilError("HE mode is not deployed", code="not_deployed", status=404)
-        check_identifier(model, "model")
-        return await call(he_router, model, {"op": "spec", "model": model}, "he")
+    spreader = None
+    if he_router is not None and he_function:
+        he_invoke = he_router.invoke
+        spreader = Spreader(
+            he_platform or platform, he_function, lambda key, value, timeout: he_invoke(key, value, timeout=timeout)
+        )
+    install_he_routes(
+        app,
+        store=store,
+        registry_get=registry_get,
+        call=call,
+        he_router=he_router,
+        spreader=spreader,
+        max_request_bytes=MAX_ENVELOPE,
+        max_key_bytes=max_key_bytes,
+    )
 
     return app

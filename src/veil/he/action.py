@@ -1,35 +1,63 @@
 """The HE serverless function: what a runtime instance runs for `{"kind": "he"}`.
 
 The action server builds one `HEAction` per instance and calls `run` from several threads.
-Models are loaded once per warm instance (SEAL context, scale schedule, encoded diagonals);
-evaluation keys are cached by key id (LRU bounded in bytes), so a client uploads them once per
-warm instance and is told `unknown_key` (404) when an instance no longer has them. Every
-failure is an HEError; untrusted bytes are validated before SEAL parses them.
+
+Served models are versioned blobs in the model store (`veil.he.bundle`, published by owners
+through the gateway); the gateway names the model version and the authenticated user with each
+request. Evaluation keys are records in the same store (`veil.he.keys`): an instance that lacks
+a request's keys fetches them by id and checks they were uploaded by that user for that model,
+so no request depends on landing on a particular instance (`veil.he.serving`).
+
+The older developer layout is still read: `<store>/he/<model>/` written by `veil he compile
+--publish`, with keys uploaded per instance (`op: upload_keys`), for `veil he run` and in-process
+tests. Every failure is an HEError; untrusted bytes are validated before SEAL parses them.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from veil.he import store
+from veil.he import bundle, store
 from veil.he.errors import HEError
+from veil.he.keys import MAX_KEY_BYTES
 from veil.he.keys import key_id as compute_key_id
-from veil.he.keys import unpack_eval_keys
-from veil.he.packing import LATENCY, throughput_group
-from veil.he.seal_backend import EvalKeys, SealBackend
 from veil.he.server import ServerModel
-from veil.he.wire import InferRequest, InferResponse, UploadKeys, check_model_id
+from veil.he.serving import KeyRing, ModelSet, evaluate
+from veil.he.wire import InferRequest, UploadKeys, check_model_id
 
 log = logging.getLogger("veil.he.action")
 
 DEFAULT_KEY_CACHE_MB = 1024
-MAX_KEY_BYTES = 256 * 1024 * 1024
+MAX_MODEL_BYTES = 2 << 30
+_USER_CHARS = frozenset("0123456789abcdef")
+
+
+def _init_number(value: dict[str, Any], name: str, default: int, hi: int) -> int:
+    got = value.get(name, default)
+    if isinstance(got, bool) or not isinstance(got, int) or not 1 <= got <= hi:
+        raise HEError("bad_init", f"init.{name}: must be an integer in [1, {hi}]", 500)
+    return got
+
+
+def _version(value: dict[str, Any]) -> int | None:
+    version = value.get("version")
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 10**15:
+        raise HEError("bad_request", "field 'version' must be a positive integer")
+    return version
+
+
+def _user(value: dict[str, Any]) -> str | None:
+    user = value.get("user")
+    if user is None:
+        return None
+    if not isinstance(user, str) or len(user) != 64 or not set(user) <= _USER_CHARS:
+        raise HEError("bad_request", "field 'user' must be a principal id (64 hex digits)")
+    return user
 
 
 class HEAction:
@@ -37,16 +65,27 @@ class HEAction:
 
     def __init__(self, init_value: dict[str, Any]) -> None:
         if not isinstance(init_value, dict) or not isinstance(init_value.get("store"), str):
-            raise HEError("bad_init", "init value needs 'store', the model store directory", 500)
-        self.store = Path(init_value["store"])
-        self.key_cache_bytes = int(init_value.get("key_cache_mb", DEFAULT_KEY_CACHE_MB)) * 1024 * 1024
+            raise HEError("bad_init", "init value needs 'store', the model store (directory or URL)", 500)
+        self.location = init_value["store"]
+        self.store = Path(self.location)  # the developer layout <store>/he/<model>/
+        self.key_cache_bytes = _init_number(init_value, "key_cache_mb", DEFAULT_KEY_CACHE_MB, 1 << 20) << 20
         self._lock = threading.Lock()
-        self._model_locks: dict[str, threading.Lock] = {}
-        self._models: dict[str, ServerModel] = {}
-        self._backends: dict[str, SealBackend] = {}
-        self._keys: OrderedDict[str, tuple[str, EvalKeys]] = OrderedDict()
-        self._key_bytes = 0
+        self._reader: Any = None
+        self.models = ModelSet()
+        self.keys = KeyRing(self.reader, self.key_cache_bytes)
         self.counters = {"infer": 0, "upload_keys": 0, "errors": 0}
+
+    def reader(self) -> Any:
+        """The model store, opened on first use (a developer store has no models/ directory)."""
+        with self._lock:
+            if self._reader is None:
+                from veil.store import open_reader
+
+                try:
+                    self._reader = open_reader(self.location)
+                except Exception as exc:  # noqa: BLE001 - a VeilError from the store, told as HE's
+                    raise HEError(getattr(exc, "code", "no_store"), getattr(exc, "message", str(exc)), 503) from None
+            return self._reader
 
     # --- dispatch ---------------------------------------------------------------------------------
     def run(self, value: dict[str, Any]) -> dict[str, Any]:
@@ -59,120 +98,68 @@ class HEAction:
             if op == "upload_keys":
                 return self.upload_keys(value)
             if op == "spec":
-                return {"v": 1, "spec": store.client_spec(self.store, check_model_id(value.get("model")))}
+                model_id, version = check_model_id(value.get("model")), _version(value)
+                if version is None:
+                    return {"v": 1, "spec": store.client_spec(self.store, model_id)}
+                return {"v": 1, "spec": self.model(model_id, version).compiled.client_spec()}
             if op == "health":
-                return {"v": 1, "ok": True, "models": sorted(self._models), "keys": len(self._keys)}
+                return {"v": 1, "ok": True, "models": self.models.names(), "keys": len(self.keys)}
             raise HEError("bad_request", f"unknown op {op!r}; expected infer, upload_keys, spec or health")
         except HEError as exc:
             self.counters["errors"] += 1
-            log.info("he %s refused: %s", op, exc.code)
+            log.info("he %s refused: %s", op if op in ("infer", "upload_keys", "spec", "health") else "?", exc.code)
             raise
         except Exception as exc:  # never let a bug take the instance down with a traceback to the caller
             self.counters["errors"] += 1
-            log.exception("he %s failed", op)
+            log.exception("he op failed")
             raise HEError("internal", f"internal error ({type(exc).__name__})", 500) from None
 
     # --- models -----------------------------------------------------------------------------------
-    def model(self, model_id: str) -> ServerModel:
-        """The warm model, loading it (once, even under concurrency) on first use."""
-        with self._lock:
-            loaded = self._models.get(model_id)
-            if loaded is not None:
-                return loaded
-            lock = self._model_locks.setdefault(model_id, threading.Lock())
-        with lock:
-            with self._lock:
-                if model_id in self._models:
-                    return self._models[model_id]
-            compiled = store.load(self.store, model_id)
-            digest = compiled.params_digest()
-            with self._lock:
-                backend = self._backends.get(digest)
-            if backend is None:
-                backend = SealBackend(compiled.params)
-            server = ServerModel(compiled, backend)
-            with self._lock:
-                self._backends.setdefault(digest, backend)
-                self._models[model_id] = server
-            log.info("he model %s loaded (N=%d)", model_id, compiled.params.poly_modulus_degree)
-            return server
+    def model(self, model_id: str, version: int | None = None) -> ServerModel:
+        """The warm model (a published version, or the developer layout when `version` is None)."""
+        if version is None:
+            return self.models.get(model_id, lambda: store.load(self.store, model_id))
+        return self.models.get((model_id, version), lambda: self._load_version(model_id, version))
 
-    # --- keys -------------------------------------------------------------------------------------
+    def _load_version(self, model_id: str, version: int) -> Any:
+        from veil.errors import NotFound, VeilError
+
+        reader = self.reader()
+        try:
+            info = reader.stat(model_id, version)
+            if info.size > MAX_MODEL_BYTES:
+                raise HEError("too_large", f"HE model blob exceeds {MAX_MODEL_BYTES} bytes", 413)
+            with reader.open(model_id, version) as f:
+                data = f.read(info.size + 1)
+        except NotFound:
+            raise HEError("unknown_model", f"no HE model {model_id!r} version {version} in the store", 404) from None
+        except VeilError as exc:
+            raise HEError(exc.code, exc.message, exc.status) from None
+        return bundle.unpack(data, model_id)
+
+    # --- keys (developer layout: uploaded to this instance) ----------------------------------------
     def upload_keys(self, value: dict[str, Any]) -> dict[str, Any]:
         req = UploadKeys.parse(value, MAX_KEY_BYTES)
         kid = compute_key_id(req.keys)
         server = self.model(req.model)
-        digest = server.params_digest
-        with self._lock:
-            cached = self._keys.get(kid)
-            if cached is not None and cached[0] == digest:
-                self._keys.move_to_end(kid)
-                return {"v": 1, "key_id": kid, "cached": True, "bytes": len(req.keys)}
-        if cached is not None:
-            raise HEError("wrong_parameters", "evaluation keys were made for other parameters than this model's")
-        blob = unpack_eval_keys(req.keys)
-        if blob.params_digest != digest:
-            raise HEError("wrong_parameters", "evaluation keys were made for other parameters than this model's")
-        if server.compiled.needs_relin() and blob.relin is None:
-            raise HEError("missing_keys", "this model needs relinearization keys")
-        keys = server.backend.load_eval_keys(blob.relin, blob.galois, blob.galois_elements)
-        keys.nbytes = len(req.keys)
-        with self._lock:
-            self._keys[kid] = (digest, keys)
-            self._key_bytes += keys.nbytes
-            while self._key_bytes > self.key_cache_bytes and len(self._keys) > 1:
-                _, (_, old) = self._keys.popitem(last=False)
-                self._key_bytes -= old.nbytes
-            self.counters["upload_keys"] += 1
-        log.info("he keys %s cached (%d bytes)", kid[:12], keys.nbytes)
-        return {"v": 1, "key_id": kid, "cached": False, "bytes": len(req.keys)}
-
-    def _keys_for(self, kid: str, digest: str) -> EvalKeys:
-        with self._lock:
-            entry = self._keys.get(kid)
-            if entry is not None:
-                self._keys.move_to_end(kid)
-        if entry is None:
-            raise HEError("unknown_key", f"evaluation keys {kid[:12]}... are not on this instance; upload them", 404)
-        if entry[0] != digest:
-            raise HEError("wrong_parameters", "these evaluation keys belong to a model with other parameters")
-        return entry[1]
+        added = self.keys.add(kid, None, req.model, server, req.keys)
+        if added:
+            with self._lock:
+                self.counters["upload_keys"] += 1
+            log.info("he keys %s cached (%d bytes)", kid[:12], len(req.keys))
+        else:
+            self.keys.get(kid, None, req.model, server)  # same parameters as the cached ones?
+        return {"v": 1, "key_id": kid, "cached": not added, "bytes": len(req.keys)}
 
     # --- inference --------------------------------------------------------------------------------
     def infer(self, value: dict[str, Any]) -> dict[str, Any]:
-        model_id = check_model_id(value.get("model"))
-        server = self.model(model_id)
-        be = server.backend
-        req = InferRequest.parse(value, be.ciphertext_bound(0))
-        compiled = server.compiled
-        if req.features != compiled.in_dim:
-            raise HEError(
-                "wrong_features", f"model {model_id} takes {compiled.in_dim} features, request says {req.features}"
-            )
-        if req.packing == LATENCY:
-            expected = math.ceil(req.batch / server.layout.samples_per_ciphertext)
-        else:
-            expected = compiled.in_dim * math.ceil(req.batch / throughput_group(be.slot_count))
-        if len(req.ciphertexts) != expected:
-            raise HEError(
-                "wrong_features",
-                f"{req.packing} packing of {req.batch} samples x {compiled.in_dim} features needs "
-                f"{expected} ciphertexts, got {len(req.ciphertexts)}",
-            )
-        keys = self._keys_for(req.key_id, server.params_digest)
-        level = 0 if req.packing == LATENCY else compiled.params.throughput_level
-        cts = [be.load_ciphertext(c, level, server.input_scale) for c in req.ciphertexts]
-        t0 = time.perf_counter()
-        if req.packing == LATENCY:
-            out = server.evaluate(LATENCY, cts, keys)
-        else:
-            groups = math.ceil(req.batch / throughput_group(be.slot_count))
-            out = []
-            for g in range(groups):
-                out.extend(server.evaluate(req.packing, cts[g * compiled.in_dim : (g + 1) * compiled.in_dim], keys))
-        eval_ms = (time.perf_counter() - t0) * 1e3
+        model_id, version, user = check_model_id(value.get("model")), _version(value), _user(value)
+        if version is not None and user is None:
+            raise HEError("bad_request", "a request for a published version names its authenticated 'user'")
+        server = self.model(model_id, version)
+        req = InferRequest.parse(value, server.backend.ciphertext_bound(0))
+        keys = self.keys.get(req.key_id, user, model_id, server)
+        out = evaluate(server, keys, req)
         with self._lock:
             self.counters["infer"] += 1
-        log.info("he infer %s %s batch=%d eval=%.1fms", model_id, req.packing, req.batch, eval_ms)
-        result = [be.serialize(c) for c in out]
-        return InferResponse(model_id, req.key_id, req.packing, req.batch, result, eval_ms).to_json()
+        return out.to_json()

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from veil.he.errors import HEError
+from veil.keyservice.wire import RESERVED_MODEL_PREFIX
 
 MAGIC = b"VEILHEK1"
 MAX_HEADER = 64 * 1024
@@ -71,3 +72,59 @@ def unpack_eval_keys(blob: bytes) -> EvalKeyBlob:
     relin = blob[body : body + relin_len] or None
     galois = blob[body + relin_len :] or None
     return EvalKeyBlob(digest, elements, relin, galois)
+
+
+# --- evaluation keys in the model store ----------------------------------------------------------
+# A user's uploaded evaluation keys are kept in the (untrusted) model store as one record,
+# content-addressed and bound to the principal and model they were uploaded for:
+#
+#     b"VEILHKR1" | u32 big-endian header length | JSON {"v": 1, "user", "model"} | eval-key blob
+#
+# stored as model id `hek.<key id>` version 1, where the key id is the SHA-256 of the whole
+# record. Any instance that lacks a key fetches the record by id, checks its hash (a store that
+# swaps bytes is caught) and that it names the requesting user and the model (another principal's
+# request cannot use it), then loads it. Model ids starting with `hek.` are reserved for this.
+
+RECORD_MAGIC = b"VEILHKR1"
+STORE_PREFIX = RESERVED_MODEL_PREFIX
+MAX_KEY_BYTES = 256 * 1024 * 1024  # one documented limit for gateway, store and instances
+
+
+def record_header(user: str, model: str) -> bytes:
+    """The bytes that precede the eval-key blob in its stored record."""
+    header = json.dumps({"v": 1, "user": user, "model": model}, sort_keys=True, separators=(",", ":")).encode()
+    return RECORD_MAGIC + struct.pack(">I", len(header)) + header
+
+
+def record_key_id(user: str, model: str, blob: bytes) -> str:
+    """The key id of `blob` uploaded by `user` for `model` (what client, gateway and instance compute)."""
+    digest = hashlib.sha256(record_header(user, model))
+    digest.update(blob)
+    return digest.hexdigest()
+
+
+def store_id(kid: str) -> str:
+    """The store's model id under which the record of key id `kid` is kept (as version 1)."""
+    return STORE_PREFIX + kid
+
+
+def open_record(data: bytes, kid: str, user: str, model: str) -> bytes:
+    """The eval-key blob inside a stored record, after checking it is the record `kid` names and
+    that it was uploaded by `user` for `model`; HEError otherwise (never the blob)."""
+    if hashlib.sha256(data).hexdigest() != kid:
+        raise HEError("key_integrity", "the store's evaluation-key record does not match its id (tampered)", 403)
+    if not data.startswith(RECORD_MAGIC) or len(data) < len(RECORD_MAGIC) + 4:
+        raise HEError("bad_keys", "not a Veil evaluation-key record")
+    (hlen,) = struct.unpack_from(">I", data, len(RECORD_MAGIC))
+    start = len(RECORD_MAGIC) + 4
+    if hlen > MAX_HEADER or start + hlen > len(data):
+        raise HEError("bad_keys", "evaluation-key record header is truncated")
+    try:
+        header = json.loads(data[start : start + hlen])
+    except ValueError:
+        raise HEError("bad_keys", "evaluation-key record header is not JSON") from None
+    if not isinstance(header, dict) or header.get("user") != user or header.get("model") != model:
+        raise HEError(
+            "key_not_yours", f"evaluation keys {kid[:12]}... were not uploaded by this principal for this model", 403
+        )
+    return data[start + hlen :]

@@ -19,6 +19,7 @@ parser here checks types and sizes and raises HEError("bad_request") naming the 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from veil.he.packing import PACKINGS
 
 VERSION = 1
 MAX_CIPHERTEXTS = 4096
+MAX_BATCH = 1 << 20  # samples per request: far above what MAX_CIPHERTEXTS can carry
+MAX_FEATURES = 1 << 16
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 
@@ -43,6 +46,23 @@ def _field(value: dict, name: str, kind: type) -> Any:
     if kind is not int and not isinstance(item, kind):
         raise HEError("bad_request", f"field {name!r} must be a {kind.__name__}")
     return item
+
+
+def _bounded(value: dict, name: str, hi: int) -> int:
+    """A positive integer field no larger than `hi` (checked before anything is computed with it)."""
+    item = _field(value, name, int)
+    if not 1 <= item <= hi:
+        raise HEError("bad_request", f"field {name!r} must be an integer in [1, {hi}]")
+    return item
+
+
+def _milliseconds(item: Any) -> float:
+    """A reported duration, or 0.0 for anything that is not a finite, sane number."""
+    if isinstance(item, bool) or not isinstance(item, int | float):
+        return 0.0
+    if isinstance(item, int) and not 0 <= item < 10**12:
+        return 0.0
+    return float(item) if math.isfinite(item) and 0 <= item < 1e12 else 0.0
 
 
 def _version(value: Any) -> None:
@@ -113,10 +133,8 @@ class InferRequest:
         packing = _field(value, "packing", str)
         if packing not in PACKINGS:
             raise HEError("bad_request", f"packing must be one of {list(PACKINGS)}")
-        batch = _field(value, "batch", int)
-        features = _field(value, "features", int)
-        if batch < 1 or features < 1:
-            raise HEError("bad_request", "batch and features must be positive")
+        batch = _bounded(value, "batch", MAX_BATCH)
+        features = _bounded(value, "features", MAX_FEATURES)
         items = _field(value, "ciphertexts", list)
         if not items or len(items) > MAX_CIPHERTEXTS:
             raise HEError("bad_request", f"between 1 and {MAX_CIPHERTEXTS} ciphertexts per request")
@@ -152,12 +170,15 @@ class InferResponse:
     def parse(cls, value: Any) -> InferResponse:
         _version(value)
         eval_ms = value.get("eval_ms", 0.0)
-        cts = [_b64(c, "ciphertexts") for c in _field(value, "ciphertexts", list)]
+        items = _field(value, "ciphertexts", list)
+        if len(items) > MAX_CIPHERTEXTS or not all(isinstance(c, str) for c in items):
+            raise HEError("bad_response", f"ciphertexts: at most {MAX_CIPHERTEXTS} strings")
+        cts = [_b64(c, "ciphertexts") for c in items]
         return cls(
             _field(value, "model", str),
             _field(value, "key_id", str),
             _field(value, "packing", str),
-            _field(value, "batch", int),
+            _bounded(value, "batch", MAX_BATCH),
             cts,
-            float(eval_ms) if isinstance(eval_ms, int | float) else 0.0,
+            _milliseconds(eval_ms),
         )

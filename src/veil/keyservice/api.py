@@ -102,6 +102,11 @@ def create_app(ks: KeyService) -> FastAPI:
         """Public: the current version's signed card (verify the owner's signature before use)."""
         return ks.current_card(model)
 
+    @app.get("/v1/models/{model}/access/{user}")
+    async def access(model: str, user: str) -> dict:
+        """Public: the user's public key and whether the owner grants them the model."""
+        return ks.access(model, user)
+
     @app.get("/v1/models/{model}")
     async def model_info(model: str, request: Request) -> dict:
         """Signed: owner, owner key and current version, for verifying the model's card."""

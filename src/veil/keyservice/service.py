@@ -204,6 +204,12 @@ class KeyService:
         Nothing serves it until `commit_version`; its allow-list and delay apply at commit, so a
         publish refused here or failing later leaves the current version serving unchanged."""
         check_identifier(model_id, "model")
+        if model_id.startswith(wire.RESERVED_MODEL_PREFIX):
+            raise BadRequest(
+                f"model id {model_id!r}: ids starting with {wire.RESERVED_MODEL_PREFIX!r} name evaluation keys in the "
+                "model store and cannot be models",
+                code="reserved_model_id",
+            )
         check_digest(digest)
         record = self.store.model(model_id)
         if record is not None and record.owner_id != caller:
@@ -319,6 +325,25 @@ class KeyService:
         if text is None:
             raise NotFound(f"model {model_id!r} has no card for its current version", code="no_card")
         return {"v": wire.VERSION, "version": model.current_version, "signed_card": json.loads(text)}
+
+    def access(self, model_id: str, user_id: str) -> dict:
+        """Public: a user's public key and whether the model's owner grants them the model. The
+        gateway authenticates HE-mode requests and evaluation-key uploads with it (in HE mode the
+        cloud enforces access; in TEE and hybrid mode the KeyService does, at key release)."""
+        model = self.store.model(check_identifier(model_id, "model"))
+        if model is None:
+            raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
+        public_key = self.store.principal_key(check_identifier(user_id, "user"))
+        if public_key is None:
+            raise NotFound(f"user {user_id!r} is not a registered principal", code="unknown_principal")
+        return {
+            "v": wire.VERSION,
+            "model": model_id,
+            "user": user_id,
+            "public_key": b64e(public_key),
+            "granted": self.store.is_granted(model_id, user_id),
+            "revocation_delay_s": model.revocation_delay_s,
+        }
 
     def model_info(self, model_id: str) -> dict:
         """Who owns a model and which version is current (asked over the signed channel, so a

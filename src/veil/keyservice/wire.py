@@ -82,3 +82,8 @@ def upload_payload(model_id: str, version: int, sealed_sha256: str) -> bytes:
     """What an owner signs to upload a sealed model: which model, which (staged) version, and
     the SHA-256 of the exact sealed file, so the store keeps only the owner's bytes."""
     return b"\n".join([UPLOAD_CONTEXT, model_id.encode(), str(version).encode(), sealed_sha256.encode()])
+
+
+# Model ids with this prefix name users' HE evaluation-key records in the model store
+# (`veil.he.keys`); the KeyService refuses to register a model under one.
+RESERVED_MODEL_PREFIX = "hek."

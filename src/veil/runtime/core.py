@@ -34,11 +34,13 @@ from veil.crypto import chunked
 from veil.crypto.envelope import CLOCK_SKEW_S, MAX_LIFETIME_S, Envelope, open_envelope, seal
 from veil.crypto.errors import IntegrityError, MalformedError
 from veil.errors import BadRequest, Conflict, Forbidden, VeilError, from_exception
+from veil.he.serving import ModelSet
 from veil.keyservice import wire
 from veil.keyservice.client import Release
 from veil.runtime import tensors
 from veil.runtime.backend import load_model, prepare_loader
 from veil.runtime.caches import KeyCache, ModelCache, ReplayCache
+from veil.runtime.hybrid import HybridModel, is_he_model, keyring_for
 from veil.store import ModelReader
 
 log = logging.getLogger("veil.runtime")
@@ -99,6 +101,8 @@ class RuntimeCore:
         self.replay = ReplayCache(config.replay_capacity, clock=clock)
         self._current: dict[str, int] = {}  # model → version named by its latest fresh release
         self._current_lock = threading.Lock()
+        self.he_models = ModelSet()  # hybrid models share SEAL contexts per parameter set
+        self.he_keys = keyring_for(store)
         prepare_loader()  # at /init, not on the first model's request path
 
     # -- pieces -----------------------------------------------------------------------------------
@@ -168,7 +172,10 @@ class RuntimeCore:
                     code="model_integrity",
                 ) from None
         t1 = time.perf_counter()
-        loaded = load_model(plaintext, intra_op_threads=self.config.intra_op_threads)  # takes the buffer over
+        if is_he_model(plaintext):  # hybrid mode: evaluated on the user's CKKS ciphertexts
+            loaded: Any = HybridModel(plaintext, model, self.he_models, self.he_keys)
+        else:
+            loaded = load_model(plaintext, intra_op_threads=self.config.intra_op_threads)  # takes the buffer over
         del plaintext
         t2 = time.perf_counter()
         timings["model_fetch_decrypt_ms"] = (t1 - t0) * 1e3
@@ -184,13 +191,13 @@ class RuntimeCore:
         )
         return loaded, loaded.nbytes
 
-    def _run(self, model: str, release: Release, inputs: dict, timings: dict[str, Any]) -> dict:
+    def _run(self, model: str, release: Release, inputs: dict, timings: dict[str, Any], user: str) -> dict:
         key = (model, release.version)
         loaded, cached = self.models.acquire(key, lambda: self._load_model(model, release, timings))
         try:
             first = loaded.take_first_run()
             t0 = time.perf_counter()
-            outputs = loaded.run(inputs)
+            outputs = loaded.run(inputs, user=user) if loaded.format == "he" else loaded.run(inputs)
             timings["infer_ms"] = (time.perf_counter() - t0) * 1e3
             if first:
                 timings["first_run_ms"] = timings["infer_ms"]  # the session's warm-up run
@@ -225,7 +232,7 @@ class RuntimeCore:
             inputs, meta = tensors.decode_with_meta(plaintext)
             options = tensors.request_options(meta)
             timings["decrypt_ms"] = (time.perf_counter() - t0) * 1e3
-            outputs = self._run(envelope.model, release, inputs, timings)
+            outputs = self._run(envelope.model, release, inputs, timings, envelope.user)
             payload = tensors.encode(outputs, timings=timings if options.timings else None)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, encrypted
             raise self._sealed_error(envelope, release, exc) from None

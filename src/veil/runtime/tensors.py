@@ -205,3 +205,8 @@ def decode_error(data: bytes) -> tuple[str, str]:
     if not isinstance(code, str) or not _CODE.match(code) or not isinstance(message, str):
         raise MalformedError("error", "code and message must be strings")
     return code, message
+
+# Hybrid mode (HE evaluated inside the attested runtime): the envelope's tensors are one uint8
+# tensor each way holding the HE wire JSON (`veil.he.wire`): CKKS ciphertexts under the user's key.
+HYBRID_REQUEST = "he_request"
+HYBRID_RESPONSE = "he_response"

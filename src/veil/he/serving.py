@@ -1,0 +1,196 @@
+"""What serving an HE request takes, shared by HE mode (`veil.he.action`) and hybrid mode (the
+attested TEE runtime, `veil.runtime.hybrid`): warm models, evaluation keys and one evaluation.
+
+- `ModelSet`: compiled models bound to SEAL contexts, one per (model, version), loaded once per
+  warm instance even under concurrency, contexts shared between models with equal parameters;
+- `KeyRing`: evaluation keys by key id, LRU bounded in bytes. A key an instance lacks is fetched
+  from the model store (`veil.he.keys` records), so no request needs to land where its keys were
+  uploaded; a record is used only for the principal and model it names;
+- `evaluate`: one request's checks (features, ciphertext count against the packing) and the
+  evaluation, in either packing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from veil.errors import NotFound, VeilError
+from veil.he.compiled import CompiledModel
+from veil.he.errors import HEError
+from veil.he.keys import MAX_KEY_BYTES, open_record, store_id, unpack_eval_keys
+from veil.he.packing import LATENCY, throughput_group
+from veil.he.seal_backend import EvalKeys, SealBackend
+from veil.he.server import ServerModel
+from veil.he.wire import InferRequest, InferResponse
+
+log = logging.getLogger("veil.he.serving")
+
+DEFAULT_KEY_CACHE_BYTES = 1 << 30
+
+
+class ModelSet:
+    """Warm `ServerModel`s by key; `load()` runs once per key, whatever the concurrency."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[Any, threading.Lock] = {}
+        self._models: dict[Any, ServerModel] = {}
+        self._backends: dict[str, SealBackend] = {}
+
+    def get(self, key: Any, load: Callable[[], CompiledModel]) -> ServerModel:
+        with self._lock:
+            found = self._models.get(key)
+            if found is not None:
+                return found
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            server = self.bind(load())
+            with self._lock:
+                self._models[key] = server
+            log.info("he model %s loaded (N=%d)", key, server.compiled.params.poly_modulus_degree)
+            return server
+
+    def bind(self, compiled: CompiledModel) -> ServerModel:
+        """`compiled` on a SEAL context, reusing one for equal parameters."""
+        digest = compiled.params_digest()
+        with self._lock:
+            backend = self._backends.get(digest)
+        if backend is None:
+            backend = SealBackend(compiled.params)
+        server = ServerModel(compiled, backend)
+        with self._lock:
+            self._backends.setdefault(digest, backend)
+        return server
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted({str(k[0] if isinstance(k, tuple) else k) for k in self._models})
+
+
+class KeyRing:
+    """Evaluation keys by key id: (owner principal or None, model, params digest, keys).
+
+    `reader()` returns the model store (or raises); records are fetched from it on a miss."""
+
+    def __init__(self, reader: Callable[[], Any] | None, cache_bytes: int = DEFAULT_KEY_CACHE_BYTES) -> None:
+        self._reader = reader
+        self.cache_bytes = cache_bytes
+        self._lock = threading.Lock()
+        self._fetching: dict[str, threading.Lock] = {}
+        self._keys: OrderedDict[str, tuple[str | None, str, str, EvalKeys]] = OrderedDict()
+        self._bytes = 0
+        self.fetches = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, kid: str, user: str | None, model: str, server: ServerModel, blob: bytes) -> bool:
+        """Parse, check and cache an eval-key blob; False when `kid` was already cached."""
+        with self._lock:
+            if kid in self._keys:
+                self._keys.move_to_end(kid)
+                return False
+        parsed = unpack_eval_keys(blob)
+        if parsed.params_digest != server.params_digest:
+            raise HEError("wrong_parameters", "evaluation keys were made for other parameters than this model's")
+        if server.compiled.needs_relin() and parsed.relin is None:
+            raise HEError("missing_keys", "this model needs relinearization keys")
+        keys = server.backend.load_eval_keys(parsed.relin, parsed.galois, parsed.galois_elements)
+        keys.nbytes = len(blob)
+        with self._lock:
+            if kid not in self._keys:
+                self._keys[kid] = (user, model, server.params_digest, keys)
+                self._bytes += keys.nbytes
+            while self._bytes > self.cache_bytes and len(self._keys) > 1:
+                _, (_, _, _, old) = self._keys.popitem(last=False)
+                self._bytes -= old.nbytes
+        return True
+
+    def _cached(self, kid: str) -> tuple[str | None, str, str, EvalKeys] | None:
+        with self._lock:
+            entry = self._keys.get(kid)
+            if entry is not None:
+                self._keys.move_to_end(kid)
+            return entry
+
+    def get(self, kid: str, user: str | None, model: str, server: ServerModel) -> EvalKeys:
+        """The keys `kid` names, for a request by `user` for `model`; fetched from the store when
+        this instance lacks them (and the request names a user: legacy uploads are per instance)."""
+        entry = self._cached(kid)
+        if entry is None and user is not None and self._reader is not None:
+            with self._lock:
+                lock = self._fetching.setdefault(kid, threading.Lock())
+            with lock:  # one fetch per key id, however many requests wait for it
+                entry = self._cached(kid)
+                if entry is None:
+                    self.add(kid, user, model, server, self._fetch(kid, user, model))
+                    self.fetches += 1
+                    entry = self._cached(kid)
+        if entry is None:
+            raise HEError("unknown_key", f"evaluation keys {kid[:12]}... are unknown; upload them", 404)
+        owner, for_model, digest, keys = entry
+        if owner != user or (user is not None and for_model != model):
+            raise HEError("key_not_yours", f"evaluation keys {kid[:12]}... are another principal's or model's", 403)
+        if digest != server.params_digest:
+            raise HEError("wrong_parameters", "these evaluation keys belong to a model with other parameters")
+        return keys
+
+    def _fetch(self, kid: str, user: str, model: str) -> bytes:
+        assert self._reader is not None
+        reader = self._reader()
+        try:
+            info = reader.stat(store_id(kid), 1)
+            if info.size > MAX_KEY_BYTES + 4096:
+                raise HEError("too_large", f"evaluation-key record exceeds {MAX_KEY_BYTES} bytes", 413)
+            with reader.open(store_id(kid), 1) as f:
+                data = f.read(info.size + 1)
+        except NotFound:
+            raise HEError("unknown_key", f"evaluation keys {kid[:12]}... are not in the model store", 404) from None
+        except VeilError as exc:
+            raise HEError(exc.code, exc.message, exc.status) from None
+        log.info("he keys %s fetched from the store (%d bytes)", kid[:12], len(data))
+        return open_record(data, kid, user, model)
+
+
+def expected_ciphertexts(req: InferRequest, server: ServerModel) -> int:
+    """How many input ciphertexts `req`'s packing and batch take for this model."""
+    if req.packing == LATENCY:
+        return math.ceil(req.batch / server.layout.samples_per_ciphertext)
+    return server.compiled.in_dim * math.ceil(req.batch / throughput_group(server.backend.slot_count))
+
+
+def evaluate(server: ServerModel, keys: EvalKeys, req: InferRequest) -> InferResponse:
+    """Check `req` against the model and evaluate it (the caller found `keys`)."""
+    compiled, be = server.compiled, server.backend
+    if req.features != compiled.in_dim:
+        raise HEError(
+            "wrong_features", f"model {req.model} takes {compiled.in_dim} features, request says {req.features}"
+        )
+    expected = expected_ciphertexts(req, server)
+    if len(req.ciphertexts) != expected:
+        raise HEError(
+            "wrong_features",
+            f"{req.packing} packing of {req.batch} samples x {compiled.in_dim} features needs "
+            f"{expected} ciphertexts, got {len(req.ciphertexts)}",
+        )
+    level = 0 if req.packing == LATENCY else compiled.params.throughput_level
+    cts = [be.load_ciphertext(c, level, server.input_scale) for c in req.ciphertexts]
+    t0 = time.perf_counter()
+    if req.packing == LATENCY:
+        out = server.evaluate(LATENCY, cts, keys)
+    else:
+        out = []
+        for g in range(len(cts) // compiled.in_dim):
+            out.extend(server.evaluate(req.packing, cts[g * compiled.in_dim : (g + 1) * compiled.in_dim], keys))
+    eval_ms = (time.perf_counter() - t0) * 1e3
+    log.info("he infer %s %s batch=%d eval=%.1fms", req.model, req.packing, req.batch, eval_ms)
+    return InferResponse(req.model, req.key_id, req.packing, req.batch, [be.serialize(c) for c in out], eval_ms)
