@@ -28,6 +28,10 @@ from veil.he.plan import Affine, FusedLayer, FusedPlan, Plan
 # accept parameters when the measured error is within this fraction of the target (room for the
 # tail that calibration samples may not show); otherwise add scale bits and measure again
 ACCEPT_FRACTION = 0.7
+# scale bits a rows program's rescale-first layer needs over the noise model: its rotations'
+# key-switching rounding (~sqrt(N) in coefficients) lands on scale 2**scale_bits instead of the
+# product's; measured 10x the error on digits at the same scale (log2 10 ~ 3.3)
+RESCALE_FIRST_BITS = 3
 
 
 def _latency_kind(plan: FusedPlan, params: CKKSParams, latency: str) -> str:
@@ -46,15 +50,20 @@ def input_normalisation(x: np.ndarray) -> np.ndarray:
 
 def _choose_params(
     fused: FusedPlan, precision: float, n: int | None, latency: str, extra: int
-) -> tuple[CKKSParams, str]:
-    """Parameters and latency program: coeff when the plan is one affine map that fits a single
-    prime (nothing rotates, so no key switching and often a smaller ring), else rows/conv/bsgs."""
+) -> tuple[CKKSParams, str, bool]:
+    """Parameters, latency program and whether rows rescales before its first sum.
+
+    coeff when the plan is one affine map that fits a single prime (nothing rotates, so no key
+    switching and often a smaller ring), else rows/conv/bsgs. A rows program rescales its first
+    layer before the rotate-and-sum (rotations one prime lighter) when the ring still holds the
+    `RESCALE_FIRST_BITS` that key switching at the rescaled scale costs; else it rotates first.
+    """
     single = len(fused.layers) == 1 and not fused.layers[0].square
     if single and latency in ("auto", COEFF):
         try:
             params = select_params(fused, precision, n, coefficient_packing=True, extra_scale_bits=extra)
             if _latency_kind(fused, params, "auto") == COEFF:
-                return params, COEFF
+                return params, COEFF, False
         except (PlanError, InsecureParametersError):  # scale + weights + range overflow one prime
             if latency == COEFF:
                 raise
@@ -62,10 +71,19 @@ def _choose_params(
             raise PlanError("this plan does not fit the coeff latency program")
     params = select_params(fused, precision=precision, poly_modulus_degree=n, extra_scale_bits=extra)
     kind = _latency_kind(fused, params, BSGS if latency == "auto" and single else latency)
-    # see select_params: only coeff programs may leave latency's last layer unrescaled
+    if kind == ROWS:
+        # see select_params: only coeff programs may leave latency's last layer unrescaled
+        try:
+            params = select_params(
+                fused, precision, params.poly_modulus_degree, "throughput-unrescaled", False, extra + RESCALE_FIRST_BITS
+            )
+            if _latency_kind(fused, params, ROWS) == ROWS:
+                return params, ROWS, True
+        except (PlanError, InsecureParametersError):
+            pass
     mode = "throughput-unrescaled" if kind == ROWS else "rescaled"
     params = select_params(fused, precision=precision, poly_modulus_degree=n, last_layer=mode, extra_scale_bits=extra)
-    return params, _latency_kind(fused, params, kind)  # the program the parameters were chosen for, or an error
+    return params, _latency_kind(fused, params, kind), False  # the program the parameters were chosen for, or an error
 
 
 def compile_plan(
@@ -114,14 +132,15 @@ def compile_plan(
     best: tuple[float, CompiledModel] | None = None
     for extra in range(5 if verify_samples else 1):
         try:
-            params, kind = _choose_params(fused, precision, poly_modulus_degree, latency, extra)
+            params, kind, rescale_first = _choose_params(fused, precision, poly_modulus_degree, latency, extra)
         except (PlanError, InsecureParametersError):  # more bits no longer fit
             if best is None:
                 raise
             break
-        compiled = CompiledModel(fused, params, scale, name, dict(meta), kind)
+        compiled = CompiledModel(fused, params, scale, name, dict(meta), kind, rescale_first)
         compiled.meta["scale_bits_log2"] = params.scale_bits
         compiled.meta["latency_program"] = kind
+        compiled.meta["rescale_first"] = rescale_first
         compiled.meta["headroom_bits"] = verify(compiled, layer_bounds)
         if not verify_samples:
             return compiled

@@ -39,9 +39,12 @@ class CompiledModel:
     name: str = "model"
     meta: dict[str, Any] = field(default_factory=dict)
     latency: str = "auto"  # the latency program (packing.COEFF, ROWS, CONV or BSGS); "auto" picks
+    # rows programs: rescale the first layer before its rotate-and-sum (packing.SlotLayer); the
+    # parameters were chosen for it, so it is part of the model (absent in older models: False)
+    rescale_first: bool = False
 
     def latency_layout(self) -> LatencyLayout:
-        return latency_layout(self.plan, self.params.slots, self.latency)
+        return latency_layout(self.plan, self.params.slots, self.latency, self.rescale_first)
 
     @property
     def in_dim(self) -> int:
@@ -128,6 +131,7 @@ class CompiledModel:
             "ranges": self.plan.ranges,
             "input_range": self.plan.input_range,
             "latency": self.latency_layout().kind,
+            "rescale_first": self.rescale_first,
             "conv": [None if lay.affine.conv is None else lay.affine.conv.to_dict() for lay in self.plan.layers],
         }
         (directory / "plan.json").write_text(json.dumps(server, indent=1))
@@ -163,6 +167,7 @@ class CompiledModel:
             manifest["name"],
             manifest.get("meta", {}),
             str(server.get("latency", "bsgs")),
+            bool(server.get("rescale_first", False)),
         )
 
 

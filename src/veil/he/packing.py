@@ -112,6 +112,10 @@ class SlotLayer:
     bias: np.ndarray
     sum_steps: list[int]
     square: bool
+    # rescale before the rotate-and-sum: the rotations run one prime lighter (~40 % cheaper at
+    # four primes) but their key-switching rounding lands on the rescaled scale (about 3 more
+    # scale bits buy that back; the parameter selector adds them, see compile._choose_params)
+    rescale_first: bool = False
 
     def rotation_steps(self) -> set[int]:
         return set(self.sum_steps)
@@ -318,8 +322,10 @@ def _coeff_program(plan: FusedPlan, layout: LatencyLayout) -> SlotLayer:
     return SlotLayer(coeffs_to_slots(weight, n_ring), coeffs_to_slots(bias, n_ring), [], False)
 
 
-def _rows_programs(plan: FusedPlan, layout: LatencyLayout) -> list[SlotLayer]:
-    """Layer 1 per row block, then layer 2 per column across the blocks (rows takes two layers)."""
+def _rows_programs(plan: FusedPlan, layout: LatencyLayout, rescale_first: bool = False) -> list[SlotLayer]:
+    """Layer 1 per row block, then layer 2 per column across the blocks (rows takes two layers).
+
+    `rescale_first` rescales both layers before their sums (see `SlotLayer.rescale_first`)."""
     first = plan.layers[0].affine
     m, d = first.weight.shape
     big, block, stride = layout.n, layout.block, layout.sample_stride
@@ -335,7 +341,7 @@ def _rows_programs(plan: FusedPlan, layout: LatencyLayout) -> list[SlotLayer]:
             # one bias copy in every window the in-block sum reads (slot 0 or slot D)
             bias[base] = bias[base + big] = first.bias[r]
     steps = [big >> (k + 1) for k in range(_log2(big))]
-    row_layer = SlotLayer(weights, bias, steps, plan.layers[0].square)
+    row_layer = SlotLayer(weights, bias, steps, plan.layers[0].square, rescale_first)
     second = plan.layers[1].affine
     q = second.out_dim
     weights, bias = np.zeros(layout.slots), np.zeros(layout.slots)
@@ -344,7 +350,7 @@ def _rows_programs(plan: FusedPlan, layout: LatencyLayout) -> list[SlotLayer]:
             weights[s * stride + r * block : s * stride + r * block + q] = second.weight[:, r]
         bias[s * stride : s * stride + q] = second.bias
     steps = [block * (layout.blocks >> (k + 1)) for k in range(_log2(layout.blocks))]
-    return [row_layer, SlotLayer(weights, bias, steps, plan.layers[1].square)]
+    return [row_layer, SlotLayer(weights, bias, steps, plan.layers[1].square, rescale_first)]
 
 
 # ------------------------------------------------------------------------------ conv program
@@ -487,12 +493,13 @@ def row_gather(plan: FusedPlan) -> np.ndarray | None:
     return gather
 
 
-def latency_layout(plan: FusedPlan, slots: int, kind: str = "auto") -> LatencyLayout:
+def latency_layout(plan: FusedPlan, slots: int, kind: str = "auto", rescale_first: bool = False) -> LatencyLayout:
     """Latency-mode programs for every layer of `plan` in a ring with `slots` slots.
 
     `kind` "auto" takes coeff, else rows (gathered for a sparse first layer), else conv, else
     bsgs, whichever the plan fits first; naming a kind the plan does not fit raises ValueError
-    (conv may be named whenever the first layer is a convolution).
+    (conv may be named whenever the first layer is a convolution). `rescale_first` (rows only)
+    rescales the first layer before its rotate-and-sum.
     """
     best, n, blocks = _fitting_kind(plan, slots)
     if kind == "auto":
@@ -515,7 +522,7 @@ def latency_layout(plan: FusedPlan, slots: int, kind: str = "auto") -> LatencyLa
     if kind == COEFF:
         layout.layers.append(_coeff_program(plan, layout))
     elif kind == ROWS:
-        layout.layers.extend(_rows_programs(plan, layout))
+        layout.layers.extend(_rows_programs(plan, layout, rescale_first))
     else:
         for idx, layer in enumerate(plan.layers):
             last = idx == len(plan.layers) - 1

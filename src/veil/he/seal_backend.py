@@ -1,7 +1,10 @@
 """`CKKSBackend` on Microsoft SEAL 4.1 through `tenseal.sealapi` (not TenSEAL's vectors).
 
-SEAL's Python binding serialises only through files, so objects go through a private temporary
-file (mode 0600, in /dev/shm when present so nothing reaches a disk). Untrusted bytes are
+SEAL's Python binding serialises only through files, so objects go through a per-thread
+anonymous in-memory file (`memfd_create`, reached as /proc/self/fd/N): nothing reaches a disk or
+a directory another process could list, and no file is created or unlinked per object (that cost
+a quarter of a small model's request). Where memfd is missing, a private 0600 temporary file in
+/dev/shm is used instead. Untrusted bytes are
 checked before SEAL sees them (SEAL header magic/version/size, size bounds computed from the
 parameters) and loaded inside try/except; after loading, the parms_id, size and scale must be
 exactly what the plan expects. SEAL can abort the process on some malformed input, so nothing
@@ -25,13 +28,68 @@ import tenseal.sealapi as seal
 from veil.he.errors import HEError, InsecureParametersError
 from veil.he.params import CKKSParams, check_secure
 
-_SHM = "/dev/shm"  # noqa: S108 (mkstemp: unique 0600 files, RAM-backed so nothing hits a disk)
+_SHM = "/dev/shm"  # noqa: S108 (mkstemp fallback: unique 0600 files, RAM-backed so nothing hits a disk)
 _TMP_DIR = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
 _SEAL_MAGIC = 0xA15E
 _HEADER = struct.Struct("<HBBBBHQ")
+_local = threading.local()
 
 
-def _save(obj: Any) -> bytes:
+def _memfd() -> int | None:
+    """This thread's anonymous in-memory file (None where memfd or /proc/self/fd is unavailable)."""
+    fd = getattr(_local, "fd", None)
+    if fd is not None and _local.pid != os.getpid():  # a forked child must not share the parent's file
+        fd = None
+    if fd is None and not getattr(_local, "no_memfd", False):
+        try:
+            fd = os.memfd_create("veil-he", os.MFD_CLOEXEC)
+            if not os.path.exists(f"/proc/self/fd/{fd}"):
+                os.close(fd)
+                raise OSError("no /proc/self/fd")
+            _local.fd, _local.pid = fd, os.getpid()
+        except (AttributeError, OSError):
+            _local.no_memfd, fd = True, None
+    return fd
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0)
+    while len(data) < size:  # pread may return short on very large objects
+        data += os.pread(fd, size - len(data), len(data))
+    return data
+
+
+def _save(obj: Any, wipe: bool = False) -> bytes:
+    """`obj.save` into memory. `wipe` (secret keys) truncates the file afterwards."""
+    fd = _memfd()
+    if fd is None:
+        return _save_tmp(obj)
+    os.ftruncate(fd, 0)
+    obj.save(f"/proc/self/fd/{fd}")
+    data = _read_all(fd)
+    if wipe:
+        os.ftruncate(fd, 0)
+    return data
+
+
+def _load(data: bytes, loader: Callable[[str], None]) -> None:
+    fd = _memfd()
+    if fd is None:
+        _load_tmp(data, loader)
+        return
+    os.ftruncate(fd, 0)
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], done)
+    try:
+        loader(f"/proc/self/fd/{fd}")
+    finally:
+        os.ftruncate(fd, 0)
+
+
+def _save_tmp(obj: Any) -> bytes:
     fd, path = tempfile.mkstemp(prefix="veil-he-", dir=_TMP_DIR)
     os.close(fd)
     try:
@@ -41,7 +99,7 @@ def _save(obj: Any) -> bytes:
         os.unlink(path)
 
 
-def _load(data: bytes, loader: Callable[[str], None]) -> None:
+def _load_tmp(data: bytes, loader: Callable[[str], None]) -> None:
     fd, path = tempfile.mkstemp(prefix="veil-he-", dir=_TMP_DIR)
     try:
         os.write(fd, data)
@@ -215,7 +273,7 @@ class SealBackend:
         check_header(data, "ciphertext", self.ciphertext_bound(level))
         ct = seal.Ciphertext()
         try:
-            _load(bytes(data), lambda path: ct.load(self.context, path))
+            _load(data, lambda path: ct.load(self.context, path))
         except (RuntimeError, ValueError, MemoryError, TypeError) as exc:
             raise HEError("bad_ciphertext", f"ciphertext does not load for these parameters ({exc})") from None
         if ct.parms_id() != self._parms_ids[level]:
@@ -238,13 +296,13 @@ class SealBackend:
             if relin is not None:
                 check_header(relin, "keys", self.key_bound(1))
                 relin_keys = seal.RelinKeys()
-                _load(bytes(relin), lambda p: relin_keys.load(self.context, p))
+                _load(relin, lambda p: relin_keys.load(self.context, p))
                 if relin_keys.parms_id() != key_parms or not seal.is_valid_for(relin_keys, self.context):
                     raise HEError("wrong_parameters", "relinearization keys are for other parameters")
             if galois is not None:
                 check_header(galois, "keys", self.key_bound(max(1, len(elements))))
                 galois_keys = seal.GaloisKeys()
-                _load(bytes(galois), lambda p: galois_keys.load(self.context, p))
+                _load(galois, lambda p: galois_keys.load(self.context, p))
                 if galois_keys.parms_id() != key_parms or not seal.is_valid_for(galois_keys, self.context):
                     raise HEError("wrong_parameters", "Galois keys are for other parameters")
                 missing = [e for e in elements if not galois_keys.has_key(e)]
@@ -287,7 +345,7 @@ class SealSecretKey:
 
     def export(self) -> bytes:
         """The secret key's bytes, for the client's own key file only."""
-        return _save(self._secret)
+        return _save(self._secret, wipe=True)
 
     def eval_keys(self, galois_elements: list[int], relin: bool) -> tuple[bytes | None, bytes | None]:
         """Seeded (half-size) relinearization and Galois keys for the given Galois elements."""

@@ -77,7 +77,9 @@ class ServerModel:
         self.backend = backend or SealBackend(compiled.params)
         self.steps = schedule(compiled, self.backend)
         self.throughput_steps = schedule(compiled, self.backend, compiled.params.throughput_level)
-        self.layout: LatencyLayout = latency_layout(compiled.plan, self.backend.slot_count, compiled.latency)
+        self.layout: LatencyLayout = latency_layout(
+            compiled.plan, self.backend.slot_count, compiled.latency, compiled.rescale_first
+        )
         self._plain_lock = threading.Lock()
         self._latency_plain: list[tuple[Any, Any]] | None = None
         self.galois_elements = frozenset(compiled.galois_elements())
@@ -135,12 +137,14 @@ class ServerModel:
             be.add_plain_inplace(acc, bias)
             if prog.sum_steps:
                 acc = self._relinearized(acc, keys)
-            # rotate before the rescale: key-switching noise grows with (largest prime / special
-            # prime), so it must land on the product's large scale, not on the rescaled one
-            # (rotating after the rescale, one prime lighter, measured 10x the error on digits)
+            # rotate before the rescale: key-switching rounding then lands on the product's large
+            # scale; `rescale_first` layers (chosen with ~3 more scale bits) rotate one prime lighter
+            early = step.rescale and prog.rescale_first
+            if early:
+                be.rescale_inplace(acc)
             for s in prog.sum_steps:
                 be.add_inplace(acc, be.rotate(acc, s, keys.galois))
-            if step.rescale:
+            if step.rescale and not early:
                 be.rescale_inplace(acc)
             if step.square:
                 acc = self._square(acc, keys, relinearize=True)
