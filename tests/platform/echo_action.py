@@ -8,6 +8,7 @@ POST /run {"value": v, ...} echoes; v may ask for:
   {"crash_once": path}    crash only if `path` does not exist yet (creates it first)
   {"fail": true}          answer 400 {"error": {"code": "bad_input", "message": ...}}
   {"spam": n}             write n bytes to stdout and to stderr first
+  {"alloc_mb": n}         allocate and touch n MiB (held for the request), to go over a limit
 The answer reports the pid, the init value, the activation fields and the __OW_* environment.
 """
 
@@ -66,6 +67,12 @@ class Handler(BaseHTTPRequestHandler):
                     sys.stderr.buffer.write(chunk)
                 sys.stdout.flush()
                 sys.stderr.flush()
+            held = bytearray()
+            if value.get("alloc_mb"):
+                held = bytearray(int(value["alloc_mb"]) << 20)
+                for i in range(0, len(held), 4096):  # touch every page: resident, not just reserved
+                    held[i] = 1
+                time.sleep(0.5)  # hold it long enough for a watchdog's sample
             if value.get("sleep"):
                 time.sleep(float(value["sleep"]))
             marker = value.get("crash_once")
@@ -83,6 +90,7 @@ class Handler(BaseHTTPRequestHandler):
                     "pid": os.getpid(),
                     "init": STATE["init"],
                     "runs": STATE["runs"],
+                    "held_mb": len(held) >> 20,
                     "activation": {k: v for k, v in body.items() if k != "value"},
                     "env": {k: v for k, v in os.environ.items() if k.startswith(("__OW_", "VEIL_"))},
                 },

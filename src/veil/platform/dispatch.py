@@ -46,7 +46,10 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
     """Run `value` on the function (or on one instance) within `timeout` seconds.
 
     Auto-routed invokes retry once after a crash (on a replacement or another instance);
-    invokes aimed at one instance do not, since the caller chose that instance.
+    invokes aimed at one instance do not, since the caller chose that instance. An instance
+    stopped for going over its memory fails its requests with `out_of_memory`, not retried
+    (the request may be what needs the memory). A request that gets no answer in time makes
+    its instance suspect (`FunctionPool.suspect`): a health probe decides whether it lives.
     """
     if not isinstance(value, dict):
         raise PlatformError("bad_request", f"function {pool.name!r}: value must be a JSON object", status=400)
@@ -64,6 +67,8 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
             if first is not None and e.code == "timeout":
                 e.message += f" (after instance {first[0].instance.id} {first[1].reason})"
                 e.args = (e.message,)
+            if first is None:
+                e.sent = False  # no instance got it: nothing ran
             raise
         queued_s += time.monotonic() - t_wait
         t_run = time.monotonic()
@@ -73,7 +78,16 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
                 raise httpx.ReadTimeout("deadline passed before dispatch")
             result = lease.instance.run(encode_activation(pool.spec, value, deadline), remaining)
         except InstanceGone as gone:
-            crashed = pool.instance_gone(lease, gone)
+            why = pool.instance_gone(lease, gone)
+            if why == "out_of_memory":
+                err = PlatformError(
+                    "out_of_memory",
+                    f"function {pool.name!r}: instance {lease.instance.id} went over its memory "
+                    f"({pool.spec.memory_mb} MB) while running the request and was stopped",
+                )
+                pool.metrics.request_done(cold=lease.cold, queue_s=queued_s, exec_s=None, outcome=err.code)
+                raise err from None
+            crashed = why != ""
             if instance_id is None and first is None:
                 first = (lease, gone)
                 pool.metrics.retried()
@@ -83,6 +97,8 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
             raise err from None
         except httpx.TimeoutException:
             pool.release(lease, served=False)
+            if remaining > 0:  # it was sent and got no answer in time
+                pool.suspect(lease.instance)
             pool.metrics.request_done(cold=lease.cold, queue_s=queued_s, exec_s=None, outcome="timeout")
             raise PlatformError(
                 "timeout",

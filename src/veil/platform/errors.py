@@ -15,6 +15,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "busy": 503,
     "start_failed": 502,
     "instance_crashed": 502,
+    "out_of_memory": 502,
     "timeout": 504,
     "action_error": 502,
     "closed": 503,
@@ -29,14 +30,25 @@ class PlatformError(Exception):
 
     `detail` may carry operator-only context (e.g. the tail of an instance's log); it is kept out
     of `message` because messages travel to API clients and logs must not leak action output.
+    `sent` is False when the failure came before the request reached any instance (nothing can
+    have run, so a caller may place it again), None when unknown.
     """
 
-    def __init__(self, code: str, message: str, *, status: int | None = None, detail: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        detail: str | None = None,
+        sent: bool | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status if status is not None else STATUS_BY_CODE.get(code, 500)
         self.detail = detail
+        self.sent = sent
 
     def to_json(self) -> dict[str, Any]:
         """The `{"error": {"code", "message"}}` body the HTTP layers answer with."""

@@ -25,7 +25,9 @@ import httpx
 
 from veil.platform import lifeline
 from veil.platform.errors import ActionError, PlatformError
+from veil.platform.memory import Confinement
 from veil.platform.spec import FunctionSpec
+from veil.platform.template import ForkedProcess, Template
 
 log = logging.getLogger("veil.platform.instance")
 
@@ -52,6 +54,8 @@ class InstanceInfo:
     memory_mb: int = 0
     rss_mb: float | None = None
     log_path: str | None = None
+    forked: bool = False  # forked from the function's template (no interpreter start-up)
+    prewarmed: bool = False  # taken from the pre-attested pool (its start was off the request path)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,7 +135,17 @@ class Instance:
         self.generation = generation
         self.log_path = log_path
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ForkedProcess | None = None
+        self.confinement: Confinement | None = None
+        self.forked = False
+        # Pool fields, guarded by the owning pool's lock: a spare is a pre-attested instance of
+        # the warm pool (routable only once a cold start takes it); a suspect answered no
+        # request in time and is not routed to until a health probe clears it; `end_reason`
+        # says why the platform ended it ("out_of_memory", "unresponsive").
+        self.spare = False
+        self.prewarmed = False
+        self.suspect = False
+        self.end_reason: str | None = None
         self.client: httpx.Client | None = None
         # Scheduling fields, guarded by the owning pool's lock.
         self.state = STARTING
@@ -145,15 +159,33 @@ class Instance:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def spawn(self) -> None:
+    def spawn(self, template: Template | None = None) -> None:
         """Start the process on a fresh loopback port, output to the log file (never a pipe).
 
         A pipe nobody reads fills up (64 KiB) and blocks the child on its next write, so stdout
         and stderr go to a file; a new session lets `terminate` kill the whole process group.
+        With a `template` the process is forked from it (the runtime already imported); if the
+        template cannot fork, the instance starts the ordinary way.
         """
         self.port = free_loopback_port()
         env = {**self.env, "VEIL_PORT": str(self.port)}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if template is not None and not self.die_with_parent:
+            try:
+                self.proc = template.fork(env, self.log_path)
+                self.forked = True
+            except PlatformError as e:
+                log.warning("instance %s of %r: %s; starting it without the template", self.id, self.function, e)
+        if self.proc is None:
+            self._popen(env)
+        if self.confinement is not None:
+            try:
+                self.confinement.attach(self.proc.pid)  # type: ignore[union-attr]
+            except OSError as e:
+                log.warning("instance %s of %r: memory limit not applied: %s", self.id, self.function, e)
+        self._make_client()
+
+    def _popen(self, env: dict[str, str]) -> None:
         preexec = lifeline.die_with_parent_preexec(os.getpid()) if self.die_with_parent else None
         with open(self.log_path, "ab") as logf:
 
@@ -177,6 +209,8 @@ class Instance:
                     f"function {self.function!r}: cannot spawn instance {self.id} "
                     f"({self.command[0]!r}): {e.strerror or e}",
                 ) from e
+
+    def _make_client(self) -> None:
         # One keep-alive pool per instance, sized to its concurrency. Idle connections expire
         # before a typical server's keep-alive (uvicorn: 5 s) so we rarely reuse a closed one.
         self.client = httpx.Client(
@@ -372,10 +406,12 @@ class Instance:
             memory_mb=self.memory_mb,
             rss_mb=rss,
             log_path=str(self.log_path),
+            forked=self.forked,
+            prewarmed=self.prewarmed,
         )
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def _signal_group(proc: subprocess.Popen[bytes] | ForkedProcess, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 

@@ -4,7 +4,12 @@ Functions are deployed with memory, per-instance concurrency, min/max instances 
 timeout; instances are runtime subprocesses on loopback ports speaking the OpenWhisk action
 protocol. The first request cold-starts an instance, more start when all are at their
 concurrency, idle ones stop after their keep-alive (scale to zero), and a crashed instance is
-replaced with its in-flight request retried once. See docs/platform.md.
+replaced with its in-flight request retried once. An instance over its function's memory is
+stopped (`veil.platform.memory`: a cgroup where the machine allows one, else an RSS watchdog)
+and its requests fail with `out_of_memory`; one that lets a request pass its deadline without
+an answer is probed and, if it does not answer, killed and replaced. A function may keep a
+warm pool of pre-initialised spares (`prewarm`) and fork its instances from a pre-imported
+template (`fork_template`). See docs/platform.md and docs/operations.md.
 
     platform = LocalPlatform(log_dir=Path("logs"))
     platform.deploy(FunctionSpec("echo", [sys.executable, "-m", "veil.runtime"], memory_mb=256))
@@ -30,6 +35,7 @@ from typing import Any
 from veil.platform import dispatch
 from veil.platform.errors import ActionError, PlatformError
 from veil.platform.instance import InstanceInfo
+from veil.platform.memory import detect as detect_memory_enforcer
 from veil.platform.pool import FunctionPool
 from veil.platform.protocol import Routing
 from veil.platform.spec import FunctionSpec
@@ -62,7 +68,17 @@ class LocalPlatform:
         log_dir: Path | None = None,
         reap_interval_s: float = 0.1,
         api_host: str = "local",
+        memory_enforcement: str = "auto",
     ) -> None:
+        """`memory_enforcement`: "auto" (a cgroup if the machine allows one, else the RSS
+        watchdog), "cgroup" (the same, warning when it falls back), "watchdog", or "off"
+        (memory is only billed)."""
+        if memory_enforcement not in ("auto", "cgroup", "watchdog", "off"):
+            raise PlatformError(
+                "bad_spec", f"memory_enforcement must be auto, cgroup, watchdog or off (got {memory_enforcement!r})"
+            )
+        self._enforcer = detect_memory_enforcer(memory_enforcement)
+        self.memory_enforcement = self._enforcer.kind if self._enforcer is not None else "off"
         self._own_log_dir = log_dir is None
         self.log_dir = Path(tempfile.mkdtemp(prefix="veil-platform-")) if log_dir is None else Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +125,7 @@ class LocalPlatform:
                     origin=self._origin,
                     next_id=self._next_id,
                     api_host=self._api_host,
+                    enforcer=self._enforcer,
                 )
                 log.info(
                     "deployed function %r (%d MB, concurrency %d, max %d instances)",
@@ -119,7 +136,7 @@ class LocalPlatform:
                 )
             else:
                 pool.update_spec(spec)
-        if spec.min_instances:
+        if spec.min_instances or spec.prewarm or spec.fork_template:
             self._pool(spec.name).reap()  # start the warm ones now, not at the next tick
 
     def remove(self, name: str) -> None:
@@ -186,7 +203,16 @@ class LocalPlatform:
     # -- instances -------------------------------------------------------------------------
 
     def instances(self, name: str) -> list[InstanceInfo]:
+        """The function's serving instances (not the warm pool's spares: see `spares`)."""
         return self._pool(name).infos()
+
+    def spares(self, name: str) -> list[InstanceInfo]:
+        """The warm pool's spare instances of the function (initialised, taking no request)."""
+        return self._pool(name).spare_infos()
+
+    def template_pid(self, name: str) -> int | None:
+        """The pid of the function's fork template, if it has one running."""
+        return self._pool(name).template_pid()
 
     def start_instance(self, name: str) -> str:
         """Cold-start one instance now (within max_instances); blocks until /init is done."""
@@ -220,8 +246,10 @@ class LocalPlatform:
             "started_at": self._origin_wall,
             "uptime_s": round(time.monotonic() - self._origin, 3),
             "functions": per,
+            "memory_enforcement": self.memory_enforcement,
             "totals": {
                 "gb_seconds": round(sum(m["gb_seconds"] for m in per.values()), 6),
+                "prewarm_gb_seconds": round(sum(m["prewarm_gb_seconds"] for m in per.values()), 6),
                 "cold_starts": sum(m["cold_starts"] for m in per.values()),
                 "requests": sum(m["requests"] for m in per.values()),
                 "instances": sum(m["instances"] for m in per.values()),
@@ -239,6 +267,9 @@ class LocalPlatform:
         out.update(pool.state())
         out["removed"] = removed
         out["memory_mb"] = pool.spec.memory_mb
+        out["memory_enforcement"] = self.memory_enforcement
+        out["prewarm"] = pool.spec.prewarm
+        out["fork_template"] = pool.spec.fork_template
         return out
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -256,6 +287,8 @@ class LocalPlatform:
         self._reaper.join(timeout=5.0)
         for pool in pools:
             pool.close()
+        if self._enforcer is not None:
+            self._enforcer.close()
         self._finalizer.detach()
         if self._own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)

@@ -1,6 +1,12 @@
 """Per-function accounting: cold starts, warm hits, queue and execution times, instance count
 over time and GB-seconds billed (memory x instance lifetime, as serverless platforms bill).
 
+The warm pool is billed apart: a spare instance (and the fork template) holds memory for the
+function without serving, from its spawn until a cold start takes it (then it is billed as a
+serving instance) or it stops. `prewarm_gb_seconds` is that idle cost so far and
+`prewarm_gb_s_per_hour` what the pool costs per hour at its current size, so the packer and the
+reports can weigh it against the cold starts it saves.
+
 Thread-safe on its own lock, so the pool can record without holding its scheduling lock longer.
 """
 
@@ -58,15 +64,45 @@ class FunctionMetrics:
         self.timeline: list[tuple[float, int]] = [(0.0, 0)]
         self.peak_instances = 0
         self._live: dict[str, tuple[int, float]] = {}  # id -> (memory_mb, start)
+        self._pool: dict[str, tuple[int, float]] = {}  # warm pool: spares and the template
         self._closed_gb_s = 0.0
+        self._closed_pool_gb_s = 0.0
         self._instance_seconds = 0.0
+        self.out_of_memory = 0
+        self.unresponsive = 0
+        self.prewarm_hits = 0  # cold starts served by a spare of the warm pool
+        self.spare_starts = 0
+        self.spare_start_ms: deque[float] = deque(maxlen=MAX_SAMPLES)
 
     # -- instances -------------------------------------------------------------------------
 
-    def instance_started(self, instance_id: str, memory_mb: int, at: float) -> None:
-        """Billing starts when the process is spawned (its memory is reserved from then on)."""
+    def instance_started(self, instance_id: str, memory_mb: int, at: float, *, pool: bool = False) -> None:
+        """Billing starts when the process is spawned (its memory is reserved from then on);
+        `pool`: a spare or the template, billed as the warm pool's idle cost."""
         with self._lock:
+            if pool:
+                self._pool[instance_id] = (memory_mb, at)
+                return
             self._live[instance_id] = (memory_mb, at)
+            self._mark(at)
+
+    def spare_ready(self, start_s: float) -> None:
+        with self._lock:
+            self.spare_starts += 1
+            self.spare_start_ms.append(start_s * 1000)
+
+    def promoted(self, instance_id: str, at: float) -> None:
+        """A cold start took a spare: its pool billing ends and its serving billing starts."""
+        with self._lock:
+            entry = self._pool.pop(instance_id, None)
+            if entry is None:
+                return
+            memory_mb, start = entry
+            self._closed_pool_gb_s += memory_mb / 1024 * max(0.0, at - start)
+            self._live[instance_id] = (memory_mb, at)
+            self.prewarm_hits += 1
+            self.cold_starts += 1
+            self.cold_start_ms.append(0.0)  # the request waited for no start
             self._mark(at)
 
     def instance_ready(self, cold_start_s: float) -> None:
@@ -78,18 +114,28 @@ class FunctionMetrics:
         with self._lock:
             self.start_failures += 1
 
-    def instance_ended(self, instance_id: str, at: float, *, crashed: bool = False) -> None:
-        """Billing stops when the process is gone. Idempotent per instance."""
+    def instance_ended(self, instance_id: str, at: float, *, crashed: bool = False, reason: str = "") -> None:
+        """Billing stops when the process is gone. Idempotent per instance. `reason`
+        "out_of_memory" or "unresponsive" counts why the platform stopped it."""
         with self._lock:
+            pooled = self._pool.pop(instance_id, None)
+            if pooled is not None:
+                self._closed_pool_gb_s += pooled[0] / 1024 * max(0.0, at - pooled[1])
             entry = self._live.pop(instance_id, None)
+            if entry is None and pooled is None:
+                return
+            if crashed:
+                self.crashes += 1
+            if reason == "out_of_memory":
+                self.out_of_memory += 1
+            elif reason == "unresponsive":
+                self.unresponsive += 1
             if entry is None:
                 return
             memory_mb, start = entry
             lifetime = max(0.0, at - start)
             self._closed_gb_s += memory_mb / 1024 * lifetime
             self._instance_seconds += lifetime
-            if crashed:
-                self.crashes += 1
             self._mark(at)
 
     def _mark(self, at: float) -> None:
@@ -135,6 +181,7 @@ class FunctionMetrics:
         with self._lock:
             live = sum(m / 1024 * max(0.0, now - s) for m, s in self._live.values())
             live_s = sum(max(0.0, now - s) for _, s in self._live.values())
+            pool_live = sum(m / 1024 * max(0.0, now - s) for m, s in self._pool.values())
             out: dict[str, Any] = {
                 "function": self.name,
                 "requests": self.requests,
@@ -153,6 +200,13 @@ class FunctionMetrics:
                 "instance_timeline": [[t, n] for t, n in self.timeline],
                 "instance_seconds": round(self._instance_seconds + live_s, 4),
                 "gb_seconds": round(self._closed_gb_s + live, 6),
+                "out_of_memory": self.out_of_memory,
+                "unresponsive_killed": self.unresponsive,
+                "prewarm_hits": self.prewarm_hits,
+                "spare_starts": self.spare_starts,
+                "spare_start_ms": summarize(self.spare_start_ms),
+                "prewarm_gb_seconds": round(self._closed_pool_gb_s + pool_live, 6),
+                "prewarm_gb_s_per_hour": round(sum(m / 1024 for m, _ in self._pool.values()) * 3600, 3),
             }
             if raw:
                 out["samples"] = {

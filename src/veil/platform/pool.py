@@ -8,13 +8,24 @@ Rules, all applied under one condition variable per function:
   count, so concurrent cold starts never exceed the limit);
 - else it queues (at most `max_queue` waiters, beyond that "busy"), until its deadline.
 The pool owner (the reaper) calls `reap()` periodically to stop idle instances (scale to zero,
-respecting `min_instances`), drain instances of an old spec, and notice instances that died
-while idle. Whoever removes an instance from `instances` under the lock owns its termination;
-for an instance still starting, its start thread does.
+respecting `min_instances`), drain instances of an old spec, notice instances that died while
+idle, stop instances over their memory (the watchdog, where no cgroup enforces it), and keep
+the warm pool full. Whoever removes an instance from `instances` under the lock owns its
+termination; for an instance still starting, its start thread does.
+
+The warm pool (`spec.prewarm`): spare instances, started and initialised but taking no request,
+are in `instances` with `spare` set. A cold start takes a ready spare instead of starting a new
+instance (the request then waits for no start at all) and the reaper starts a replacement.
+With `spec.fork_template` every instance, spare or not, is forked from the function's template.
+
+An instance that let a request run past its deadline is suspect: nothing new is routed to it
+while a health probe (its `/healthz` on a fresh connection, and whether the process is stopped)
+decides; one that does not answer is killed and replaced (a SIGSTOPped or wedged runtime).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -22,6 +33,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from veil.platform.errors import PlatformError
 from veil.platform.instance import (
@@ -35,12 +48,18 @@ from veil.platform.instance import (
     InstanceInfo,
     instance_env,
 )
+from veil.platform.memory import MemoryEnforcer
 from veil.platform.metrics import FunctionMetrics
 from veil.platform.spec import FunctionSpec
+from veil.platform.template import Template
 
 log = logging.getLogger("veil.platform.pool")
 
 _ALIVE = (STARTING, READY, DRAINING)
+#: how long a suspect instance has to answer its health probe before it is killed
+HEALTH_TIMEOUT_S = 1.5
+#: why an instance ended -> the code a request aimed at it (or running on it) gets
+_END_CODES = {"crashed": "instance_crashed", "was unresponsive": "instance_crashed", "out_of_memory": "out_of_memory"}
 
 
 @dataclass
@@ -63,6 +82,7 @@ class FunctionPool:
         origin: float,
         next_id: Callable[[], int],
         api_host: str = "local",
+        enforcer: MemoryEnforcer | None = None,
     ) -> None:
         self.spec = spec
         self.generation = 0
@@ -79,6 +99,10 @@ class FunctionPool:
         self._ended: OrderedDict[str, str] = OrderedDict()  # recent instance id -> why it ended
         self._fail_streak = 0
         self._next_min_start = 0.0
+        self._enforcer = enforcer
+        self._template: Template | None = None
+        self._template_gen = -1
+        self._template_thread: threading.Thread | None = None
 
     @property
     def name(self) -> str:
@@ -87,7 +111,8 @@ class FunctionPool:
     # -- helpers (call under self.cond) ----------------------------------------------------
 
     def _alive_count(self) -> int:
-        return sum(1 for i in self.instances if i.state in _ALIVE)
+        """Serving instances (the warm pool's spares do not count against max_instances)."""
+        return sum(1 for i in self.instances if i.state in _ALIVE and not i.spare)
 
     def _find(self, instance_id: str) -> Instance | None:
         return next((i for i in self.instances if i.id == instance_id), None)
@@ -96,7 +121,11 @@ class FunctionPool:
         room = [
             i
             for i in self.instances
-            if i.state == READY and i.generation == self.generation and i.inflight < self.spec.concurrency
+            if i.state == READY
+            and not i.spare
+            and not i.suspect
+            and i.generation == self.generation
+            and i.inflight < self.spec.concurrency
         ]
         return max(room, key=lambda i: i.last_used_mono) if room else None
 
@@ -104,7 +133,10 @@ class FunctionPool:
         room = [
             i
             for i in self.instances
-            if i.state == STARTING and i.generation == self.generation and i.inflight < self.spec.concurrency
+            if i.state == STARTING
+            and not i.spare
+            and i.generation == self.generation
+            and i.inflight < self.spec.concurrency
         ]
         return max(room, key=lambda i: i.inflight) if room else None
 
@@ -120,9 +152,47 @@ class FunctionPool:
     def _instance_env(self, instance_id: str) -> dict[str, str]:
         return instance_env(self.spec, instance_id, self._api_host)
 
-    def _begin_start(self) -> Instance:
+    def _take_spare(self) -> Instance | None:
+        """A ready spare of the current spec, now a serving instance (the warm pool's hit)."""
+        spares = [i for i in self.instances if i.spare and i.state == READY and i.generation == self.generation]
+        if not spares:
+            return None
+        inst = min(spares, key=lambda i: i.started_mono)  # the oldest: it has waited longest
+        inst.spare = False
+        inst.prewarmed = True
+        inst.last_used_mono = time.monotonic()
+        self.metrics.promoted(inst.id, time.monotonic())
+        self.cond.notify_all()
+        return inst
+
+    def _template_for_start(self) -> Template | None:
+        """The current spec's fork template (made on first use; replaced on a re-deploy)."""
+        if not self.spec.fork_template:
+            return None
+        if self._template is None or self._template_gen != self.generation:
+            old = self._template
+            if old is not None:
+                threading.Thread(target=old.close, name="veil-template-close", daemon=True).start()
+                self.metrics.instance_ended(f"{self.name}-template", time.monotonic())
+            self._template = Template(
+                self.spec.command,
+                self._instance_env(f"{self.spec.name}-template"),
+                self._log_dir / f"{self.spec.name}-template.log",
+                start_timeout_s=self.spec.start_timeout_s,
+            )
+            self._template_gen = self.generation
+            # billed with the warm pool: it holds memory for the function without serving
+            self.metrics.instance_started(f"{self.name}-template", self.spec.memory_mb, time.monotonic(), pool=True)
+        return self._template
+
+    def _begin_start(self, *, spare: bool = False) -> Instance:
         """Create a STARTING instance and spawn + /init it on a thread (so waiters keep their
-        own deadlines and a slow start never blocks the lock)."""
+        own deadlines and a slow start never blocks the lock). A serving start takes a ready
+        spare of the warm pool instead when there is one."""
+        if not spare:
+            taken = self._take_spare()
+            if taken is not None:
+                return taken
         instance_id = f"{self.spec.name}-{self._next_id()}"
         inst = Instance(
             instance_id=instance_id,
@@ -134,11 +204,17 @@ class FunctionPool:
             generation=self.generation,
             log_path=self._log_dir / f"{instance_id}.log",
         )
+        inst.spare = spare
+        if self._enforcer is not None:
+            try:
+                inst.confinement = self._enforcer.confine(instance_id, self.spec.memory_mb << 20)
+            except OSError as e:
+                log.warning("instance %s of %r: no memory limit: %s", instance_id, self.name, e)
         self.instances.append(inst)
-        self.metrics.instance_started(inst.id, inst.memory_mb, inst.started_mono)
+        self.metrics.instance_started(inst.id, inst.memory_mb, inst.started_mono, pool=spare)
         t = threading.Thread(
             target=self._run_start,
-            args=(inst, dict(self.spec.init_value), self.spec.start_timeout_s),
+            args=(inst, dict(self.spec.init_value), self.spec.start_timeout_s, self._template_for_start()),
             name=f"veil-start-{instance_id}",
             daemon=True,
         )
@@ -147,14 +223,22 @@ class FunctionPool:
         t.start()
         return inst
 
-    def _run_start(self, inst: Instance, init_value: dict, start_timeout_s: float) -> None:
+    def _run_start(
+        self, inst: Instance, init_value: dict, start_timeout_s: float, template: Template | None = None
+    ) -> None:
         deadline = time.monotonic() + start_timeout_s
         error: PlatformError | None = None
         try:
-            inst.spawn()
+            inst.spawn(template)
             inst.initialize(init_value, deadline, cancelled=lambda: inst.state == STOPPED)
         except PlatformError as e:
             error = e
+            if inst.confinement is not None and inst.confinement.oom_killed():
+                error = PlatformError(
+                    "out_of_memory",
+                    f"function {self.name!r}: instance {inst.id} went over its {self.spec.memory_mb} MB "
+                    "while starting and was stopped",
+                )
         except Exception as e:  # a bug or an OS error must not leave waiters hanging
             log.exception("starting instance %s of %r failed", inst.id, self.name)
             error = PlatformError("start_failed", f"function {self.name!r}: instance {inst.id} failed to start: {e}")
@@ -162,7 +246,8 @@ class FunctionPool:
             # Kill and bill the failed start before waiters hear of it, so what they observe
             # next (instances, metrics) is already consistent.
             inst.terminate(grace=0.5)
-            self.metrics.instance_ended(inst.id, time.monotonic())
+            self.metrics.instance_ended(inst.id, time.monotonic(), reason=error.code)
+            self._release_confinement(inst)
         now = time.monotonic()
         with self.cond:
             stopped = inst.state == STOPPED
@@ -170,7 +255,10 @@ class FunctionPool:
                 inst.state = READY
                 inst.ready_mono = inst.last_used_mono = now
                 self._fail_streak = 0
-                self.metrics.instance_ready(now - inst.started_mono)
+                if inst.spare:
+                    self.metrics.spare_ready(now - inst.started_mono)
+                else:
+                    self.metrics.instance_ready(now - inst.started_mono)
             elif not stopped:
                 inst.state = DEAD
                 inst.start_error = error
@@ -184,6 +272,7 @@ class FunctionPool:
         if stopped:  # stopped while starting: this thread owns the process
             inst.terminate(grace=0.5)
             self.metrics.instance_ended(inst.id, time.monotonic())
+            self._release_confinement(inst)
         elif error is None:
             log.info(
                 "function %r: instance %s ready on port %d in %.0f ms",
@@ -273,9 +362,9 @@ class FunctionPool:
                 while True:
                     self._check_open()
                     inst = self._find(instance_id)
-                    if inst is None:
-                        why = self._ended.get(instance_id)
-                        code = "instance_crashed" if why == "crashed" else "unknown_instance"
+                    if inst is None or inst.spare:
+                        why = self._ended.get(instance_id) if inst is None else None
+                        code = _END_CODES.get(why or "", "unknown_instance")
                         raise PlatformError(
                             code,
                             f"function {self.name!r}: instance {instance_id!r} "
@@ -287,7 +376,7 @@ class FunctionPool:
                             f"function {self.name!r}: instance {instance_id!r} is draining "
                             "(being stopped or replaced by a re-deploy)",
                         )
-                    if inst.state == READY and inst.inflight < self.spec.concurrency:
+                    if inst.state == READY and not inst.suspect and inst.inflight < self.spec.concurrency:
                         inst.inflight += 1
                         return Lease(inst, cold=waited_start, queued_s=time.monotonic() - t0)
                     waited_start = waited_start or inst.state == STARTING
@@ -317,33 +406,83 @@ class FunctionPool:
             inst.last_used_mono = time.monotonic()
             self.cond.notify_all()
 
-    def instance_gone(self, lease: Lease, gone: InstanceGone) -> bool:
-        """A request lost its instance. Returns True if the instance crashed (it is then removed,
-        its slots freed and its process killed); False if it was stopped on purpose or the
-        process is still alive (only the connection broke: the slot is simply released)."""
+    def instance_gone(self, lease: Lease, gone: InstanceGone) -> str:
+        """A request lost its instance. Returns why: "crashed" (it is then removed, its slots
+        freed and its process killed), "out_of_memory" (the same, stopped for going over its
+        memory), "unresponsive" (killed by a health probe), or "" if it was stopped on purpose
+        or the process is still alive (only the connection broke: the slot is released)."""
         inst = lease.instance
         owner = False
         with self.cond:
             inst.inflight = max(0, inst.inflight - 1)
-            if inst.state == STOPPED:
-                crashed = False
+            if inst.end_reason is not None:
+                why = inst.end_reason
+            elif inst.state == STOPPED:
+                why = ""
             elif gone.exit_code is None and inst.exit_code() is None:
-                crashed = False
+                why = ""
                 inst.last_used_mono = time.monotonic()
             else:
-                crashed = True
+                oom = inst.confinement is not None and inst.confinement.oom_killed()
+                why = inst.end_reason = "out_of_memory" if oom else "crashed"
                 if inst in self.instances:
                     self.instances.remove(inst)
                     owner = True
                 inst.state = DEAD
                 inst.inflight = 0
-                self._remember_end(inst.id, "crashed")
+                self._remember_end(inst.id, why)
             self.cond.notify_all()
         if owner:
-            log.warning("function %r: instance %s %s during a request; removed", self.name, inst.id, gone.reason)
+            log.warning(
+                "function %r: instance %s %s during a request (%s); removed", self.name, inst.id, gone.reason, why
+            )
             inst.terminate(grace=0.2)
-            self.metrics.instance_ended(inst.id, time.monotonic(), crashed=True)
-        return crashed
+            self.metrics.instance_ended(inst.id, time.monotonic(), crashed=True, reason=why)
+            self._release_confinement(inst)
+        return why
+
+    # -- health and memory -------------------------------------------------------------------
+
+    def suspect(self, inst: Instance) -> None:
+        """A request ran past its deadline on `inst`: route nothing new to it until a health
+        probe says it is alive; kill it if it is not (see the module docstring)."""
+        with self.cond:
+            if inst.suspect or inst not in self.instances or inst.state != READY:
+                return
+            inst.suspect = True
+        threading.Thread(target=self._probe, args=(inst,), name=f"veil-probe-{inst.id}", daemon=True).start()
+
+    def _probe(self, inst: Instance) -> None:
+        healthy = not _process_stopped(inst.proc.pid if inst.proc is not None else None) and _answers_health(
+            inst.port, HEALTH_TIMEOUT_S
+        )
+        if healthy:
+            with self.cond:
+                inst.suspect = False
+                self.cond.notify_all()
+            return
+        self._kill(inst, "unresponsive", "was unresponsive")
+
+    def _kill(self, inst: Instance, reason: str, why: str) -> None:
+        """End an instance the platform judged unfit (unresponsive, over its memory) at once."""
+        with self.cond:
+            if inst not in self.instances:
+                return
+            inst.end_reason = reason
+            if inst.state != STARTING:  # a starting one is its start thread's to remove and report
+                self.instances.remove(inst)
+                inst.state = DEAD
+                self._remember_end(inst.id, why)
+            self.cond.notify_all()
+        log.warning("function %r: instance %s %s; killed (it is replaced on demand)", self.name, inst.id, why)
+        # counted before the kill, so whoever its requests' failures reach sees it in the metrics
+        self.metrics.instance_ended(inst.id, time.monotonic(), crashed=True, reason=reason)
+        inst.terminate(grace=0.0)
+        self._release_confinement(inst)
+
+    def _release_confinement(self, inst: Instance) -> None:
+        if inst.confinement is not None:
+            inst.confinement.close()
 
     # -- explicit control --------------------------------------------------------------------
 
@@ -414,17 +553,29 @@ class FunctionPool:
             self.cond.notify_all()
 
     def infos(self) -> list[InstanceInfo]:
+        """The serving instances (the warm pool's spares are `spare_infos`)."""
         with self.cond:
-            return [i.info(self.spec.idle_timeout_s) for i in self.instances]
+            return [i.info(self.spec.idle_timeout_s) for i in self.instances if not i.spare]
+
+    def spare_infos(self) -> list[InstanceInfo]:
+        with self.cond:
+            return [i.info(self.spec.idle_timeout_s) for i in self.instances if i.spare]
+
+    def template_pid(self) -> int | None:
+        with self.cond:
+            return self._template.pid() if self._template is not None else None
 
     def state(self) -> dict[str, int]:
         with self.cond:
+            serving = [i for i in self.instances if not i.spare]
             return {
                 "queued": self.queued,
-                "inflight": sum(i.inflight for i in self.instances),
-                "starting": sum(1 for i in self.instances if i.state == STARTING),
-                "ready": sum(1 for i in self.instances if i.state == READY),
-                "draining": sum(1 for i in self.instances if i.state == DRAINING),
+                "inflight": sum(i.inflight for i in serving),
+                "starting": sum(1 for i in serving if i.state == STARTING),
+                "ready": sum(1 for i in serving if i.state == READY),
+                "draining": sum(1 for i in serving if i.state == DRAINING),
+                "spares_ready": sum(1 for i in self.instances if i.spare and i.state == READY),
+                "spares_starting": sum(1 for i in self.instances if i.spare and i.state == STARTING),
             }
 
     # -- housekeeping ----------------------------------------------------------------------
@@ -434,6 +585,7 @@ class FunctionPool:
         now = time.monotonic()
         crashed: list[Instance] = []
         stopping: list[Instance] = []
+        over: list[Instance] = []
         with self.cond:
             if self.closed:
                 return
@@ -442,8 +594,17 @@ class FunctionPool:
                     self.instances.remove(inst)
                     inst.state = DEAD
                     inst.inflight = 0
-                    self._remember_end(inst.id, "crashed")
+                    oom = inst.confinement is not None and inst.confinement.oom_killed()
+                    inst.end_reason = "out_of_memory" if oom else "crashed"
+                    self._remember_end(inst.id, inst.end_reason)
                     crashed.append(inst)
+                elif (
+                    inst.state in _ALIVE
+                    and inst.confinement is not None
+                    and inst.proc is not None
+                    and inst.confinement.over_limit(inst.proc.pid)
+                ):
+                    over.append(inst)
                 elif inst.state == READY and inst.generation != self.generation:
                     inst.state = DRAINING
             for inst in list(self.instances):
@@ -460,7 +621,7 @@ class FunctionPool:
                 (
                     i
                     for i in self.instances
-                    if i.state == READY and i.inflight == 0 and now - i.last_used_mono >= keep_alive(i)
+                    if i.state == READY and not i.spare and i.inflight == 0 and now - i.last_used_mono >= keep_alive(i)
                 ),
                 key=lambda i: i.last_used_mono,
             )
@@ -471,7 +632,17 @@ class FunctionPool:
                 inst.state = STOPPED
                 self._remember_end(inst.id, "was stopped after its idle timeout")
                 stopping.append(inst)
-            current = sum(1 for i in self.instances if i.state in (STARTING, READY) and i.generation == self.generation)
+            for inst in list(self.instances):  # spares of an old spec are replaced
+                if inst.spare and inst.state == READY and inst.generation != self.generation:
+                    self.instances.remove(inst)
+                    inst.state = STOPPED
+                    self._remember_end(inst.id, "was stopped (spare of an old spec)")
+                    stopping.append(inst)
+            current = sum(
+                1
+                for i in self.instances
+                if i.state in (STARTING, READY) and not i.spare and i.generation == self.generation
+            )
             while (
                 current < self.spec.min_instances
                 and now >= self._next_min_start
@@ -479,20 +650,42 @@ class FunctionPool:
             ):
                 self._begin_start()
                 current += 1
+            spares = sum(
+                1
+                for i in self.instances
+                if i.spare and i.state in (STARTING, READY) and i.generation == self.generation
+            )
+            while spares < self.spec.prewarm and now >= self._next_min_start:
+                self._begin_start(spare=True)  # the warm pool refills in the background
+                spares += 1
+            if self.spec.fork_template and self._template is None:
+                self._template_for_start()
+            template = self._template
             if crashed or stopping:
                 self.cond.notify_all()
+        idle_starter = self._template_thread is None or not self._template_thread.is_alive()
+        if template is not None and idle_starter and template.pid() is None and template.retry_due():
+            # start (or restart) it before an instance needs it
+            self._template_thread = threading.Thread(
+                target=_quietly, args=(template.ensure,), name="veil-template-start", daemon=True
+            )
+            self._template_thread.start()
+        for inst in over:
+            self._kill(inst, "out_of_memory", "out_of_memory")
         for inst in crashed:
             log.warning(
                 "function %r: instance %s exited on its own (code %s); removed", self.name, inst.id, inst.exit_code()
             )
             inst.terminate(grace=0.2)
-            self.metrics.instance_ended(inst.id, time.monotonic(), crashed=True)
+            self.metrics.instance_ended(inst.id, time.monotonic(), crashed=True, reason=inst.end_reason or "crashed")
+            self._release_confinement(inst)
         for inst in stopping:
             self._terminate(inst)
 
     def _terminate(self, inst: Instance) -> None:
         inst.terminate()
         self.metrics.instance_ended(inst.id, time.monotonic())
+        self._release_confinement(inst)
         log.info("function %r: instance %s stopped", self.name, inst.id)
 
     def close(self) -> None:
@@ -511,6 +704,11 @@ class FunctionPool:
                 self._terminate(inst)
         for t in threads:
             t.join(timeout=5.0)
+        with self.cond:
+            template, self._template = self._template, None
+        if template is not None:
+            template.close()
+            self.metrics.instance_ended(f"{self.name}-template", time.monotonic())
 
     # -- errors ----------------------------------------------------------------------------
 
@@ -536,3 +734,31 @@ class FunctionPool:
                 f"busy (max_instances={self.spec.max_instances})"
             )
         return PlatformError("timeout", f"function {self.name!r}: no instance in time ({why})")
+
+
+def _process_stopped(pid: int | None) -> bool:
+    """Whether `pid` is stopped (SIGSTOP, a debugger): it answers nothing until continued."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
+def _answers_health(port: int, timeout: float) -> bool:
+    """`GET /healthz` on a fresh connection gets an HTTP answer within `timeout`. Any status
+    will do: the OpenWhisk action protocol has no health route (Veil's runtime answers 200, other
+    actions may answer 404 or 501), and what is probed is that the process still serves (its
+    request threads may all be busy; a new connection gets a thread of its own)."""
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def _quietly(fn: Callable[[], object]) -> None:
+    with contextlib.suppress(PlatformError):
+        fn()

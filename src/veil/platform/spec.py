@@ -26,6 +26,13 @@ class FunctionSpec:
     - `env`: extra environment for instances (on top of the platform's own and `__OW_*`).
     - `start_timeout_s`: how long a cold start (spawn until `/init` answered) may take.
     - `namespace`: the OpenWhisk namespace exported as `__OW_NAMESPACE`.
+    - `prewarm`: size of the warm pool: instances kept started and initialised (for the Veil
+      runtime: imported, measured and attested, holding no model and no key) that take no
+      request until a cold start takes one; the pool refills in the background. Their idle
+      time is billed separately (`prewarm_gb_seconds`). They do not count in `max_instances`.
+    - `fork_template`: start instances by forking a pre-imported template process (the
+      command run with `VEIL_FORK_SERVER` set; `python -m veil.runtime` is one) instead of a
+      new interpreter each; each instance still initialises (attests, makes its keys) itself.
     """
 
     name: str
@@ -40,6 +47,8 @@ class FunctionSpec:
     env: dict[str, str] = field(default_factory=dict)
     start_timeout_s: float = 30.0
     namespace: str = "guest"
+    prewarm: int = 0
+    fork_template: bool = False
 
     def validate(self) -> None:
         """Refuse specs that could never run, naming the field and why."""
@@ -65,6 +74,10 @@ class FunctionSpec:
             raise bad(f"max_queue must be >= 0 (got {self.max_queue})")
         if self.start_timeout_s <= 0:
             raise bad(f"start_timeout_s must be > 0 (got {self.start_timeout_s})")
+        if not isinstance(self.prewarm, int) or isinstance(self.prewarm, bool) or not 0 <= self.prewarm <= 64:
+            raise bad(f"prewarm must be an integer in [0, 64] (got {self.prewarm!r})")
+        if not isinstance(self.fork_template, bool):
+            raise bad(f"fork_template must be true or false (got {self.fork_template!r})")
         if not isinstance(self.init_value, dict):
             raise bad("init_value must be a JSON object (dict)")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):

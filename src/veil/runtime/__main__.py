@@ -5,6 +5,8 @@ the container image sets 0.0.0.0), VEIL_THREADS, VEIL_QUEUE, VEIL_INIT (an init 
 built before the port opens: Knative has no /init call), VEIL_ERROR_STATUS (`body`, the default:
 /run errors answer 200 with the status inside, as OpenWhisk needs; `http`: also as the HTTP
 status), VEIL_SIM_ROOT (the simulation root file, when simulating a TEE), VEIL_LOG_LEVEL.
+With VEIL_FORK_SERVER (a Unix socket path) set, the process is instead the platform's fork
+template (`veil.runtime.template`): it imports the runtime once and forks instances that serve.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ from veil.runtime.action_server import (
     prewarm_imports,
     serve,
 )
+from veil.runtime.template import FORK_SERVER_ENV, serve_template
 
 
 def main() -> None:
     logging.basicConfig(
         level=os.environ.get("VEIL_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    template = os.environ.get(FORK_SERVER_ENV)
+    if template:
+        serve_template(template)
+        return
     host = os.environ.get(
         "VEIL_HOST", "0.0.0.0" if os.environ.get("__OW_API_HOST") not in (None, "local") else "127.0.0.1"
     )

@@ -124,6 +124,26 @@ def split_init_body(value: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[
     return parse_init(init, f"value.env.{INIT_ENV}"), settings
 
 
+def activation_deadline(body: dict[str, Any]) -> float | None:
+    """The activation's deadline (Unix seconds) from OpenWhisk's `deadline` field (epoch
+    milliseconds, as a string or a number), or None when the caller sent none."""
+    raw = body.get("deadline")
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if isinstance(raw, bool) or not text.isdigit() or len(text) > 16:
+        raise BadRequest("deadline: must be epoch milliseconds", code="malformed")
+    return int(text) / 1000.0
+
+
+def _check_deadline(deadline: float | None, when: str) -> None:
+    """Refuse work whose caller has stopped waiting: it would only take a thread from live ones."""
+    if deadline is not None and time.time() >= deadline:
+        raise VeilError(
+            f"the request's deadline passed {when}; dropped without running", code="deadline_exceeded", status=504
+        )
+
+
 class ActionState:
     """The action built by /init, and the admission control of /run."""
 
@@ -289,14 +309,23 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
         def _run(self, body: dict[str, Any]) -> dict[str, Any]:
             if state.action is None:
                 raise VeilError("action is not initialized: POST /init first", code="not_initialized", status=403)
+            deadline = activation_deadline(body)
+            _check_deadline(deadline, "before it was admitted")
             with state.admit_lock:
                 if state.admitted >= state.capacity:
                     raise Busy("instance busy: all request threads and queue slots are taken")
                 state.admitted += 1
             token = _ACTIVATION.set(Activation.from_body(body))
             try:
-                with state.slots:
+                wait = None if deadline is None else max(0.0, deadline - time.time())
+                if not state.slots.acquire(timeout=wait):
+                    _check_deadline(0.0, "while it waited for a request thread")
+                try:
+                    # the platform gave up on it at its deadline: work started later is wasted
+                    _check_deadline(deadline, "while it waited for a request thread")
                     return state.action.run(body.get("value", {}))
+                finally:
+                    state.slots.release()
             finally:
                 _ACTIVATION.reset(token)
                 with state.admit_lock:
