@@ -308,29 +308,7 @@ class Instance:
         return self._parse_run(resp)
 
     def _parse_run(self, resp: httpx.Response) -> dict[str, Any]:
-        try:
-            payload = resp.json()
-        except ValueError:
-            payload = None
-        if isinstance(payload, dict) and "error" in payload:
-            # OpenWhisk treats any result with an "error" field as an application error. Under
-            # OpenWhisk a runtime answers those 200 (any other status is a dead container to the
-            # invoker) and says the status in the error: keep it, so every platform reports the
-            # same status for the same error.
-            raise ActionError(self.function, payload["error"], _error_status(resp.status_code, payload["error"]))
-        if not 200 <= resp.status_code < 300:
-            raise ActionError(
-                self.function,
-                {"code": "bad_response", "message": f"/run answered {resp.status_code} without an error object"},
-                resp.status_code if resp.status_code >= 400 else 502,
-            )
-        if not isinstance(payload, dict):
-            raise ActionError(
-                self.function,
-                {"code": "bad_response", "message": "the action did not return a JSON object"},
-                502,
-            )
-        return payload
+        return parse_run(self.function, resp.status_code, resp.content)
 
     def exit_code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -423,6 +401,34 @@ def _rss_mb(pid: int) -> float | None:
         return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
     except Exception:  # best effort: the process may be gone already
         return None
+
+
+def parse_run(function: str, status: int, content: bytes) -> dict[str, Any]:
+    """The action's result from a `/run` answer (HTTP status and body), or the ActionError it
+    stands for. Shared by every caller of /run (this module's instances, Ray replicas' callers)."""
+    try:
+        payload = json.loads(content)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and "error" in payload:
+        # OpenWhisk treats any result with an "error" field as an application error. Under
+        # OpenWhisk a runtime answers those 200 (any other status is a dead container to the
+        # invoker) and says the status in the error: keep it, so every platform reports the
+        # same status for the same error.
+        raise ActionError(function, payload["error"], _error_status(status, payload["error"]))
+    if not 200 <= status < 300:
+        raise ActionError(
+            function,
+            {"code": "bad_response", "message": f"/run answered {status} without an error object"},
+            status if status >= 400 else 502,
+        )
+    if not isinstance(payload, dict):
+        raise ActionError(
+            function,
+            {"code": "bad_response", "message": "the action did not return a JSON object"},
+            502,
+        )
+    return payload
 
 
 def _error_status(http_status: int, error: Any) -> int:
