@@ -1,21 +1,24 @@
-"""Shared HE fixtures: the two reference tasks compiled once per session, a model store with both
-published, and a mini gateway (real HTTP, stdlib server) that forwards to HEAction like Veil's."""
+"""Shared HE fixtures: the reference tasks compiled once per session, a developer model store with
+both published and an in-process `HEAction` on it (the code an instance runs, for the HE-models
+tests), and `he_stack`: a real deployment (`LocalDeployment`: KeyService, gateway, packer, local
+platform, runtime subprocesses) serving them in HE and hybrid mode to a granted user."""
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from veil.deployment import LocalDeployment, StackOptions
 from veil.he import store
 from veil.he.action import HEAction
 from veil.he.client import ActionTransport, HEClient, RemoteModel
 from veil.he.compile import compile_model
-from veil.he.errors import HEError
 from veil.he.tasks import breast_cancer_lr, digits_mlp
+from veil.sdk import ModelOwner, ModelUser
 
 
 @pytest.fixture(scope="session")
@@ -87,39 +90,56 @@ def mlp_remote(mlp_client, action) -> RemoteModel:
     return remote
 
 
-class _Gateway(BaseHTTPRequestHandler):
-    """The two HE routes of the gateway contract, forwarding to an HEAction."""
+@dataclass
+class HEStack:
+    """A real deployment (KeyService, gateway, packer, local platform, runtime subprocesses) with
+    HE models published by their owner through the gateway, and a granted user."""
 
-    action: HEAction
+    deployment: LocalDeployment
+    info: Any
+    owner: ModelOwner
+    user: ModelUser
+    trust: Any
+    tasks: dict[str, Any]
+    compiled: dict[str, Any]
 
-    def do_POST(self) -> None:  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        try:
-            if self.path == "/v1/he/keys":
-                out, status = self.action.run({"op": "upload_keys", **body}), 200
-            elif self.path.startswith("/v1/he/models/") and self.path.endswith(":infer"):
-                model = self.path[len("/v1/he/models/") : -len(":infer")]
-                out, status = self.action.run({"op": "infer", "model": model, **body}), 200
-            else:
-                out, status = {"error": {"code": "not_found", "message": self.path}}, 404
-        except HEError as exc:
-            out, status = exc.to_dict(), exc.status
-        data = json.dumps(out).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def new_user(self, *, grant: tuple[str, ...] = (), key_dir: Path | None = None) -> ModelUser:
+        u = ModelUser(self.info, trust=self.trust, timeout=120.0, key_dir=key_dir)
+        u.register()
+        for model in grant:
+            self.owner.grant(model, u.id)
+        return u
 
-    def log_message(self, *args) -> None:
-        pass
+
+HE_MODELS = {"lr": "he", "mlp": "he", "lr-hybrid": "hybrid", "mlp-hybrid": "hybrid"}
 
 
 @pytest.fixture(scope="session")
-def gateway_url(action):
-    handler = type("Gateway", (_Gateway,), {"action": action})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def he_stack(tmp_path_factory, lr_task, mlp_task, lr_compiled, mlp_compiled) -> Iterator[HEStack]:
+    """Four instances at most per function, two request threads each: HE requests go through the
+    real gateway, the packer, the local platform and `python -m veil.runtime` processes."""
+    root = tmp_path_factory.mktemp("veil-he")
+    deployment = LocalDeployment(root, StackOptions(max_instances=4, concurrency=2, he=True))
+    info = deployment.start()
+    try:
+        trust = deployment.local_trust_anchors()
+        owner = ModelOwner(info, trust=trust, timeout=120.0)
+        owner.register()
+        compiled = {"lr": lr_compiled, "mlp": mlp_compiled}
+        for name, mode in HE_MODELS.items():
+            owner.publish(name, compiled[name.split("-")[0]], mode=mode)
+        user = ModelUser(info, trust=trust, timeout=120.0, key_dir=root / "client" / "he-keys")
+        user.register()
+        for name, mode in HE_MODELS.items():
+            owner.grant(name, user.id)
+            if mode == "hybrid":
+                user.request_access(name)
+        tasks = {"lr": lr_task, "mlp": mlp_task}
+        yield HEStack(deployment, info, owner, user, trust, tasks, compiled)
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(he_stack) -> str:
+    return he_stack.info.gateway_url

@@ -184,5 +184,8 @@ def _he_story(console: Console, stack, info) -> None:
     except ImportError as exc:
         console.print(f"[yellow]HE part skipped: {exc}[/]")
         return
-    console.print("[bold]8. HE mode[/]: the client encrypts with CKKS; the cloud computes on ciphertexts")
-    run_he_demo(stack.store_dir, info.gateway_url, lambda line: console.print("   " + line))
+    console.print(
+        "[bold]8. HE and hybrid mode[/]: the client encrypts with CKKS; the cloud computes on ciphertexts "
+        "(hybrid: inside the attested runtime, the weights sealed too)"
+    )
+    run_he_demo(info, stack.local_trust_anchors(), lambda line: console.print("   " + line))

@@ -242,11 +242,6 @@ def decrypt(spec: Path, keys: Path, response_path: Path, out: Path | None) -> No
 
 @he.command("infer", context_settings=CONTEXT)
 @click.option(
-    "--gateway",
-    default=None,
-    help="Gateway base URL (default: gateway_url from --deployment, as every command reads it).",
-)
-@click.option(
     "--deployment",
     "deployment_path",
     type=click.Path(path_type=Path),
@@ -254,46 +249,37 @@ def decrypt(spec: Path, keys: Path, response_path: Path, out: Path | None) -> No
     show_default=True,
     help="deployment.json written by `veil up` (addresses only).",
 )
-@click.option("--model", "model_id", required=True)
-@click.option("--spec", required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--keys", type=click.Path(exists=True, path_type=Path), help="Key dir from keygen (default: fresh keys).")
-@click.option("--input", "inp", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--client-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".veil/client"),
+    show_default=True,
+    help="Your client directory (identity, trust anchors, HE keys).",
+)
+@click.option("--model", "model_id", required=True, help="A model published in HE or hybrid mode.")
+@click.option("--input", "inp", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--packing", type=click.Choice(["latency", "throughput"]))
+@click.pass_context
 def infer(
-    gateway: str | None,
-    deployment_path: Path,
-    model_id: str,
-    spec: Path,
-    keys: Path | None,
-    inp: Path,
-    packing: str | None,
+    ctx: click.Context, deployment_path: Path, client_dir: Path, model_id: str, inp: Path, packing: str | None
 ) -> None:
-    """Encrypt, send to the gateway, decrypt: one command."""
-    if gateway is None:
-        from veil.cli._client import load_deployment
+    """Encrypt, send to the gateway, decrypt: the same as `veil user infer MODEL --input FILE`
+    (keys made once and kept in the client directory, uploaded once per model parameters)."""
+    from veil.cli.user import infer as user_infer
 
-        gateway = load_deployment(deployment_path).gateway_url
-    from veil.he.client import HEClient, HttpTransport, RemoteModel
-
-    client = _client(spec, keys) if keys else HEClient(_read_json(spec))
-    transport = HttpTransport(gateway)
-    try:
-        result = RemoteModel(client, transport, model_id).infer(_load_array(inp), packing)
-    except HEError as exc:
-        raise _fail(exc) from None
-    finally:
-        transport.close()
-    click.echo(" ".join(str(p) for p in result.predictions))
-    t = result.timings_ms
-    click.echo(
-        f"{result.packing}: encrypt {t['encrypt']:.1f} ms, server {t['server']:.1f} ms, decrypt {t['decrypt']:.1f} ms",
-        err=True,
+    ctx.invoke(
+        user_infer,
+        model_id=model_id,
+        input_path=inp,
+        input_name=None,
+        output_path=None,
+        packing=packing,
+        deployment_path=deployment_path,
+        client_dir=client_dir,
     )
 
 
 @he.command("demo", context_settings=CONTEXT)
-@click.option("--store", "store_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--gateway", default=None, help="Gateway base URL (default: gateway_url from --deployment).")
 @click.option(
     "--deployment",
     "deployment_path",
@@ -302,17 +288,19 @@ def infer(
     show_default=True,
     help="deployment.json written by `veil up` (addresses only).",
 )
-def demo(store_dir: Path, gateway: str | None, deployment_path: Path) -> None:
-    """Publish the two demo models and run encrypted requests through a gateway."""
+@click.option(
+    "--client-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".veil/client"),
+    show_default=True,
+    help="Your client directory: the trust anchors (`veil trust init`) the demo principals use.",
+)
+def demo(deployment_path: Path, client_dir: Path) -> None:
+    """Publish the demo models in HE (and hybrid) mode through the gateway and run encrypted
+    requests as a fresh owner and user (the SDK's `ModelOwner.publish(mode=...)`, `ModelUser.infer`)."""
+    from veil.cli._client import load_deployment, load_trust, run_or_fail
     from veil.he.demo import run_he_demo
 
-    if gateway is None:
-        from veil.cli._client import load_deployment
-
-        gateway = load_deployment(deployment_path).gateway_url
-
-    try:
-        summary = run_he_demo(store_dir, gateway, click.echo)
-    except HEError as exc:
-        raise _fail(exc) from None
+    deployment, trust = load_deployment(deployment_path), load_trust(client_dir)
+    summary = run_or_fail(lambda: run_he_demo(deployment, trust, click.echo))
     click.echo(json.dumps(summary, indent=1))

@@ -32,7 +32,17 @@ def init(deployment_path: Path, client_dir: Path) -> None:
 
 @owner.command("publish")
 @click.argument("model_id")
-@click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("onnx_file", metavar="MODEL", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--mode",
+    type=click.Choice(["tee", "he", "hybrid"]),
+    default="tee",
+    show_default=True,
+    help="tee: MODEL is an ONNX file, sealed and run in attested runtimes. he: MODEL is a directory from "
+    "`veil he compile --out`, evaluated on CKKS ciphertexts (its weights reach the cloud in clear). "
+    "hybrid: the same compiled model, sealed like a TEE model and evaluated on ciphertexts inside "
+    "attested runtimes.",
+)
 @click.option(
     "--measurement",
     "measurements",
@@ -56,14 +66,24 @@ def init(deployment_path: Path, client_dir: Path) -> None:
 def publish(
     model_id: str,
     onnx_file: Path,
+    mode: str,
     measurements: tuple[str, ...],
     revocation_delay: int | None,
     optimize: bool,
     deployment_path: Path,
     client_dir: Path,
 ) -> None:
-    """Publish ONNX_FILE as a new version of MODEL_ID: staged at the KeyService, sealed under a
-    fresh model key, uploaded with your signature, then made current."""
+    """Publish MODEL as a new version of MODEL_ID: staged at the KeyService, sealed under a fresh
+    model key (HE mode: packed as it is), uploaded with your signature, described by your signed
+    card (which names the mode), then made current."""
+    if mode == "tee" and not onnx_file.is_file():
+        raise click.BadParameter("in tee mode MODEL is an ONNX file", param_hint="MODEL")
+    if mode != "tee" and not (onnx_file / "manifest.json").is_file():
+        raise click.BadParameter(
+            f"in {mode} mode MODEL is a compiled HE model directory (`veil he compile --out DIR`)", param_hint="MODEL"
+        )
+    if optimize and mode != "tee":
+        raise click.BadParameter("--optimize applies to ONNX models (tee mode) only", param_hint="--optimize")
     o = _owner(deployment_path, client_dir)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
@@ -77,6 +97,7 @@ def publish(
             lambda: o.publish(
                 model_id,
                 onnx_file,
+                mode=mode,
                 allowed_measurements=list(measurements) or None,
                 revocation_delay_s=revocation_delay,
                 progress=show,
@@ -84,10 +105,14 @@ def publish(
             )
         )
     replaced = f" (replaces v{result['replaced_version']})" if result["replaced_version"] else ""
+    if mode == "tee":
+        how = f"{result['plaintext_bytes']} bytes sealed to {result['sealed_bytes']}"
+    else:
+        how = f"{mode} mode, N={result['poly_modulus_degree']}, {result['uploaded_bytes']} bytes uploaded"
+    allowed = ", ".join(m[:16] + "…" for m in result["measurements"])
     click.echo(
-        f"published {model_id} v{result['version']}{replaced}: {result['plaintext_bytes']} bytes sealed to "
-        f"{result['sealed_bytes']}; revocation delay {result['revocation_delay_s']} s; "
-        f"allowed measurements {', '.join(m[:16] + '…' for m in result['measurements'])}"
+        f"published {model_id} v{result['version']}{replaced}: {how}; revocation delay "
+        f"{result['revocation_delay_s']} s; allowed measurements {allowed}"
     )
 
 

@@ -17,10 +17,12 @@ from veil.cli._client import (
 
 
 def _user(deployment_path: Path, client_dir: Path, *, create: bool = False):
+    from veil.he.user import HEKeyChain
     from veil.sdk import ModelUser
 
     u = principal(ModelUser, deployment_path, client_dir, "user", create=create)
     u.request_keys.update(load_request_keys(client_dir))
+    u.he_keys = HEKeyChain(u.id, client_dir / "he-keys")  # CKKS keys made once, kept 0600
     return u
 
 
@@ -98,6 +100,12 @@ def request_access(
     default=None,
     help="Write predictions to .json, .csv or .npz instead of printing JSON.",
 )
+@click.option(
+    "--packing",
+    type=click.Choice(["latency", "throughput"]),
+    default=None,
+    help="HE and hybrid models: how samples are packed into ciphertexts (default: the cost model picks).",
+)
 @deployment_option
 @client_dir_option
 def infer(
@@ -105,13 +113,16 @@ def infer(
     input_path: Path,
     input_name: str | None,
     output_path: Path | None,
+    packing: str | None,
     deployment_path: Path,
     client_dir: Path,
 ) -> None:
-    """Encrypt the input, run MODEL_ID on it in an attested runtime, decrypt and print the outputs.
+    """Encrypt the input, run MODEL_ID on it, decrypt and print the outputs.
 
-    Inputs are named, shaped and typed after the model's owner-signed card, and a mismatch is
-    explained before anything is sent."""
+    The model's owner-signed card says the mode: TEE (an attested runtime decrypts and runs it),
+    HE (the cloud computes on CKKS ciphertexts under your key, made once and kept in the client
+    directory) or hybrid (CKKS ciphertexts evaluated inside an attested runtime). Inputs are
+    named, shaped and typed after the card, and a mismatch is explained before anything is sent."""
     from veil.cli.io import InputError, load_inputs, write_outputs
     from veil.errors import VeilError
 
@@ -126,7 +137,7 @@ def infer(
         x = load_inputs(input_path, card, input_name)
     except InputError as exc:
         raise click.BadParameter(str(exc), param_hint="--input") from None
-    outputs = run_or_fail(lambda: u.infer(model_id, x, input_name=input_name))
+    outputs = run_or_fail(lambda: u.infer(model_id, x, input_name=input_name, packing=packing))
     try:
         text = write_outputs(outputs, output_path)
     except InputError as exc:

@@ -3,8 +3,9 @@
 The client needs only the model's public client spec (`CompiledModel.client_spec()`). It makes
 the secret key (which never leaves it), the evaluation keys (uploaded once, cached by key id in
 warm instances), encrypts with seeded symmetric encryption (half-size uploads), picks the
-packing per request with the cost model, and decrypts. `HttpTransport` speaks to the gateway;
-`ActionTransport` calls `HEAction.run` in-process, the same code an instance runs.
+packing per request with the cost model, and decrypts. `ActionTransport` calls `HEAction.run`
+in-process, the same code an instance runs (benchmarks' in-process baseline, tests); serving
+through a gateway is the SDK's (`veil.sdk.ModelUser.infer`, with `veil.he.user`).
 """
 
 from __future__ import annotations
@@ -163,44 +164,6 @@ class ActionTransport:
 
     def infer(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.action.run({**body, "op": "infer", "model": model})
-
-
-class HttpTransport:
-    """The gateway's HE routes over HTTP (httpx); error bodies become HEError."""
-
-    def __init__(self, base_url: str, timeout: float = 120.0, client: Any | None = None) -> None:
-        import httpx
-
-        self._client = client or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        try:
-            resp = self._client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise HEError("unreachable", f"gateway request failed: {exc}", 502) from None
-        try:
-            data = resp.json()
-        except ValueError:
-            raise HEError("bad_response", f"gateway answered {resp.status_code} without JSON", 502) from None
-        if resp.status_code >= 400 or (isinstance(data, dict) and "error" in data):
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            if not isinstance(err, dict):
-                err = {"message": str(err)}
-            raise HEError(
-                str(err.get("code", "http_error")), str(err.get("message", resp.text[:200])), resp.status_code
-            )
-        return data
-
-    def upload_keys(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._post("/v1/he/keys", body)
-
-    def infer(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._post(f"/v1/he/models/{model}:infer", body)
-
-    def close(self) -> None:
-        self._client.close()
 
 
 @dataclass

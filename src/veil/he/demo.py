@@ -1,15 +1,14 @@
-"""The HE part of `veil demo`: train, compile, publish, then encrypted requests via the gateway."""
+"""The HE part of `veil demo` and `veil he demo`: train and compile, publish through the gateway
+(owner-signed, HE and hybrid mode), then encrypted requests as a user, through the SDK."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from veil.he import store
-from veil.he.client import HEClient, HttpTransport, RemoteModel, Transport
 from veil.he.compile import compile_model
 from veil.he.tasks import breast_cancer_lr, digits_cnn, digits_mlp
 
@@ -19,61 +18,66 @@ DEMO_MODELS = {"he-breast-lr": breast_cancer_lr, "he-digits-mlp": digits_mlp, "h
 
 
 def run_he_demo(
-    store_dir: Path,
-    gateway_url: str,
+    deployment: Any,
+    trust: Any,
     echo: Callable[[str], None],
-    transport: Transport | None = None,
     samples: int = 3,
+    *,
+    hybrid: bool = True,
+    models: dict[str, Callable[[], Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train and publish the demo models, then run encrypted requests through the gateway.
+    """Publish the demo models in HE mode (and the LR in hybrid mode) and query them.
 
-    Echoes encrypted vs plaintext predictions and latency (labels only, which the user owns);
-    returns a summary dict per model. `transport` overrides HTTP (tests use the in-process one).
-    """
+    `deployment` is a `veil.sdk.Deployment`, `trust` the principals' `TrustAnchors`. Echoes
+    encrypted vs plaintext predictions and latency (labels only, which the user owns); returns a
+    summary dict per model."""
+    from veil.sdk import ModelOwner, ModelUser
+
+    owner, user = ModelOwner(deployment, trust=trust), ModelUser(deployment, trust=trust)
     summary: dict[str, Any] = {}
-    owned = transport is None
-    transport = transport or HttpTransport(gateway_url)
     try:
-        for model_id, make in DEMO_MODELS.items():
+        owner.register()
+        user.register()
+        for model_id, make in (models or DEMO_MODELS).items():
             task = make()
             compiled = compile_model(task.model, task.x_train, name=model_id)
-            store.publish(Path(store_dir), model_id, compiled)
-            spec = store.client_spec(Path(store_dir), model_id)
-            echo(
-                f"[he] {model_id}: N={compiled.params.poly_modulus_degree}, log2 QP={compiled.params.log2_qp}, "
-                f"{len(compiled.plan.layers)} fused layer{'s' if len(compiled.plan.layers) != 1 else ''}, published"
-            )
-            client = HEClient(spec)
-            remote = RemoteModel(client, transport, model_id)
-            remote.upload_keys()
-            size = len(client.eval_keys())
-            shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB (no rotation keys needed)"
-            echo(f"[he]   evaluation keys uploaded: {shown}, id {client.key_id[:12]}")
-            latencies, agree = [], 0
-            for i in range(samples):
-                x = task.x_test[i : i + 1]
-                result = remote.infer(x, packing="latency")
-                plain = task.model.predict(x)[0]
-                agree += int(result.predictions[0] == plain)
-                total = result.timings_ms["encrypt"] + result.timings_ms["server"] + result.timings_ms["decrypt"]
-                latencies.append(total)
-                echo(f"[he]   sample {i}: encrypted -> {result.predictions[0]}, plaintext -> {plain}, {total:.1f} ms")
-            batch = remote.infer(task.x_test)
-            batch_agree = float(np.mean(batch.predictions == task.model.predict(task.x_test)))
-            echo(
-                f"[he]   batch of {len(task.x_test)} ({batch.packing}): agreement {batch_agree:.3%}, "
-                f"server {batch.timings_ms['server']:.0f} ms"
-            )
-            summary[model_id] = {
-                "poly_modulus_degree": compiled.params.poly_modulus_degree,
-                "log2_qp": compiled.params.log2_qp,
-                "latency_ms_median": float(np.median(latencies)),
-                "single_agreement": agree / samples,
-                "batch_packing": batch.packing,
-                "batch_agreement": batch_agree,
-                "eval_keys_mb": len(client.eval_keys()) / 2**20,
-            }
+            modes = ["he", "hybrid"] if hybrid and model_id == "he-breast-lr" else ["he"]
+            for mode in modes:
+                name = model_id if mode == "he" else f"{model_id}-hybrid"
+                published = owner.publish(name, compiled, mode=mode, description=f"{model_id} ({mode} demo)")
+                owner.grant(name, user.id)
+                if mode == "hybrid":
+                    user.request_access(name)
+                echo(
+                    f"[he] {name}: {mode} mode, N={compiled.params.poly_modulus_degree}, "
+                    f"log2 QP={compiled.params.log2_qp}, published v{published['version']} (owner-signed)"
+                )
+                summary[name] = _query(user, name, mode, task, echo, samples)
     finally:
-        if owned and isinstance(transport, HttpTransport):
-            transport.close()
+        owner.close()
+        user.close()
     return summary
+
+
+def _query(user: Any, name: str, mode: str, task: Any, echo: Callable[[str], None], samples: int) -> dict[str, Any]:
+    latencies, agree = [], 0
+    for i in range(samples):
+        x = task.x_test[i : i + 1]
+        t0 = time.perf_counter()
+        out = user.infer(name, x, packing="latency")
+        latencies.append((time.perf_counter() - t0) * 1e3)
+        plain = task.model.predict(x)[0]
+        agree += int(out["predictions"][0] == plain)
+        echo(f"[he]   sample {i}: encrypted -> {out['predictions'][0]}, plaintext -> {plain}, {latencies[-1]:.1f} ms")
+    t0 = time.perf_counter()
+    batch = user.infer(name, task.x_test)
+    batch_ms = (time.perf_counter() - t0) * 1e3
+    batch_agree = float(np.mean(batch["predictions"] == task.model.predict(task.x_test)))
+    echo(f"[he]   batch of {len(task.x_test)}: agreement {batch_agree:.3%}, {batch_ms:.0f} ms")
+    return {
+        "mode": mode,
+        "latency_ms_median": float(np.median(latencies)),
+        "single_agreement": agree / samples,
+        "batch_agreement": batch_agree,
+        "batch_ms": batch_ms,
+    }
