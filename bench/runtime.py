@@ -19,6 +19,12 @@ local platform starting `python -m veil.runtime` instances, simulated attestatio
 2. **cold start**: the first request to a scaled-to-zero function, repeated (the instance is
    stopped between runs), with its breakdown: process start and imports, runtime measurement,
    attestation, key release, model fetch + decrypt, session creation, first inference, rest.
+   Measured twice in the same run: with the warm pool (issue 15: `--prewarm` spare instances,
+   forked from a pre-imported template and attested before any request, so a cold start
+   takes one and only key release, model fetch and decrypt, session creation and the first
+   run are on its path; the spare's own fork and `/init` are reported apart, as off the
+   request path) and from zero without it (a new interpreter per instance, the baseline). The
+   pool's idle cost (GB-s per hour, from the platform's billing) is reported beside the saving.
 3. **concurrency**: throughput and instance RSS at 1, 2, 4, 8 requests in flight on one instance
    (concurrency 8), for Veil's runtime (one shared ONNX Runtime session per model) and for the
    SeSeMI-style baseline: the plaintext server with a model copy per request thread (init
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -238,11 +245,11 @@ class InitProbe:
         original = mod.Instance.spawn
         records = self.records
 
-        def spawn(inst: Any) -> None:
+        def spawn(inst: Any, template: Any = None) -> None:
             rec = records.setdefault(inst.id, {})
             rec["spawn_wall"] = time.time()
             rec["spawn"] = time.monotonic()
-            original(inst)
+            original(inst, template)
 
             def on_request(request: Any) -> None:
                 if request.url.path == "/init":
@@ -308,6 +315,12 @@ class Bench:
         self.stack = BenchDeployment(self.root, opts)
         info = self.stack.start()
         self.platform = self.stack.platform
+        # the warm pool (issue 15), switched on and off between cold-start series
+        self.nopool_spec = self.stack.tee_spec
+        self.pool_spec = dataclasses.replace(
+            self.stack.tee_spec, prewarm=self.args.prewarm, fork_template=not self.args.no_fork
+        )
+        self.use_pool(self.args.prewarm > 0)
         self.plain_spec = self.plain_function(copies_per_thread=False)
         self.platform.deploy(self.plain_spec)
         # the developer's own trust anchors for this machine's code and simulated TEE (never read
@@ -348,6 +361,23 @@ class Bench:
             idle_timeout_s=tee.idle_timeout_s,
             env={k: v for k, v in tee.env.items() if k != "VEIL_SIM_ROOT"},
         )
+
+    def use_pool(self, on: bool) -> None:
+        """Deploy the runtime with or without its warm pool (no instance is drained: the pool's
+        knobs do not change what an instance is) and wait until the pool is full."""
+        self.platform.deploy(self.pool_spec if on else self.nopool_spec)
+        self.pool_on = on
+        self.wait_pool()
+
+    def wait_pool(self, timeout: float = 120.0) -> None:
+        want = self.pool_spec.prewarm if self.pool_on else 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            spares = self.platform.spares(TEE_FUNCTION)
+            if len(spares) == want and all(s.state == "ready" for s in spares):
+                return
+            time.sleep(0.05)
+        raise SystemExit(f"the warm pool did not fill to {want} within {timeout:.0f} s")
 
     def close(self) -> None:
         for p in (getattr(self, "owner", None), getattr(self, "user", None)):
@@ -525,34 +555,40 @@ class Bench:
         breakdown, the runtime's timings and the new instance's peak RSS."""
         self.stop_all()
         time.sleep(self.args.settle)
-        known = set(self.probe.records)
+        if self.pool_on:
+            self.wait_pool()
+        t0_mono = time.monotonic()
         t0 = time.perf_counter()
         outputs = self.user.infer(model_id, inputs, timings=True)
         total = (time.perf_counter() - t0) * 1e3
         timings = dict(self.user.last_timings)
-        new = [i for i in self.probe.records if i not in known]
         insts = self.platform.instances(TEE_FUNCTION)
-        if len(new) != 1 or not insts:
-            raise SystemExit(f"expected one cold start, saw instances {new}")
-        peak = vm_hwm_bytes(insts[0].pid)
-        rec = self.probe.records[new[0]]
+        if len(insts) != 1 or insts[0].id not in self.probe.records:
+            raise SystemExit(f"expected one cold start, saw instances {[i.id for i in insts]}")
+        inst = insts[0]
+        peak = vm_hwm_bytes(inst.pid)
+        rec = self.probe.records[inst.id]
+        pooled = inst.prewarmed and rec["init_done"] <= t0_mono
         init = (rec.get("init_reply") or {}).get("timings", {})
         measure_ms, attest_ms = float(init.get("measure_ms", 0.0)), float(init.get("attest_ms", 0.0))
         ready_ms = (rec["init_done"] - rec["spawn"]) * 1e3
         init_http_ms = (rec["init_done"] - rec["init_sent"]) * 1e3
-        listen = listening_wall(insts[0].log_path)
-        b: dict[str, float] = {}
+        listen = listening_wall(inst.log_path)
+        start: dict[str, float] = {}
         if listen is not None:
-            b["process_start_and_base_imports"] = (listen - rec["spawn_wall"]) * 1e3
-            b["port_wait_until_init_sent"] = (rec["init_sent"] - rec["spawn"]) * 1e3 - b[
+            start["process_start_and_base_imports"] = (listen - rec["spawn_wall"]) * 1e3
+            start["port_wait_until_init_sent"] = (rec["init_sent"] - rec["spawn"]) * 1e3 - start[
                 "process_start_and_base_imports"
             ]
         else:
-            b["process_start_and_base_imports"] = (rec["init_sent"] - rec["spawn"]) * 1e3
-            b["port_wait_until_init_sent"] = 0.0
-        b["init_imports_and_setup"] = init_http_ms - measure_ms - attest_ms
-        b["measure"] = measure_ms
-        b["attestation"] = attest_ms
+            start["process_start_and_base_imports"] = (rec["init_sent"] - rec["spawn"]) * 1e3
+            start["port_wait_until_init_sent"] = 0.0
+        start["init_imports_and_setup"] = init_http_ms - measure_ms - attest_ms
+        start["measure"] = measure_ms
+        start["attestation"] = attest_ms
+        # a spare from the pool did all of that before the request arrived: none of it is on the
+        # request's path (reported apart, as what the pool spent off the path)
+        b: dict[str, float] = {k: 0.0 if pooled else v for k, v in start.items()}
         b["key_release"] = float(timings.get("key_release_ms", 0.0))
         b["model_fetch_decrypt"] = float(timings.get("model_fetch_decrypt_ms", 0.0))
         b["session_create"] = float(timings.get("session_create_ms", 0.0))
@@ -562,6 +598,9 @@ class Bench:
             "total_ms": total,
             "instance_ready_ms": ready_ms,
             "breakdown_ms": b,
+            "from_pool": pooled,
+            "forked": inst.forked,
+            "off_request_path_ms": start if pooled else {},
             "peak_rss_bytes": peak,
             "model_zero_copy": timings.get("model_zero_copy"),
             "outputs": outputs,
@@ -570,8 +609,14 @@ class Bench:
     def summarise_cold(self, runs: list[dict[str, Any]]) -> dict[str, Any]:
         keys = list(runs[0]["breakdown_ms"])
         peaks = [r["peak_rss_bytes"] for r in runs if r["peak_rss_bytes"]]
+        off = [r["off_request_path_ms"] for r in runs if r["off_request_path_ms"]]
         return {
             "runs": len(runs),
+            "from_pool": [r["from_pool"] for r in runs],
+            "forked": [r["forked"] for r in runs],
+            "spare_preparation_off_request_path_ms": {k: round(median([o[k] for o in off]), 1) for k in off[0]}
+            if off
+            else None,
             "cold_start_ms": round(median([r["total_ms"] for r in runs]), 1),
             "cold_start_ms_all": [round(r["total_ms"], 1) for r in runs],
             "instance_ready_ms_p50": round(median([r["instance_ready_ms"] for r in runs]), 1),
@@ -610,6 +655,14 @@ class Bench:
             np.allclose(runs[0]["outputs"][k], ort_runs[0]["outputs"][k], rtol=1e-4, atol=1e-5)
             for k in runs[0]["outputs"]
         )
+        no_pool: dict[str, Any] = {}
+        if self.pool_on:  # the baseline in the same run: no spares, a new interpreter per instance
+            pool_metrics = self.platform.metrics(TEE_FUNCTION)
+            self.use_pool(False)
+            for fmt, model_id in (("onnx", m.model_id), ("ort", ort_id)):
+                base = [self.cold_run(model_id, m.inputs) for _ in range(self.args.cold_runs)]
+                no_pool[fmt] = self.summarise_cold(base)
+            self.use_pool(True)
         ort_format = {
             "publish": "ModelOwner.publish(optimize=True) (ORT format, extended level, no NCHWc layout)",
             "model_bytes": published["plaintext_bytes"],
@@ -619,12 +672,28 @@ class Bench:
             "outputs_agree_with_onnx": bool(agree),
         }
         self.stop_all()
+        pooled = self.summarise_cold(runs)
+        pool: dict[str, Any] = {"prewarm": self.pool_spec.prewarm, "fork_template": self.pool_spec.fork_template}
+        if no_pool:
+            pool.update(
+                idle_gb_s_per_hour=pool_metrics["prewarm_gb_s_per_hour"],
+                idle_gb_s_per_hour_what="the spares and the template, each billed at the function's memory "
+                f"({self.pool_spec.memory_mb} MB) for every second it is idle (platform metrics)",
+                spare_start_ms=pool_metrics["spare_start_ms"],
+                saving_ms_per_cold_start={
+                    "onnx": round(no_pool["onnx"]["cold_start_ms"] - pooled["cold_start_ms"], 1),
+                    "ort": round(no_pool["ort"]["cold_start_ms"] - ort_format["cold_start_ms"], 1),
+                },
+                no_pool=no_pool,
+            )
         return {
-            "what": "first ModelUser.infer through the gateway to a function with zero instances "
-            "(instance stopped between runs; OS page cache warm after the first run)",
-            **self.summarise_cold(runs),
+            "what": "first ModelUser.infer through the gateway to a function with zero serving instances "
+            "(instance stopped between runs; OS page cache warm after the first run), "
+            + ("a spare of the warm pool taking it" if self.pool_on else "no warm pool"),
+            **pooled,
             "warm_infer_ms_p50": warm,
             "ort_format": ort_format,
+            "warm_pool": pool,
             "breakdown_notes": {
                 "process_start_and_base_imports": "spawn until the action server listens (interpreter, "
                 "veil.runtime.action_server imports; from the instance log, ms resolution)",
@@ -637,6 +706,8 @@ class Bench:
                 "(store read, authenticate, decrypt into one buffer), session_create (ONNX Runtime session "
                 "from that buffer), first_run (the session's first inference: ONNX Runtime's warm-up)",
                 "other": "gateway, platform dispatch, client seal/open, JSON and HTTP hops, decrypt/encrypt",
+                "from the pool": "process start .. attestation are 0 on the request path when a spare served "
+                "(spare_preparation_off_request_path_ms has what the spare spent before the request)",
             },
         }
 
@@ -910,6 +981,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--large-runs", type=int, help="cold starts per format of the large model (default 3)")
+    p.add_argument(
+        "--prewarm",
+        type=int,
+        default=1,
+        help="spare instances in the warm pool (default 1; 0: no pool, every cold start from zero)",
+    )
+    p.add_argument("--no-fork", action="store_true", help="start spares as new interpreters, not from the template")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: overhead,cold,large,concurrency,imports")
     p.add_argument("--workdir", help="keep the deployment's files here (default: a temporary directory)")
     a = p.parse_args(argv)
@@ -969,6 +1047,12 @@ def main(argv: list[str]) -> int:
         head["cold_start_breakdown_ms"] = result["cold_start"]["breakdown_ms"]
         head["cold_start_ms_ort_format"] = result["cold_start"]["ort_format"]["cold_start_ms"]
         head["cold_start_breakdown_ms_ort_format"] = result["cold_start"]["ort_format"]["breakdown_ms"]
+        pool = result["cold_start"]["warm_pool"]
+        if "no_pool" in pool:
+            head["cold_start_ms_no_pool"] = pool["no_pool"]["onnx"]["cold_start_ms"]
+            head["cold_start_ms_ort_format_no_pool"] = pool["no_pool"]["ort"]["cold_start_ms"]
+            head["warm_pool_idle_gb_s_per_hour"] = pool["idle_gb_s_per_hour"]
+            head["warm_pool_saving_ms_per_cold_start"] = pool["saving_ms_per_cold_start"]
     if "large_model" in result:
         lm = result["large_model"]
         head["large_model_figures"] = {
@@ -1001,6 +1085,13 @@ def main(argv: list[str]) -> int:
         met15["secure_over_plain_p50 <= 1.03"] = head["secure_over_plain_p50"] <= TARGETS_15["secure_over_plain_p50"]
     if "cold_start_ms" in head:
         met15["cold_start_ms <= 250"] = head["cold_start_ms"] <= TARGETS_15["cold_start_ms"]
+        met15["cold_start_ms (ORT format) <= 250"] = head["cold_start_ms_ort_format"] <= TARGETS_15["cold_start_ms"]
+        steps = ("process_start_and_base_imports", "port_wait_until_init_sent", "init_imports_and_setup")
+        met15["no Python start-up or import on the cold request path"] = all(
+            head[k].get(step, 0.0) == 0.0
+            for k in ("cold_start_breakdown_ms", "cold_start_breakdown_ms_ort_format")
+            for step in steps
+        )
     if "rss_copy_over_shared" in head:
         met15["rss_per_inflight 10x less than copy-per-thread"] = (
             head["rss_copy_over_shared"] >= TARGETS_15["rss_copy_over_shared"]

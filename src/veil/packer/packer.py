@@ -15,6 +15,12 @@ the function with the policy's name and memory model and passes the model with e
 (`veil.packer.routed`). The packer only speaks `veil.platform.protocol`; it never asks which
 platform it has.
 
+Models are planned at their real size (`veil.packer.sizes`): the sealed size from the store
+(the template's `init_value["store"]`, or `model_size_mb`), then the resident size measured on
+the instance after the model's first load; so models whose sum exceeds an instance's memory are
+never placed together. A request whose instance vanished before it was sent (crashed, stopped
+for memory, killed as unresponsive) is placed once more, on another instance.
+
 Thread-safe: any number of threads may call `invoke` concurrently.
 """
 
@@ -32,6 +38,7 @@ from veil.packer.metrics import InstanceSpan, RequestRecord, summarize, timeline
 from veil.packer.policies import make_policy
 from veil.packer.policies.base import Policy
 from veil.packer.routed import RoutedExecutor, unload_routing
+from veil.packer.sizes import ModelSizes, store_sealed_mb
 from veil.packer.state import PoolSpec, Reject, Route, Stop, Unload
 from veil.platform import FunctionSpec, PlatformError
 from veil.platform.protocol import InstanceControl, Platform, Routing, routes_models
@@ -39,6 +46,8 @@ from veil.platform.protocol import InstanceControl, Platform, Routing, routes_mo
 log = logging.getLogger("veil.packer")
 
 _POOL_KEYS = ("base_mb", "model_mb", "default_model_mb", "max_instances")
+#: codes of a failure that means the chosen instance is gone (crashed, out of memory, killed)
+_GONE = ("instance_crashed", "unknown_instance", "out_of_memory")
 
 
 class PackerError(PlatformError):
@@ -64,7 +73,9 @@ class Packer:
     request that makes an instance drop a model (None: the runtime manages its own cache);
     `exec_time(result) -> seconds | None` reads the runtime's service time from its answer
     (None: the wall time of the invocation, which includes waiting for a slot);
-    `clock` (default time.monotonic) is the time source handed to the policy.
+    `clock` (default time.monotonic) is the time source handed to the policy;
+    `model_size_mb(model) -> MB | None` gives a model's sealed size (default: read from the
+    store named by the template's init value, if any; False: plan with the given sizes only).
 
     `platform` is any `Platform`; one that does not route by model must also offer
     `InstanceControl` (the packer then starts, targets and stops instances itself).
@@ -82,6 +93,11 @@ class Packer:
         self._clock: Callable[[], float] = options.pop("clock", time.monotonic)
         self._unload_value: Callable[[str], dict] | None = options.pop("unload_value", None)
         self._exec_time: Callable[[dict], float | None] | None = options.pop("exec_time", None)
+        sealed = options.pop("model_size_mb", None)
+        store = template.init_value.get("store") if isinstance(template.init_value, dict) else None
+        if sealed is None and isinstance(store, str):
+            sealed = store_sealed_mb(store)
+        self.sizes = ModelSizes(sealed or None)
         pool_opts = {k: options.pop(k) for k in _POOL_KEYS if k in options}
         pool_opts.setdefault("max_instances", template.max_instances)
         spec = PoolSpec(
@@ -136,10 +152,24 @@ class Packer:
             return self._routed.invoke(model, value, timeout=timeout)
         t0 = self._clock()
         deadline = t0 + timeout
+        planned = self.sizes.lookup(model)  # outside the lock: the store may be remote
+        try:
+            return self._invoke_once(model, value, t0, deadline, planned, first=True)
+        except PlatformError as exc:
+            if exc.code not in _GONE or exc.sent is not False or self._clock() >= deadline:
+                raise
+            # its instance went away before it got the request: nothing ran, place it again
+            return self._invoke_once(model, value, t0, deadline, planned, first=False)
+
+    def _invoke_once(
+        self, model: str, value: dict, t0: float, deadline: float, planned: float | None, *, first: bool
+    ) -> dict:
         with self._lock:
             if self._closed:
                 raise PackerError("closed", "the packer is closed")
-            decision = self.policy.route(model, t0)
+            if planned is not None:
+                self.policy.spec.model_mb[model] = planned
+            decision = self.policy.route(model, t0) if first else self._reroute(model)
             if isinstance(decision, Reject):
                 self._records.append(RequestRecord(t0 - self._origin, model, 0.0, False, False, "", "busy"))
                 raise PackerError("busy", f"model {model!r}: {decision.reason}")
@@ -149,12 +179,17 @@ class Packer:
                     decision.instance, decision.function, self.policy.spec.memory_mb, t0 - self._origin
                 )
             handle = self._handles[decision.instance]
+            placed = self.policy.instances.get(decision.instance)
+            alone = placed is not None and len(placed.loading) <= 1  # only then is a growth this model's
             self._wake.notify_all()
         ok, exec_s, error = False, 0.0, ""
+        rss_before: float | None = None
         try:
             self._ensure_started(decision, handle, deadline)
             self._send_evictions(handle, decision.evict)
             assert handle.platform_id is not None
+            if decision.load and alone:
+                rss_before = self._rss_mb(handle)
             started = self._clock()
             result = self.platform.invoke_instance(
                 handle.function, handle.platform_id, value, timeout=max(0.001, deadline - started)
@@ -165,10 +200,18 @@ class Packer:
                 reported = self._exec_time(result)
                 exec_s = exec_s if reported is None else reported
             ok = True
+            if rss_before is not None:
+                after = self._rss_mb(handle)
+                if after is not None:
+                    self.sizes.measured(model, after - rss_before)
+                    planned_now = self.sizes.planned(model)
+                    if planned_now is not None:
+                        with self._lock:
+                            self.policy.spec.model_mb[model] = planned_now
             return result
         except PlatformError as exc:
             error = exc.code
-            if exc.code in ("instance_crashed", "unknown_instance"):
+            if exc.code in _GONE:
                 self._forget(decision.instance)
             raise
         finally:
@@ -179,6 +222,22 @@ class Packer:
                     RequestRecord(t0 - self._origin, model, end - t0, decision.cold, ok, decision.instance, error)
                 )
                 self._wake.notify_all()
+
+    def _reroute(self, model: str) -> Route | Reject:
+        """Place a request again (its arrival is already recorded by the first placement)."""
+        reroute = getattr(self.policy, "reroute", None)
+        return reroute(model, self._clock()) if reroute is not None else self.policy.route(model, self._clock())
+
+    def _rss_mb(self, handle: _Handle) -> float | None:
+        """The instance's resident set now (the platform reads it from the process)."""
+        instances = getattr(self.platform, "instances", None)
+        if instances is None:
+            return None
+        try:
+            infos = instances(handle.function)
+        except PlatformError:
+            return None
+        return next((i.rss_mb for i in infos if i.id == handle.platform_id), None)
 
     def _ensure_started(self, decision: Route, handle: _Handle, deadline: float) -> None:
         if not decision.start:
@@ -299,6 +358,7 @@ class Packer:
             out = summarize(self._records, list(self._spans.values()), end)
             out["policy"] = self.policy.name
             out["instances_now"] = len(self._handles)
+            out["model_sizes"] = self.sizes.snapshot()
             out["instance_timeline"] = [[round(t, 3), n] for t, n in timeline(list(self._spans.values()), end)]
             functions = sorted(self._deployed)
         platform_gb_s = 0.0

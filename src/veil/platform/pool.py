@@ -58,6 +58,10 @@ log = logging.getLogger("veil.platform.pool")
 _ALIVE = (STARTING, READY, DRAINING)
 #: how long a suspect instance has to answer its health probe before it is killed
 HEALTH_TIMEOUT_S = 1.5
+#: a spare taken by a cold start is replaced this much later, not at once: starting the
+#: replacement (a fork, then its /init: measurement and attestation) would compete for the CPU
+#: with the very cold start that took the spare (its key release, model load, first run)
+REFILL_DELAY_S = 0.5
 #: why an instance ended -> the code a request aimed at it (or running on it) gets
 _END_CODES = {"crashed": "instance_crashed", "was unresponsive": "instance_crashed", "out_of_memory": "out_of_memory"}
 
@@ -103,6 +107,7 @@ class FunctionPool:
         self._template: Template | None = None
         self._template_gen = -1
         self._template_thread: threading.Thread | None = None
+        self._refill_at = 0.0
 
     @property
     def name(self) -> str:
@@ -161,6 +166,7 @@ class FunctionPool:
         inst.spare = False
         inst.prewarmed = True
         inst.last_used_mono = time.monotonic()
+        self._refill_at = inst.last_used_mono + REFILL_DELAY_S
         self.metrics.promoted(inst.id, time.monotonic())
         self.cond.notify_all()
         return inst
@@ -632,11 +638,16 @@ class FunctionPool:
                 inst.state = STOPPED
                 self._remember_end(inst.id, "was stopped after its idle timeout")
                 stopping.append(inst)
-            for inst in list(self.instances):  # spares of an old spec are replaced
-                if inst.spare and inst.state == READY and inst.generation != self.generation:
+            keep = self.spec.prewarm
+            for inst in sorted(self.instances, key=lambda i: i.started_mono, reverse=True):
+                # spares of an old spec are replaced; beyond a smaller pool size, the oldest go
+                if inst.spare and inst.state == READY:
+                    if inst.generation == self.generation and keep > 0:
+                        keep -= 1
+                        continue
                     self.instances.remove(inst)
                     inst.state = STOPPED
-                    self._remember_end(inst.id, "was stopped (spare of an old spec)")
+                    self._remember_end(inst.id, "was stopped (spare no longer needed)")
                     stopping.append(inst)
             current = sum(
                 1
@@ -655,11 +666,14 @@ class FunctionPool:
                 for i in self.instances
                 if i.spare and i.state in (STARTING, READY) and i.generation == self.generation
             )
-            while spares < self.spec.prewarm and now >= self._next_min_start:
+            while spares < self.spec.prewarm and now >= max(self._next_min_start, self._refill_at):
                 self._begin_start(spare=True)  # the warm pool refills in the background
                 spares += 1
             if self.spec.fork_template and self._template is None:
                 self._template_for_start()
+            retired = None
+            if not self.spec.fork_template and self._template is not None:
+                retired, self._template = self._template, None
             template = self._template
             if crashed or stopping:
                 self.cond.notify_all()
@@ -670,6 +684,9 @@ class FunctionPool:
                 target=_quietly, args=(template.ensure,), name="veil-template-start", daemon=True
             )
             self._template_thread.start()
+        if retired is not None:  # the function no longer forks: its template goes
+            retired.close()
+            self.metrics.instance_ended(f"{self.name}-template", time.monotonic())
         for inst in over:
             self._kill(inst, "out_of_memory", "out_of_memory")
         for inst in crashed:
