@@ -124,6 +124,13 @@ class StackOptions:
     max_instances: int = 4
     max_queue: int = 64  # requests a function queues for a slot; beyond that a clean `busy`
     idle_timeout_s: float = 120.0
+    # the TEE function's warm pool (local platform): spares started, attested and idle until a
+    # cold start takes one (billed apart), forked from a pre-imported template (docs/operations.md)
+    prewarm: int = 0
+    fork_template: bool = False
+    # how memory_mb is enforced on the local platform: "auto" (a cgroup if the machine allows
+    # one, else an RSS watchdog), "cgroup", "watchdog" or "off"
+    memory_enforcement: str = "auto"
     he: bool = True
     runtime_init: dict[str, Any] = field(default_factory=dict)
     runtime_env: dict[str, str] = field(default_factory=dict)
@@ -346,9 +353,10 @@ class LocalDeployment:
             **o.runtime_env,
         }
 
-        def runtime_function(name: str, init_value: dict[str, Any]) -> FunctionSpec:
+        def runtime_function(name: str, init_value: dict[str, Any], **pool: Any) -> FunctionSpec:
             """Both modes run the same runtime program; only the init value differs."""
             return FunctionSpec(
+                **pool,
                 name=name,
                 command=[sys.executable, "-m", "veil.runtime"],
                 memory_mb=o.memory_mb,
@@ -368,6 +376,8 @@ class LocalDeployment:
                 "store": self.store_location,
                 **o.runtime_init,
             },
+            prewarm=o.prewarm,
+            fork_template=o.fork_template,
         )
         packer = _packer_class() if o.packer_policy else None
         if packer is not None:
@@ -395,7 +405,7 @@ class LocalDeployment:
 
         o = self.options
         if o.platform == "local":
-            return LocalPlatform(log_dir=self.log_dir)
+            return LocalPlatform(log_dir=self.log_dir, memory_enforcement=o.memory_enforcement)
         from veil.platform.ray_serve.launch import open_ray_platform
         from veil.platform.ray_serve.options import RayOptions
 
