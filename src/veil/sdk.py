@@ -448,6 +448,7 @@ class ModelUser(_Principal):
         deadline_s: float = DEFAULT_DEADLINE_S,
         idempotent: bool = False,
         packing: str | None = None,
+        max_parts: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Encrypt `inputs`, send them, decrypt and return the model's named outputs.
 
@@ -455,7 +456,9 @@ class ModelUser(_Principal):
         samples (rows of features) under this user's CKKS key and returns `scores` and
         `predictions`; hybrid mode does both (CKKS ciphertexts inside the envelope, evaluated in
         an attested runtime). `packing` ("latency" or "throughput") overrides the HE cost
-        model's choice. HE keys are made, kept (`key_dir`) and uploaded once per model parameters.
+        model's choice; `max_parts` caps how many instances share one HE throughput batch (1: no
+        split; default: as many as the deployment runs). HE keys are made, kept (`key_dir`) and
+        uploaded once per model parameters.
 
         An error the runtime answers after authenticating the request comes encrypted (only its
         code travels in clear): it is opened here and raised as a VeilError with the detailed code
@@ -472,7 +475,15 @@ class ModelUser(_Principal):
         model_id = _model_id(model_id)
         card = self._card_or_none(model_id)
         if card is not None and card.mode in ("he", "hybrid"):
-            return self._infer_he(model_id, card, inputs, packing=packing, deadline_s=deadline_s, idempotent=idempotent)
+            return self._infer_he(
+                model_id,
+                card,
+                inputs,
+                packing=packing,
+                deadline_s=deadline_s,
+                idempotent=idempotent,
+                max_parts=max_parts,
+            )
         named = self._named_inputs(model_id, inputs, input_name)
         key = self.request_keys.get(model_id)
         if key is None:
@@ -513,6 +524,7 @@ class ModelUser(_Principal):
         packing: str | None,
         deadline_s: float,
         idempotent: bool,
+        max_parts: int | None = None,
     ) -> dict[str, np.ndarray]:
         from veil.he.errors import HEError
         from veil.he.user import decrypt_response, encrypt_request
@@ -550,7 +562,7 @@ class ModelUser(_Principal):
             remaining = deadline - time.monotonic()
             try:
                 raw = (
-                    self._he_once(model_id, req, remaining)
+                    self._he_once(model_id, req, remaining, max_parts)
                     if card.mode == "he"
                     else self._hybrid_once(model_id, req, remaining)
                 )
@@ -568,6 +580,9 @@ class ModelUser(_Principal):
                 if time.monotonic() + pause >= deadline:
                     raise exc.error from None
                 time.sleep(pause)
+        if isinstance(raw, dict) and isinstance(raw.get("eval_ms"), int | float):
+            self.last_timings["eval_ms"] = float(raw["eval_ms"])  # the slowest part's, when split
+            self.last_timings["parts"] = int(raw.get("parts", 1)) if isinstance(raw.get("parts", 1), int) else 1
         try:
             return decrypt_response(keys, raw, batch.packing, batch.batch)
         except HEError as exc:
@@ -597,14 +612,17 @@ class ModelUser(_Principal):
         keys.mark_uploaded()
         self._he_uploaded.add(keys.key_id)
 
-    def _he_once(self, model_id: str, req: Any, remaining_s: float) -> dict[str, Any]:
+    def _he_once(self, model_id: str, req: Any, remaining_s: float, max_parts: int | None = None) -> dict[str, Any]:
         """One HE-mode attempt: a freshly signed request to the gateway's HE route."""
         from veil.he.user import signed_request
+        from veil.wire.he import HEADER_HE_PARTS
 
         if remaining_s <= 0:
             raise VeilError("deadline passed before the request could be sent", code="deadline_exceeded", status=504)
         body, headers = signed_request(self.identity, req, remaining_s)
         headers[TIMEOUT_HEADER] = str(int(remaining_s * 1000))
+        if max_parts is not None:
+            headers[HEADER_HE_PARTS] = str(max(1, int(max_parts)))
         t0 = time.perf_counter()
         try:
             response = self.gateway.post(

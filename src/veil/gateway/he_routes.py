@@ -15,6 +15,7 @@ upload evaluation keys here too.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from veil import openapi_bodies as bodies
 from veil.crypto.encoding import b64d
@@ -44,6 +46,16 @@ def _key_id(value: str) -> str:
     if not isinstance(value, str) or len(value) != 64 or not set(value) <= _HEX:
         raise BadRequest("key_id: must be 64 lowercase hex digits", code="malformed")
     return value
+
+
+def _max_parts(request: Request) -> int:
+    """The client's cap on how many instances share its batch (`x-veil-he-parts`; 1: no split)."""
+    raw = request.headers.get(he_wire.HEADER_HE_PARTS)
+    if raw is None:
+        return 1 << 10
+    if not raw.isdigit() or not 1 <= len(raw) <= 4 or int(raw) < 1:
+        raise BadRequest(f"{he_wire.HEADER_HE_PARTS}: must be a positive whole number", code="malformed")
+    return int(raw)
 
 
 class _Ttl:
@@ -207,8 +219,14 @@ def install_he_routes(
             raise VeilError(f"model {model!r} is not an HE model", code="not_he", status=404)
         return {"v": 1, "model": model, "version": found["version"], "mode": found["mode"], "spec": spec}
 
-    @app.post("/v1/he/models/{model}:infer", openapi_extra=bodies.HE_OBJECT)
-    async def he_infer(model: str, request: Request) -> dict:
+    @app.post("/v1/he/models/{model}:infer", openapi_extra=bodies.HE_OBJECT, response_class=Response)
+    async def he_infer(model: str, request: Request) -> Response:
+        """An HE-mode request: see `serve_he`; the answer (ciphertexts in base64url) is encoded
+        once here, not walked by FastAPI's response encoder."""
+        answer = await serve_he(model, request)
+        return Response(json.dumps(answer, separators=(",", ":")).encode(), media_type="application/json")
+
+    async def serve_he(model: str, request: Request) -> dict[str, Any]:
         """An HE-mode request: authenticated (user signature, fresh id, expiry), then routed to
         the HE function with the current version and the user named; a throughput batch of
         several groups is spread over instances."""
@@ -241,7 +259,7 @@ def install_he_routes(
         group = found["extra"].get("throughput_group")
         parts = 1
         if spreader is not None and type(group) is int:
-            parts = part_count(value, group, spreader.capacity())
+            parts = part_count(value, group, min(spreader.capacity(), _max_parts(request)))
         if parts <= 1:
             return await call(he_router, key, value, "he", request)
         pieces = split(value, group, parts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 HEADER_HE_SIGNATURE = "x-veil-he-signature"
 HEADER_HE_KEY_ID = "x-veil-he-key-id"
+HEADER_HE_PARTS = "x-veil-he-parts"  # a client's cap on the instances one throughput batch is spread over
 REQUEST_CONTEXT = b"veil-he-request-v1"
 KEYS_CONTEXT = b"veil-he-keys-v1"
 MAX_REQUEST_LIFETIME_S = 300
