@@ -8,7 +8,9 @@ Routing:
 Each candidate is priced by its expected wait (queue for a slot, rest of an instance start,
 model load, learned online from completions) and the cheapest wins, ties going in the order
 above: so a model warm only on full instances queues there when that is shorter than a cold
-load elsewhere, and a short queue is preferred to an instance start.
+load elsewhere, and a short queue is preferred to an instance start. Evicting a warm model is
+priced at its reload (the next request for it pays that), so while the pool may grow, models
+too big to share an instance get instances of their own instead of taking turns on one.
 
 Keep-alive is per model, learned from the model's inter-arrival times (`KeepAliveLearner`): an
 idle model is unloaded when its window ends and an instance stops once it holds no model, so a
@@ -144,7 +146,8 @@ class VeilPolicy(Policy):
             if evict is None:
                 continue
             rank = 2 if free else 3
-            key = (wait + load, rank, inst.total_inflight, len(evict), inst.seq)
+            reloads = sum(self.load_estimate(victim) for victim in evict)
+            key = (wait + load + reloads, rank, inst.total_inflight, len(evict), inst.seq)
             options.append((key, inst, evict))
         if len(self.instances) < self.spec.max_instances:
             scale = (self._start.value + load, 4, 0, 0, self._seq + 1)
