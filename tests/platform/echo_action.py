@@ -9,6 +9,7 @@ POST /run {"value": v, ...} echoes; v may ask for:
   {"fail": true}          answer 400 {"error": {"code": "bad_input", "message": ...}}
   {"spam": n}             write n bytes to stdout and to stderr first
   {"alloc_mb": n}         allocate and touch n MiB (held for the request), to go over a limit
+  {"model": m, "load_s": s}  sleep s seconds the first time this process sees model m (a load)
 The answer reports the pid, the init value, the activation fields and the __OW_* environment.
 """
 
@@ -21,7 +22,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STATE: dict = {"init": None, "runs": 0}
+STATE: dict = {"init": None, "runs": 0, "models": set()}
 LOCK = threading.Lock()
 
 
@@ -67,6 +68,9 @@ class Handler(BaseHTTPRequestHandler):
                     sys.stderr.buffer.write(chunk)
                 sys.stdout.flush()
                 sys.stderr.flush()
+            if value.get("load_s") and value.get("model") not in STATE["models"]:
+                STATE["models"].add(value.get("model"))
+                time.sleep(float(value["load_s"]))
             held = bytearray()
             if value.get("alloc_mb"):
                 held = bytearray(int(value["alloc_mb"]) << 20)

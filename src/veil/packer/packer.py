@@ -17,8 +17,9 @@ platform it has.
 
 Models are planned at their real size (`veil.packer.sizes`): the sealed size from the store
 (the template's `init_value["store"]`, or `model_size_mb`), then the resident size measured on
-the instance after the model's first load; so models whose sum exceeds an instance's memory are
-never placed together. A request whose instance vanished before it was sent (crashed, stopped
+the instance after the model's first load, and the runtime's own base (its resident set before
+its first model, when that is more than `base_mb`); so models whose sum exceeds an instance's
+memory are never placed together. A request whose instance vanished before it was sent (crashed, stopped
 for memory, killed as unresponsive) is placed once more, on another instance.
 
 Thread-safe: any number of threads may call `invoke` concurrently.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -181,6 +183,7 @@ class Packer:
             handle = self._handles[decision.instance]
             placed = self.policy.instances.get(decision.instance)
             alone = placed is not None and len(placed.loading) <= 1  # only then is a growth this model's
+            first_model = placed is not None and list(placed.resident) == [model]
             self._wake.notify_all()
         ok, exec_s, error = False, 0.0, ""
         rss_before: float | None = None
@@ -190,6 +193,10 @@ class Packer:
             assert handle.platform_id is not None
             if decision.load and alone:
                 rss_before = self._rss_mb(handle)
+                if first_model and rss_before is not None and rss_before > self.policy.spec.base_mb:
+                    # what the runtime holds before any model (interpreter, libraries, caches)
+                    with self._lock:
+                        self.policy.spec = dataclasses.replace(self.policy.spec, base_mb=round(rss_before, 1))
             started = self._clock()
             result = self.platform.invoke_instance(
                 handle.function, handle.platform_id, value, timeout=max(0.001, deadline - started)
