@@ -59,21 +59,28 @@ def test_both_packings_and_keys_reused(he_stack, tmp_path):
 
 
 def test_concurrent_clients_on_four_instances(he_stack):
-    """12 fresh users, 4 threads each round, 3 rounds over LR and MLP: no failures, no
-    `unknown_key` (any instance fetches keys from the store), more than one instance used."""
+    """12 fresh users at once, 3 requests each over LR and MLP, the first of each user a
+    throughput batch of three groups that the gateway spreads over instances: no failures and no
+    `unknown_key` (an instance that lacks a user's keys fetches them from the store), several
+    instances serving."""
     users = [he_stack.new_user(grant=("lr", "mlp")) for _ in range(12)]
+    group = he_stack.user.card("lr").extra["throughput_group"]
+    lr = he_stack.tasks["lr"]
+    big = np.tile(lr.x_test, (2 * group // len(lr.x_test) + 2, 1))[: 2 * group + 10]
     failures: list[str] = []
     done = [0]
     lock = threading.Lock()
+    barrier = threading.Barrier(len(users))
 
     def work(i: int) -> None:
-        name = "mlp" if i % 3 == 0 else "lr"
-        task = he_stack.tasks[name]
+        barrier.wait(timeout=60)
         for r in range(3):
-            x = task.x_test[(i + r) % 20 : (i + r) % 20 + 2]
+            name = "mlp" if (i + r) % 3 == 0 and r else "lr"
+            task = he_stack.tasks[name]
+            x = big if r == 0 else task.x_test[(i + r) % 20 : (i + r) % 20 + 2]
             try:
-                out = users[i].infer(name, x, packing="latency", deadline_s=120)
-                ok = list(out["predictions"]) == list(task.model.predict(x))
+                out = users[i].infer(name, x, packing="throughput" if r == 0 else "latency", deadline_s=120)
+                ok = np.mean(out["predictions"] == task.model.predict(x)) >= (0.99 if r == 0 else 1.0)
                 with lock:
                     done[0] += 1
                     if not ok:
@@ -89,8 +96,8 @@ def test_concurrent_clients_on_four_instances(he_stack):
         t.join(timeout=300)
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert failures == [] and done[0] == 36
-    instances = he_stack.deployment.he_platform.instances(HE_FUNCTION)
-    assert len(instances) >= 2, instances
+    served = [i for i in he_stack.deployment.he_platform.instances(HE_FUNCTION) if i.requests > 0]
+    assert len(served) >= 2, served
 
 
 def _raw(stack, user, name, x, packing=None, mutate=None):
@@ -330,3 +337,52 @@ def test_large_keys_of_the_three_layer_mlp_are_served(he_stack):
     keys = user.he_keys.for_model("mlp3", user.card("mlp3").extra["he_spec"])
     assert len(keys.client.eval_keys()) > 48 << 20  # more than the old runtime body limit
     assert list(out["predictions"]) == list(task.model.predict(x)), time.perf_counter() - t0
+
+
+def _declared_too_large(base: str, path: str, headers: dict, size: int) -> tuple[int, dict]:
+    """PUT that declares `size` bytes and sends none: refused from its headers alone."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.putrequest("PUT", path)
+        for k, v in {**headers, "content-length": str(size)}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_key_upload_refusals(he_stack):
+    """Key uploads: unsigned, over the limit, a key id that is not the blob's, a user without
+    access; each a clear 4xx that leaves nothing in the store."""
+    from veil.he.keys import record_key_id
+    from veil.he.user import key_upload
+
+    user = he_stack.new_user(grant=("lr",))
+    keys = user.he_keys.for_model("lr", user.card("lr").extra["he_spec"])
+    headers, pieces = key_upload(user.identity, "lr", keys)
+    store = he_stack.deployment.model_store()
+    with httpx.Client(base_url=he_stack.info.gateway_url, timeout=60) as http:
+        r = http.put("/v1/he/models/lr/keys", content=b"x", headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unsigned_request"
+        status, answer = _declared_too_large(he_stack.info.gateway_url, "/v1/he/models/lr/keys", headers, 300 << 20)
+        assert status == 413 and answer["error"]["code"] == "too_large", answer
+        wrong = record_key_id(user.id, "mlp", keys.client.eval_keys())
+        r = http.put("/v1/he/models/lr/keys", content=pieces(), headers={**headers, "x-veil-he-key-id": wrong})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "bad_signature"  # signed for the real id
+        assert not store.exists(store_id(wrong), 1)
+        stranger = he_stack.new_user()
+        s_headers, s_pieces = key_upload(stranger.identity, "lr", stranger.he_keys.for_model("lr", keys.client.spec))
+        r = http.put("/v1/he/models/lr/keys", content=s_pieces(), headers=s_headers)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "not_granted"
+        assert not store.exists(store_id(s_headers["x-veil-he-key-id"]), 1)
+        assert not store.exists(store_id(keys.key_id), 1)
+        r = http.put("/v1/he/models/lr/keys", content=pieces(), headers=headers)
+        assert r.status_code == 200 and r.json()["stored"] and store.exists(store_id(keys.key_id), 1)
+        spec = http.get("/v1/he/models/lr/spec").json()
+        assert spec["mode"] == "he" and spec["spec"]["params_digest"] == keys.client.spec["params_digest"]

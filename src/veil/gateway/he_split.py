@@ -4,9 +4,10 @@ A throughput-packed request is a sequence of groups, each `features` ciphertexts
 `group` samples (one per slot pair); groups are independent, so a batch of several groups can
 run on several instances at once. `split` cuts a request into contiguous runs of whole groups,
 `merge` concatenates the parts' result ciphertexts in order. `Spreader` sends each part to its own
-ready instance when the platform lets the caller place requests (the local platform), else as
-separately routed requests (a model-routing platform such as Ray Serve places them), and retries
-a failed part once.
+ready instance when the platform lets the caller place requests (the local platform); parts
+beyond the ready instances, and every part on a model-routing platform such as Ray Serve, go
+through the router under their own routing keys, so its policy places (and scales for) them. A
+failed part is retried once, routed anew.
 """
 
 from __future__ import annotations
@@ -86,26 +87,20 @@ class Spreader:
             return 1
 
     def _targets(self, parts: int) -> list[str]:
+        """Up to `parts` ready instances, least busy first. None is started here: the packer owns
+        scaling (an instance started behind its back would take a slot its policy counts on), so
+        parts beyond the ready instances are routed through it and it scales as it decides."""
         ready = [i for i in self.platform.instances(self.function) if i.state == "ready"]
         ready.sort(key=lambda i: i.inflight)
-        ids = [i.id for i in ready]
-        while len(ids) < parts:
-            try:
-                ids.append(self.platform.start_instance(self.function))
-            except Exception as exc:  # noqa: BLE001 - at the instance limit: share what there is
-                log.info("no extra instance for a split batch: %s", getattr(exc, "code", type(exc).__name__))
-                break
-        return ids
+        return [i.id for i in ready[:parts]]
 
     def run(self, key: str, parts: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
         targets = self._targets(len(parts)) if self.placeable() else []
 
         def one(i: int, part: dict[str, Any]) -> dict[str, Any]:
             try:
-                if targets:
-                    return self.platform.invoke_instance(
-                        self.function, targets[i % len(targets)], part, timeout=timeout
-                    )
+                if i < len(targets):
+                    return self.platform.invoke_instance(self.function, targets[i], part, timeout=timeout)
                 return self.invoke(f"{key}#part{i}", part, timeout)
             except Exception as exc:  # noqa: BLE001 - one retry, routed anew, then the error stands
                 if _is_refusal(exc):
