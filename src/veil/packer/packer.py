@@ -107,6 +107,7 @@ class Packer:
             capacity=template.concurrency,
             memory_mb=float(template.memory_mb),
             idle_timeout_s=template.idle_timeout_s,
+            can_unload=self._unload_value is not None,
             **pool_opts,
         )
         self._routed: RoutedExecutor | None = None
@@ -186,17 +187,17 @@ class Packer:
             first_model = placed is not None and list(placed.resident) == [model]
             self._wake.notify_all()
         ok, exec_s, error = False, 0.0, ""
-        rss_before: float | None = None
+        rss_before: tuple[float, float | None] | None = None
         try:
             self._ensure_started(decision, handle, deadline)
             self._send_evictions(handle, decision.evict)
             assert handle.platform_id is not None
             if decision.load and alone:
                 rss_before = self._rss_mb(handle)
-                if first_model and rss_before is not None and rss_before > self.policy.spec.base_mb:
+                if first_model and rss_before is not None and rss_before[0] > self.policy.spec.base_mb:
                     # what the runtime holds before any model (interpreter, libraries, caches)
                     with self._lock:
-                        self.policy.spec = dataclasses.replace(self.policy.spec, base_mb=round(rss_before, 1))
+                        self.policy.spec = dataclasses.replace(self.policy.spec, base_mb=round(rss_before[0], 1))
             started = self._clock()
             result = self.platform.invoke_instance(
                 handle.function, handle.platform_id, value, timeout=max(0.001, deadline - started)
@@ -210,7 +211,10 @@ class Packer:
             if rss_before is not None:
                 after = self._rss_mb(handle)
                 if after is not None:
-                    self.sizes.measured(model, after - rss_before)
+                    # the steady growth, or the peak's when the load went higher than anything
+                    # before it (a load needs more for a moment than the model keeps)
+                    peak = after[1] - rss_before[1] if after[1] is not None and rss_before[1] is not None else 0.0
+                    self.sizes.measured(model, max(after[0] - rss_before[0], peak))
                     planned_now = self.sizes.planned(model)
                     if planned_now is not None:
                         with self._lock:
@@ -235,8 +239,9 @@ class Packer:
         reroute = getattr(self.policy, "reroute", None)
         return reroute(model, self._clock()) if reroute is not None else self.policy.route(model, self._clock())
 
-    def _rss_mb(self, handle: _Handle) -> float | None:
-        """The instance's resident set now (the platform reads it from the process)."""
+    def _rss_mb(self, handle: _Handle) -> tuple[float, float | None] | None:
+        """The instance's resident set now and its high-water mark (the platform reads them from
+        the process)."""
         instances = getattr(self.platform, "instances", None)
         if instances is None:
             return None
@@ -244,7 +249,10 @@ class Packer:
             infos = instances(handle.function)
         except PlatformError:
             return None
-        return next((i.rss_mb for i in infos if i.id == handle.platform_id), None)
+        info = next((i for i in infos if i.id == handle.platform_id), None)
+        if info is None or info.rss_mb is None:
+            return None
+        return info.rss_mb, getattr(info, "peak_rss_mb", None)
 
     def _ensure_started(self, decision: Route, handle: _Handle, deadline: float) -> None:
         if not decision.start:

@@ -7,8 +7,10 @@ swaps them in and out on every request (or, with memory enforced, is stopped). S
 - the **sealed size** comes from the model store (the newest version's file; AES-GCM adds a few
   bytes per chunk, so it is the plaintext's size to within a fraction of a percent);
 - the **measured resident size** is what the instance's resident set grew by while it loaded
-  the model and answered its first request (session, arenas, the decrypted buffer), read by the
-  platform from the process after that request;
+  the model and answered its first request (session, arenas, the decrypted buffer), or its
+  high-water mark when the load peaked above anything before, read by the platform from the
+  process after that request; a measured model is still planned at no less than its sealed size
+  times `prior_ratio` (a load needs its sealed bytes and more for a moment);
 - a model not measured yet is planned at its sealed size times the largest resident/sealed
   ratio measured so far on models of at least 16 MB (at first `prior_ratio`, 1.3: what the
   runtime's load path is held to, issue 15; at most 4), since loading costs more than the bytes.
@@ -66,7 +68,7 @@ class ModelSizes:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sealed_mb = sealed_mb
-        self.ratio = prior_ratio
+        self.ratio = self.prior_ratio = prior_ratio
         self._refresh_s = refresh_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -88,8 +90,8 @@ class ModelSizes:
         with self._lock:
             measured = self._measured.get(model)
             sealed = self._sealed.get(model, (None, 0.0))[0]
-            if measured is not None:
-                return round(max(measured, sealed or 0.0), 1)
+            if measured is not None:  # never below what loading needs at first (prior x sealed)
+                return round(max(measured, (sealed or 0.0) * self.prior_ratio), 1)
             return None if sealed is None else round(sealed * self.ratio, 1)
 
     def measured(self, model: str, resident_mb: float) -> None:

@@ -116,6 +116,8 @@ class PoolSpec:
     `memory_mb` is an instance's size (what it is billed for); `base_mb` what the runtime uses
     before any model is loaded; `model_mb` each model's resident size (a default for unknown
     models). `idle_timeout_s` is the platform's fixed keep-alive used by the baselines.
+    `can_unload`: the executor can make an instance drop a model (an unload request); without
+    it a model stays until its instance stops, so making room by eviction is not an option.
     """
 
     function: str
@@ -126,6 +128,7 @@ class PoolSpec:
     idle_timeout_s: float = 60.0
     model_mb: dict[str, float] = field(default_factory=dict)
     default_model_mb: float = 40.0
+    can_unload: bool = True
 
     def size_of(self, model: str) -> float:
         return self.model_mb.get(model, self.default_model_mb)

@@ -53,6 +53,7 @@ class InstanceInfo:
     keep_alive_s: float = 0.0
     memory_mb: int = 0
     rss_mb: float | None = None
+    peak_rss_mb: float | None = None  # the process's high-water mark (VmHWM) so far
     log_path: str | None = None
     forked: bool = False  # forked from the function's template (no interpreter start-up)
     prewarmed: bool = False  # taken from the pre-attested pool (its start was off the request path)
@@ -366,10 +367,11 @@ class Instance:
 
     def info(self, idle_timeout_s: float) -> InstanceInfo:
         """Snapshot; call under the pool lock so the scheduling fields are consistent."""
-        rss = None
+        rss = peak = None
         pid = self.proc.pid if self.proc is not None else None
         if pid is not None and self.state in (STARTING, READY, DRAINING):
             rss = _rss_mb(pid)
+            peak = _peak_rss_mb(pid)
         return InstanceInfo(
             id=self.id,
             function=self.function,
@@ -383,6 +385,7 @@ class Instance:
             keep_alive_s=self.keep_alive_s if self.keep_alive_s is not None else idle_timeout_s,
             memory_mb=self.memory_mb,
             rss_mb=rss,
+            peak_rss_mb=peak,
             log_path=str(self.log_path),
             forked=self.forked,
             prewarmed=self.prewarmed,
@@ -429,6 +432,17 @@ def parse_run(function: str, status: int, content: bytes) -> dict[str, Any]:
             502,
         )
     return payload
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _error_status(http_status: int, error: Any) -> int:

@@ -83,6 +83,8 @@ class VeilPolicy(Policy):
         used = self.spec.base_mb + sum(self.spec.size_of(m) for m in inst.resident)
         if used + need <= inst.memory_mb:
             return ()
+        if not self.spec.can_unload:  # the runtime would keep them: an eviction would be fiction
+            return None
         evict: list[str] = []
         for victim in inst.resident:  # OrderedDict: least recently used first
             if inst.model_inflight(victim) > 0 or victim in inst.loading:
