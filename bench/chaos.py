@@ -1465,6 +1465,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=14, help="seeds the arrivals, the choices and the fault order")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the deployment's files here")
     parser.add_argument("--records", type=Path, default=None, help="also write every request's record (JSON lines)")
+    parser.add_argument(
+        "--colocation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after the soak, check that three 400 MB models on 1 GiB instances are never co-located "
+        "(bench/colocation.py, about 2 minutes; default: on, off with --quick)",
+    )
     args = parser.parse_args(argv)
     cfg = Config.from_args(args)
     t_wall = time.monotonic()
@@ -1507,6 +1514,18 @@ def main(argv: list[str]) -> int:
         rows = soak.check_rows()
         soak.phases["rows_and_audit"] = time.monotonic() - t_rows
         result = report(soak, writes, rows, time.monotonic() - t_wall, argv)
+        if args.colocation if args.colocation is not None else not args.quick:
+            from colocation import colocation_check
+
+            echo("checking that three 400 MB models on 1 GiB instances are never co-located")
+            coloc = colocation_check(workdir / "colocation", echo=echo)
+            result["colocation"] = coloc
+            result["targets"]["three 400 MB models on 1 GiB instances are never co-located"] = {
+                "measured": {k: coloc[k] for k in ("max_models_per_instance", "out_of_memory", "wrong", "errors")},
+                "met": bool(coloc["never_co_located"]),
+            }
+            result["all_targets_met"] = all(t["met"] for t in result["targets"].values())
+            result["wall_s"] = round(time.monotonic() - t_wall, 1)
     write_json(args.json, result)
     png = args.json.with_suffix(".png")
     try:
