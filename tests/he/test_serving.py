@@ -386,3 +386,42 @@ def test_key_upload_refusals(he_stack):
         assert r.status_code == 200 and r.json()["stored"] and store.exists(store_id(keys.key_id), 1)
         spec = http.get("/v1/he/models/lr/spec").json()
         assert spec["mode"] == "he" and spec["spec"]["params_digest"] == keys.client.spec["params_digest"]
+
+
+def test_he_through_the_network_store(tmp_path, lr_task, lr_compiled):
+    """With `veil store serve` as the store (what runtimes on other nodes read), HE models,
+    hybrid models and evaluation-key records go through it; a record stored under another
+    record's id is refused by the store service itself."""
+    from veil.deployment import LocalDeployment, StackOptions
+    from veil.sdk import ModelOwner, ModelUser
+
+    deployment = LocalDeployment(tmp_path, StackOptions(max_instances=2, concurrency=2, serve_store=True))
+    info = deployment.start()
+    try:
+        assert deployment.store_location.startswith("http://")
+        trust = deployment.local_trust_anchors()
+        owner = ModelOwner(info, trust=trust, timeout=120)
+        owner.register()
+        user = ModelUser(info, trust=trust, timeout=120)
+        user.register()
+        for name, mode in (("lr", "he"), ("lr-hybrid", "hybrid")):
+            owner.publish(name, lr_compiled, mode=mode)
+            owner.grant(name, user.id)
+        user.request_access("lr-hybrid")
+        x = lr_task.x_test[:3]
+        for name in ("lr", "lr-hybrid"):
+            assert list(user.infer(name, x)["predictions"]) == list(lr_task.model.predict(x))
+        store = deployment.model_store()
+        keys = user.he_keys.for_model("lr", user.card("lr").extra["he_spec"])
+        assert store.exists(store_id(keys.key_id), 1)
+        import io
+
+        with store.open(store_id(keys.key_id), 1) as f:
+            record = f.read()
+        with pytest.raises(VeilError) as info_:
+            store.put(store_id("0" * 64), 1, io.BytesIO(record))
+        assert info_.value.code == "not_sealed"
+        owner.close()
+        user.close()
+    finally:
+        deployment.stop()

@@ -9,8 +9,8 @@ hides inputs and outputs, not the model), or sealed with the model key
 Layout: b"VEILHEM1" | u32 big-endian header length | JSON header | the files' bytes in header
 order. The header names the model and each file's length, so a blob put under another model is
 refused; the version is bound by the owner's upload signature (HE mode) or by the sealing
-(hybrid mode), because the KeyService names it only after the blob's digest is staged. Unpacking never touches the disk: a hybrid runtime holds
-the decrypted weights in memory only.
+(hybrid mode), because the KeyService names it only after the blob's digest is staged.
+Unpacking never touches the disk: a hybrid runtime holds the decrypted weights in memory only.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from typing import Any
 
 from veil.he.compiled import CompiledModel
 from veil.he.errors import HEError
+from veil.wire.blobs import HE_MODEL_MAGIC
 
-MAGIC = b"VEILHEM1"
+MAGIC = HE_MODEL_MAGIC
 FILES = ("manifest.json", "plan.json", "weights.npz", "client.json")
 MAX_HEADER = 64 * 1024
 
@@ -41,9 +42,7 @@ def pack(compiled: CompiledModel, model: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="veil-he-pack-") as tmp:
         directory = compiled.save(Path(tmp))
         parts = [(name, (directory / name).read_bytes()) for name in FILES]
-    header = json.dumps(
-        {"v": 1, "model": model, "files": [[n, len(b)] for n, b in parts]}, sort_keys=True
-    ).encode()
+    header = json.dumps({"v": 1, "model": model, "files": [[n, len(b)] for n, b in parts]}, sort_keys=True).encode()
     return MAGIC + struct.pack(">I", len(header)) + header + b"".join(b for _, b in parts)
 
 

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from veil.he.errors import HEError
-from veil.keyservice.wire import RESERVED_MODEL_PREFIX
+from veil.wire.blobs import HE_KEYS_MAGIC, KEY_PREFIX
 
 MAGIC = b"VEILHEK1"
 MAX_HEADER = 64 * 1024
@@ -85,8 +85,8 @@ def unpack_eval_keys(blob: bytes) -> EvalKeyBlob:
 # swaps bytes is caught) and that it names the requesting user and the model (another principal's
 # request cannot use it), then loads it. Model ids starting with `hek.` are reserved for this.
 
-RECORD_MAGIC = b"VEILHKR1"
-STORE_PREFIX = RESERVED_MODEL_PREFIX
+RECORD_MAGIC = HE_KEYS_MAGIC
+STORE_PREFIX = KEY_PREFIX
 MAX_KEY_BYTES = 256 * 1024 * 1024  # one documented limit for gateway, store and instances
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 
+from veil.wire.blobs import KEY_PREFIX
+
 VERSION = 1
 MAX_BODY = 256 * 1024
 CLOCK_SKEW_S = 300
@@ -85,5 +87,5 @@ def upload_payload(model_id: str, version: int, sealed_sha256: str) -> bytes:
 
 
 # Model ids with this prefix name users' HE evaluation-key records in the model store
-# (`veil.he.keys`); the KeyService refuses to register a model under one.
-RESERVED_MODEL_PREFIX = "hek."
+# (`veil.wire.blobs`); the KeyService refuses to register a model under one.
+RESERVED_MODEL_PREFIX = KEY_PREFIX

@@ -1,7 +1,8 @@
 """`veil store serve`: the untrusted HTTP blob service every node reads sealed models from.
 
-It holds only sealed files (each upload must start with a Veil sealed-model header naming the
-model and version it is stored under), versioned like the local store, over any `ModelStore`
+It holds only Veil's blobs (`veil.wire.blobs`): sealed files (whose header names the model and
+version they are stored under), HE model blobs, and users' evaluation-key records (stored under
+their own SHA-256, which is checked), versioned like the local store, over any `ModelStore`
 backend: a directory, or an S3-compatible bucket. Runtimes stream files with plain GETs and resume
 with range requests (`veil.store.remote`); writers stream uploads that are size-limited, staged
 and committed atomically (`veil.store.client`). Nothing here is trusted: a store that lies can only
@@ -14,7 +15,6 @@ Errors are `{"error": {"code", "message"}}` with the HTTP status, like every Vei
 from __future__ import annotations
 
 import hmac
-import io
 import logging
 import re
 import secrets
@@ -28,14 +28,13 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from veil.crypto import chunked
 from veil.crypto.envelope import check_identifier
-from veil.crypto.errors import CryptoError
 from veil.errors import BadRequest, NotFound, TooLarge, Unauthorized, VeilError
 from veil.http import install_error_handlers, parse_json_object, read_body
 from veil.store.base import ModelStore, Upload
 from veil.store.local import LocalModelStore
 from veil.store.remote import SERVICE
+from veil.wire import blobs
 
 log = logging.getLogger("veil.store.server")
 MAX_BYTES = 2 << 30
@@ -213,16 +212,11 @@ def create_store_app(
                 if chunk:
                     await run_in_threadpool(upload.write, chunk)
             try:
-                header = chunked.read_header(io.BytesIO(upload.head))
-            except CryptoError as exc:
-                raise BadRequest(
-                    f"body: not a Veil sealed model ({exc}); this store keeps only sealed files", code="not_sealed"
-                ) from None
-            if header.get("model") != model or header.get("version") != number:
-                raise BadRequest(
-                    f"body: sealed for {header.get('model')!r} v{header.get('version')}, not {model!r} v{number}",
-                    code="not_sealed",
-                )
+                kind = blobs.kind_of(upload.head, model, number)
+            except ValueError as exc:
+                raise BadRequest(f"body: {exc}; this store keeps only Veil's blobs", code="not_sealed") from None
+            if kind == "he_keys" and upload.sha256() != model[len(blobs.KEY_PREFIX) :]:
+                raise BadRequest("body: an evaluation-key record is stored under its own SHA-256", code="not_sealed")
             answer: dict[str, Any] = {
                 "v": 1,
                 "model": model,
