@@ -268,36 +268,35 @@ class HeUser:
 
     model_id: str
     compiled: Any
-    remote: Any
+    remote: Any  # the SDK's ModelUser (HE mode: its keys stay in its key directory)
     x: np.ndarray
+    deadline_s: float = 20.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def setup_he(deployment: Any, names: tuple[str, ...], timeout_s: float) -> tuple[list[HeUser], str]:
-    """Compile, publish and key the HE models ([] and why, if the HE function does not work)."""
+def setup_he(
+    deployment: Any, names: tuple[str, ...], timeout_s: float, trust: Any, workdir: Path
+) -> tuple[list[HeUser], str]:
+    """Compile the HE models, publish them through the gateway as their owner (mode "he"),
+    grant them to an HE user of the SDK ([] and why, if the HE function does not work)."""
     try:
-        import httpx
-
-        from veil.he import store
-        from veil.he.client import HEClient, HttpTransport, RemoteModel
         from veil.he.compile import compile_model
         from veil.he.tasks import breast_cancer_lr, digits_mlp
+        from veil.sdk import ModelOwner, ModelUser
 
         tasks = {"he-breast-lr": breast_cancer_lr, "he-digits-mlp": digits_mlp}
+        owner = ModelOwner(deployment.info, trust=trust, timeout=timeout_s)
+        owner.register()
         users = []
         for name in names:
             task = tasks[name]()
             compiled = compile_model(task.model, task.x_train, name=name)
-            store.publish(Path(deployment.store_dir), name, compiled)
-            client = HEClient(store.client_spec(Path(deployment.store_dir), name))
-            transport = HttpTransport(
-                deployment.info.gateway_url,
-                client=httpx.Client(base_url=deployment.info.gateway_url, timeout=timeout_s),
-            )
-            remote = RemoteModel(client, transport, name)
-            remote.upload_keys()
+            owner.publish(name, compiled, mode="he")
+            user = ModelUser(deployment.info, trust=trust, timeout=timeout_s, key_dir=workdir / "he-keys" / name)
+            user.register()
+            owner.grant(name, user.id)
             x = np.asarray(task.x_test, dtype=np.float64)
-            he_user = HeUser(name, compiled, remote, x)
+            he_user = HeUser(name, compiled, user, x, deadline_s=timeout_s)
             with he_user.lock:
                 err = he_check(he_user, x[:2])
             if err:
@@ -311,12 +310,12 @@ def setup_he(deployment: Any, names: tuple[str, ...], timeout_s: float) -> tuple
 def he_check(he: HeUser, x: np.ndarray) -> str:
     """Infer `x` encrypted; "" if the scores equal the plaintext plan's within CKKS noise.
     (One request at a time per client: the caller holds `he.lock`.)"""
-    result = he.remote.infer(x)
+    scores = np.asarray(he.remote.infer(he.model_id, x, deadline_s=he.deadline_s)["scores"])
     plain = he.compiled.predict_plain(x)
     tol = 1e-2 * max(1.0, float(np.max(np.abs(plain))))
-    if result.scores.shape != plain.shape:
-        return f"scores {result.scores.shape} != {plain.shape}"
-    err = float(np.max(np.abs(result.scores - plain)))
+    if scores.shape != plain.shape:
+        return f"scores {scores.shape} != {plain.shape}"
+    err = float(np.max(np.abs(scores - plain)))
     return "" if err <= tol else f"max |score error| {err:.3g} > {tol:.3g}"
 
 
@@ -457,7 +456,9 @@ class Soak:
             if problem:
                 raise RuntimeError(f"{model_id}: the first answer is already wrong: {problem}")
         if cfg.he_models:
-            self.he, self.he_note = setup_he(self.deployment, cfg.he_models, cfg.he_deadline_s)
+            self.he, self.he_note = setup_he(
+                self.deployment, cfg.he_models, cfg.he_deadline_s, self.trust, self.workdir
+            )
         else:
             self.he_note = "not asked for"
         self.storm_cast = self._storm_setup()
@@ -548,13 +549,14 @@ class Soak:
         req.outcome, req.detail = ("wrong", problem) if problem else ("correct", "")
 
     def _run_he(self, req: Req, he: HeUser, x: np.ndarray) -> None:
+        from veil.errors import VeilError
         from veil.he.errors import HEError
 
         with he.lock:  # one request at a time per HE client: its deadline starts when it is sent
             req.t_start = self.now()
             try:
                 problem = he_check(he, x)
-            except HEError as exc:
+            except (HEError, VeilError) as exc:
                 self._error(req, exc.code, exc.status, exc.message)
                 return
         req.outcome, req.detail = ("wrong", problem) if problem else ("correct", "")
@@ -1503,7 +1505,8 @@ def main(argv: list[str]) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
             principals = [*soak.owners.values(), *soak.users, *(u for u, _ in soak.onboarded)]
-            for p in principals + [o for o, _ in getattr(soak, "storm_cast", [])]:
+            he_users = [h.remote for h in getattr(soak, "he", [])]
+            for p in principals + [o for o, _ in getattr(soak, "storm_cast", [])] + he_users:
                 with contextlib.suppress(Exception):
                     p.close()
             if soak.deployment is not None:
