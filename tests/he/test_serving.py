@@ -206,15 +206,23 @@ def test_he_requests_are_authenticated(he_stack):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("batch", 10**400), ("features", 10**400), ("batch", -1), ("batch", "1"), ("key_id", "xyz"), ("packing", 3)],
+    ("field", "value", "packing"),
+    [
+        ("batch", 10**400, "latency"),
+        ("batch", 10**400, "throughput"),  # the gateway's splitter sees it first
+        ("features", 10**400, "throughput"),
+        ("batch", -1, "latency"),
+        ("batch", "1", "latency"),
+        ("key_id", "xyz", "latency"),
+        ("packing", 3, "latency"),
+    ],
 )
-def test_he_parsers_are_total(he_stack, field, value):
+def test_he_parsers_are_total(he_stack, field, value, packing):
     """Absurd fields are a 4xx that names the field, never an OverflowError or a 500."""
-    r, _, _ = _raw(
-        he_stack, he_stack.user, "lr", he_stack.tasks["lr"].x_test[:1], "latency", lambda o: o.update({field: value})
-    )
-    assert 400 <= r.status_code < 500, r.text
+    lr = he_stack.tasks["lr"]
+    x = np.tile(lr.x_test, (40, 1))[:4200] if packing == "throughput" else lr.x_test[:1]
+    r, _, _ = _raw(he_stack, he_stack.user, "lr", x, packing, lambda o: o.update({field: value}))
+    assert 400 <= r.status_code < 500, r.text[:300]
     err = r.json()["error"]
     assert field in err["message"], err
 

@@ -111,3 +111,10 @@ def test_a_part_failing_twice_fails_the_batch_and_refusals_are_not_retried():
     with pytest.raises(PlatformError, match="batch"):
         spreader.run("m@k", split(_request(16, 8, 2), 8, 2), 10.0)
     spreader.close()
+
+
+@pytest.mark.parametrize("batch", [10**400, -(10**400), "9", None, 0])
+def test_absurd_batches_are_passed_on_unsplit(batch):
+    """The instance's parser names the field; splitting must not trip over it first."""
+    value = {**_request(20, 8, 2), "batch": batch}
+    assert split(value, 8, part_count(value, 8, 4)) == [value]

@@ -13,7 +13,6 @@ failed part is retried once, routed anew.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,10 +32,10 @@ def part_count(value: dict[str, Any], group: int, instances: int) -> int:
 
 def split(value: dict[str, Any], group: int, parts: int) -> list[dict[str, Any]]:
     """`parts` requests of contiguous whole groups (earlier parts take the extra group)."""
-    features, cts, batch = value["features"], value["ciphertexts"], value["batch"]
+    features, cts, batch = value["features"], value["ciphertexts"], value.get("batch")
     groups = len(cts) // features
-    if groups != math.ceil(batch / group):
-        return [value]
+    if type(batch) is not int or batch < 1 or groups != -(-batch // group):  # integers: any size is safe
+        return [value]  # inconsistent: the instance refuses it with its own message
     base, extra = divmod(groups, parts)
     out, start = [], 0
     for i in range(parts):
