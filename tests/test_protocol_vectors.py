@@ -111,6 +111,10 @@ REQUIRED = {
     "ks-attest",
     "ks-release",
     "error-body",
+    # HE serving
+    "he-key-record",
+    "he-keys-signature",
+    "he-request-signature",
     # KeyService state at rest
     "at-rest",
     "policy-row",
@@ -468,6 +472,60 @@ def _identity(v: dict[str, Any]) -> None:
     ident = Identity.from_private_bytes(hx(v["given"]["ed25519_private_key"]))
     assert b64e(ident.public_key) == v["expect"]["public_key"]
     assert ident.id == v["expect"]["principal_id"] == hashlib.sha256(ident.public_key).hexdigest()
+
+
+def _vector_user(given: dict[str, Any]) -> Identity:
+    assert given["user_private_key"] == 'SHA-256("veil test vector user")'
+    return Identity.from_private_bytes(hashlib.sha256(b"veil test vector user").digest())
+
+
+@check("he-key-record")
+def _he_key_record(v: dict[str, Any]) -> None:
+    from veil.he.errors import HEError
+    from veil.he.keys import open_record, record_header, record_key_id, store_id, unpack_eval_keys
+
+    g, e = v["given"], v["expect"]
+    user, blob = _vector_user(g).id, hx(g["eval_key_blob"])
+    assert user == e["user"]
+    header = record_header(user, g["model"])
+    assert header.hex() == e["record_header"]
+    assert header[8:12] == struct.pack(">I", len(header) - 12)
+    assert json.loads(header[12:]) == {"model": g["model"], "user": user, "v": 1}
+    assert hashlib.sha256(header + blob).hexdigest() == e["key_id"] == record_key_id(user, g["model"], blob)
+    assert store_id(e["key_id"]) == e["store_id"]
+    assert open_record(header + blob, e["key_id"], user, g["model"]) == blob  # Veil's own reader
+    assert unpack_eval_keys(blob).relin == b"relin-bytes"
+    with pytest.raises(HEError, match="key_not_yours"):
+        open_record(header + blob, e["key_id"], "0" * 64, g["model"])
+
+
+@check("he-keys-signature")
+def _he_keys_signature(v: dict[str, Any]) -> None:
+    from veil.wire import he as he_wire
+
+    ident = _vector_user(v["given"])
+    record = vec(v["given"]["vector_blob"])
+    blob = hx(record["given"]["eval_key_blob"])
+    payload = b"\n".join(
+        [b"veil-he-keys-v1", b"bc", record["expect"]["key_id"].encode(), hashlib.sha256(blob).hexdigest().encode()]
+    )
+    assert payload == he_wire.keys_payload("bc", record["expect"]["key_id"], hashlib.sha256(blob).hexdigest())
+    assert b64e(ident.sign(payload)) == v["expect"]["signature"]  # Ed25519 is deterministic
+    verify_signature(ident.public_key, payload, b64d(v["expect"]["signature"]))
+
+
+@check("he-request-signature")
+def _he_request_signature(v: dict[str, Any]) -> None:
+    from veil.he.wire import InferRequest
+    from veil.wire import he as he_wire
+
+    g = v["given"]
+    ident, body = _vector_user(g), g["body"].encode()
+    payload = b"\n".join([b"veil-he-request-v1", g["model"].encode(), hashlib.sha256(body).hexdigest().encode()])
+    assert payload == he_wire.request_payload(g["model"], hashlib.sha256(body).hexdigest())
+    assert b64e(ident.sign(payload)) == v["expect"]["signature"]
+    parsed = InferRequest.parse(json.loads(body), 1 << 20)  # what the instance parses
+    assert (parsed.model, parsed.batch, parsed.ciphertexts) == ("bc", 1, [b"\x00\x00\x00"])
 
 
 @check("signed-request")
