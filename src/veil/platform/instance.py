@@ -146,6 +146,7 @@ class Instance:
         self.spare = False
         self.prewarmed = False
         self.suspect = False
+        self.unhealthy = False
         self.end_reason: str | None = None
         self.client: httpx.Client | None = None
         # Scheduling fields, guarded by the owning pool's lock.

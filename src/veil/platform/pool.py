@@ -20,7 +20,9 @@ With `spec.fork_template` every instance, spare or not, is forked from the funct
 
 An instance that let a request run past its deadline is suspect: nothing new is routed to it
 while a health probe (its `/healthz` on a fresh connection, and whether the process is stopped)
-decides; one that does not answer is killed and replaced (a SIGSTOPped or wedged runtime).
+decides. One that does not answer is unhealthy: requests aimed at it are refused before they
+are sent (so a packer places them elsewhere), the ones already on it end at their own
+deadlines, and once none is left it is killed and replaced (a SIGSTOPped or wedged runtime).
 """
 
 from __future__ import annotations
@@ -376,6 +378,11 @@ class FunctionPool:
                             f"function {self.name!r}: instance {instance_id!r} "
                             + (f"{why}" if why else "does not exist"),
                         )
+                    if inst.unhealthy:
+                        raise PlatformError(
+                            "instance_crashed",
+                            f"function {self.name!r}: instance {instance_id!r} stopped answering and is being replaced",
+                        )
                     if inst.state == DRAINING:
                         raise PlatformError(
                             "unknown_instance",
@@ -462,12 +469,12 @@ class FunctionPool:
         healthy = not _process_stopped(inst.proc.pid if inst.proc is not None else None) and _answers_health(
             inst.port, HEALTH_TIMEOUT_S
         )
-        if healthy:
-            with self.cond:
+        with self.cond:
+            if healthy:
                 inst.suspect = False
-                self.cond.notify_all()
-            return
-        self._kill(inst, "unresponsive", "was unresponsive")
+            else:
+                inst.unhealthy = True  # the reaper kills it once its requests have ended
+            self.cond.notify_all()
 
     def _kill(self, inst: Instance, reason: str, why: str) -> None:
         """End an instance the platform judged unfit (unresponsive, over its memory) at once."""
@@ -592,6 +599,7 @@ class FunctionPool:
         crashed: list[Instance] = []
         stopping: list[Instance] = []
         over: list[Instance] = []
+        unresponsive: list[Instance] = []
         with self.cond:
             if self.closed:
                 return
@@ -604,6 +612,8 @@ class FunctionPool:
                     inst.end_reason = "out_of_memory" if oom else "crashed"
                     self._remember_end(inst.id, inst.end_reason)
                     crashed.append(inst)
+                elif inst.unhealthy and inst.inflight == 0:
+                    unresponsive.append(inst)
                 elif (
                     inst.state in _ALIVE
                     and inst.confinement is not None
@@ -689,6 +699,8 @@ class FunctionPool:
             self.metrics.instance_ended(f"{self.name}-template", time.monotonic())
         for inst in over:
             self._kill(inst, "out_of_memory", "out_of_memory")
+        for inst in unresponsive:
+            self._kill(inst, "unresponsive", "was unresponsive")
         for inst in crashed:
             log.warning(
                 "function %r: instance %s exited on its own (code %s); removed", self.name, inst.id, inst.exit_code()
