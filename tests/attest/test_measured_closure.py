@@ -37,6 +37,8 @@ DEV_MODULES = (
     "veil.he.compile",
     "veil.he.compiler",
     "veil.he.fusion",
+    "veil.he.approx",
+    "veil.he.bounds",
     "veil.he.train",
     "veil.he.tasks",
     "veil.he.demo",
