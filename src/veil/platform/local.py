@@ -100,7 +100,7 @@ class LocalPlatform:
             daemon=True,
         )
         self._reaper.start()
-        self._finalizer = weakref.finalize(self, _close_pools, self._pools, self._stop)
+        self._finalizer = weakref.finalize(self, _close_pools, self._pools, self._stop, self._enforcer)
 
     # -- functions -------------------------------------------------------------------------
 
@@ -343,9 +343,13 @@ def _reap_loop(ref: weakref.ref[LocalPlatform], stop: threading.Event, interval:
         del platform
 
 
-def _close_pools(pools: dict[str, FunctionPool], stop: threading.Event) -> None:
-    """Finalizer: kill instances of a platform that was never closed (no orphan processes)."""
+def _close_pools(pools: dict[str, FunctionPool], stop: threading.Event, enforcer: Any = None) -> None:
+    """Finalizer: kill instances of a platform that was never closed (no orphan processes) and
+    remove its memory cgroups."""
     stop.set()
     for pool in list(pools.values()):
         with contextlib.suppress(Exception):  # best effort at interpreter exit
             pool.close()
+    if enforcer is not None:
+        with contextlib.suppress(Exception):
+            enforcer.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -186,6 +187,7 @@ class CgroupEnforcer:
     def create(cls, base: Path, v2: bool) -> CgroupEnforcer:
         """A platform cgroup under `base` (this process's own cgroup), proven to work: a probe
         child takes a limit. Raises OSError where the machine does not allow it."""
+        _sweep_stale(base)
         parent = base / f"veil-platform-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         parent.mkdir()
         try:
@@ -225,10 +227,32 @@ class CgroupEnforcer:
         return self._make(instance_id, limit_bytes)
 
     def close(self) -> None:
-        for child in self._children:
-            child.close()
-        with contextlib.suppress(OSError):
-            self.parent.rmdir()
+        """Remove the instances' cgroups and this platform's. An instance's cgroup can be removed
+        only once the kernel has taken its last task out, a moment after the process died."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            _remove_tree(self.parent)
+            if not self.parent.exists() or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+
+def _remove_tree(parent: Path) -> None:
+    with contextlib.suppress(OSError):
+        for child in parent.iterdir():
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        parent.rmdir()
+
+
+def _sweep_stale(base: Path) -> None:
+    """Remove the cgroups of platforms whose process is gone (killed before it could clean up)."""
+    with contextlib.suppress(OSError):
+        for d in base.glob("veil-platform-*"):
+            pid = d.name.split("-")[2]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                _remove_tree(d)
 
 
 def _own_cgroup(controller: str | None) -> str | None:
