@@ -21,7 +21,7 @@ from veil.he.compiled import CompiledModel
 from veil.he.compiler import from_onnx, from_sklearn
 from veil.he.errors import InsecureParametersError, PlanError
 from veil.he.fusion import fuse
-from veil.he.packing import BSGS, COEFF, ROWS, latency_layout
+from veil.he.packing import BSGS, COEFF, CONV, ROWS, latency_layout
 from veil.he.params import CKKSParams, select_params
 from veil.he.plan import Affine, FusedLayer, FusedPlan, Plan
 
@@ -69,21 +69,53 @@ def _choose_params(
                 raise
         if latency == COEFF:
             raise PlanError("this plan does not fit the coeff latency program")
-    params = select_params(fused, precision=precision, poly_modulus_degree=n, extra_scale_bits=extra)
-    kind = _latency_kind(fused, params, BSGS if latency == "auto" and single else latency)
-    if kind == ROWS:
-        # see select_params: only coeff programs may leave latency's last layer unrescaled
+    rows = _rows_params(fused, precision, n, extra) if latency in ("auto", ROWS) and not single else None
+    if latency == ROWS:
+        if rows is None:
+            raise PlanError("this plan does not fit the rows latency program")
+        return rows[0], ROWS, rows[1]
+    try:
+        params = select_params(fused, precision=precision, poly_modulus_degree=n, extra_scale_bits=extra)
+        kind = _latency_kind(fused, params, BSGS if latency == "auto" and single else latency)
+        if kind == ROWS:  # rows did not fit its own parameters: the diagonal programs
+            kind = CONV if fused.layers[0].affine.conv is not None and len(fused.layers) == 2 else BSGS
+        params = select_params(fused, precision, n, "rescaled", extra_scale_bits=extra)
+        kind = _latency_kind(fused, params, kind)  # the program the parameters were chosen for, or an error
+    except (PlanError, InsecureParametersError):
+        if rows is None:
+            raise
+        return rows[0], ROWS, rows[1]
+    if rows is not None and rows[0].poly_modulus_degree <= params.poly_modulus_degree:
+        return rows[0], ROWS, rows[1]  # fewer rotations than the diagonal programs in the same ring
+    return params, kind, False
+
+
+def _rows_params(fused: FusedPlan, precision: float, n: int | None, extra: int) -> tuple[CKKSParams, bool] | None:
+    """The smallest ring a rows program fits, and whether it rescales first there.
+
+    Rescaling first (rotations one prime lighter, `RESCALE_FIRST_BITS` more scale, a full-size
+    special prime) is preferred in the same ring; rotating before the rescale lets the special
+    prime be small, which may fit a smaller ring (see `params.PRODUCT_SCALE_SPECIAL_SLACK`).
+    """
+    options = []
+    for rescale_first in (True, False):
         try:
             params = select_params(
-                fused, precision, params.poly_modulus_degree, "throughput-unrescaled", False, extra + RESCALE_FIRST_BITS
+                fused,
+                precision,
+                n,
+                "throughput-unrescaled",
+                extra_scale_bits=extra + (RESCALE_FIRST_BITS if rescale_first else 0),
+                product_scale_switching=not rescale_first,
             )
-            if _latency_kind(fused, params, ROWS) == ROWS:
-                return params, ROWS, True
+            _latency_kind(fused, params, ROWS)  # PlanError unless the plan fits rows in this ring
         except (PlanError, InsecureParametersError):
-            pass
-    mode = "throughput-unrescaled" if kind == ROWS else "rescaled"
-    params = select_params(fused, precision=precision, poly_modulus_degree=n, last_layer=mode, extra_scale_bits=extra)
-    return params, _latency_kind(fused, params, kind), False  # the program the parameters were chosen for, or an error
+            continue
+        options.append((params.poly_modulus_degree, not rescale_first, params, rescale_first))
+    if not options:
+        return None
+    _, _, params, rescale_first = min(options, key=lambda o: (o[0], o[1]))
+    return params, rescale_first
 
 
 def compile_plan(
@@ -129,25 +161,32 @@ def compile_plan(
         "bounds": [b.to_dict() for b in layer_bounds],
     }
     meta.update(plan.notes)
-    best: tuple[float, CompiledModel] | None = None
-    for extra in range(5 if verify_samples else 1):
-        try:
-            params, kind, rescale_first = _choose_params(fused, precision, poly_modulus_degree, latency, extra)
-        except (PlanError, InsecureParametersError):  # more bits no longer fit
-            if best is None:
-                raise
-            break
+
+    def build(params: CKKSParams, kind: str, rescale_first: bool) -> CompiledModel:
         compiled = CompiledModel(fused, params, scale, name, dict(meta), kind, rescale_first)
         compiled.meta["scale_bits_log2"] = params.scale_bits
         compiled.meta["latency_program"] = kind
         compiled.meta["rescale_first"] = rescale_first
         compiled.meta["headroom_bits"] = verify(compiled, layer_bounds)
+        return compiled
+
+    def measured(compiled: CompiledModel) -> float:
+        result = measure_error(compiled, x_calib, verify_samples)
+        compiled.meta["measured_ms"] = result.pop("timings_ms")
+        compiled.meta["measured_error"] = result
+        return max(result.values())
+
+    best: tuple[float, CompiledModel] | None = None
+    for extra in range(5 if verify_samples else 1):
+        try:
+            compiled = build(*_choose_params(fused, precision, poly_modulus_degree, latency, extra))
+        except (PlanError, InsecureParametersError):  # more bits no longer fit
+            if best is None:
+                raise
+            break
         if not verify_samples:
             return compiled
-        measured = measure_error(compiled, x_calib, verify_samples)
-        compiled.meta["measured_ms"] = measured.pop("timings_ms")
-        compiled.meta["measured_error"] = measured
-        worst = max(measured.values())
+        worst = measured(compiled)
         if worst <= ACCEPT_FRACTION * precision:  # headroom: the samples may understate the tail
             return compiled
         if best is None or worst < best[0]:

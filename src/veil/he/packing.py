@@ -8,13 +8,18 @@ model is compiled (the client spec names it):
   the polynomial sum_r sum_i W_ri X**(r*D + D-1-i) and adds the bias. Coefficient
   s*S + r*D + D-1 of the product is (W x_s + b)_r. One plaintext product, no rotation, no
   Galois key (`slots` converts between coefficients and slots).
-- **rows** (one or two layers that fit in the slots, e.g. a small MLP). The client sends x in
+- **rows** (two or three layers that fit in the slots, e.g. a small MLP). The client sends x in
   every row block as [x, x] (blocks of 2D, D = input width rounded up to a power of two, one
   block per output unit of the first layer). Layer 1 multiplies block r by [W_r, W_r] and sums
   each block with log2(D) rotations, so block r holds y_r in its first D+1 slots. Layer 2
   multiplies block r, slot q by V_qr and sums across blocks with log2(blocks) rotations: slot q
   of each sample's first block holds z_q, every other slot is zero. This uses the slots a
-  per-sample block would leave empty instead of spending rotations on baby steps.
+  per-sample block would leave empty instead of spending rotations on baby steps. A third
+  layer (a sample fills the ciphertext, so that cross-block sum is cyclic and *every* block
+  holds z in its first slots) multiplies block p by U_p and sums its first slots with
+  log2(width) rotations, the steps layer 1 already has keys for: u_p lands in slot 0 of block p
+  (`out_stride` = one block). Every rotation acts on a product before its rescale, so key
+  switching never touches a small scale and the special prime can be small.
 - **conv** (a convolution, its activation, a dense last layer: CryptoNets-style CNNs). The client
   lays each sample out as zero-padded image grids, one copy per output channel (multiplexed
   channels); the conv is then C_in*k*k diagonals at fixed offsets, applied baby-step/giant-step
@@ -147,6 +152,8 @@ class LatencyLayout:
     # rows with a sparse first layer (a convolution): block r holds x[gather[r]] (-1: zero), so
     # a block is sized by the receptive field, not the input (the client does the im2col)
     gather: np.ndarray | None = None
+    # slots between consecutive outputs of a sample (three-layer rows: one per block)
+    out_stride: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in LATENCY_KINDS:
@@ -182,6 +189,8 @@ class LatencyLayout:
             spec["in_slots"] = self.in_slots.tolist()
         if self.gather is not None:
             spec["gather"] = self.gather.tolist()
+        if self.out_stride != 1:
+            spec["out_stride"] = self.out_stride
         return spec
 
     @classmethod
@@ -203,6 +212,7 @@ class LatencyLayout:
             blocks=int(spec["blocks"]),
             in_slots=in_slots,
             gather=gather,
+            out_stride=int(spec.get("out_stride", 1)),
         )
 
     def rotation_steps(self) -> list[int]:
@@ -259,7 +269,10 @@ class LatencyLayout:
                 positions = np.arange(out_dim) * self.n + self.n - 1
                 values = [coeffs[s * stride + positions] for s in range(per)]
             else:
-                values = [vec[s * stride : s * stride + out_dim] for s in range(per)]
+                positions = np.arange(out_dim) * self.out_stride
+                if positions[-1] >= stride:
+                    raise ValueError(f"{out_dim} outputs {self.out_stride} slots apart do not fit a sample")
+                values = [vec[s * stride + positions] for s in range(per)]
             rows.extend(np.real(v) for v in values)
         return np.asarray(rows[:batch])
 
@@ -350,7 +363,16 @@ def _rows_programs(plan: FusedPlan, layout: LatencyLayout, rescale_first: bool =
             weights[s * stride + r * block : s * stride + r * block + q] = second.weight[:, r]
         bias[s * stride : s * stride + q] = second.bias
     steps = [block * (layout.blocks >> (k + 1)) for k in range(_log2(layout.blocks))]
-    return [row_layer, SlotLayer(weights, bias, steps, plan.layers[1].square, rescale_first)]
+    programs = [row_layer, SlotLayer(weights, bias, steps, plan.layers[1].square, rescale_first)]
+    if len(plan.layers) == 3:  # z is in slots [0, q) of every block (cyclic sum): layer 3 per block
+        third = plan.layers[2].affine
+        weights, bias = np.zeros(layout.slots), np.zeros(layout.slots)
+        for p in range(third.out_dim):
+            weights[p * block : p * block + q] = third.weight[p]
+            bias[p * block] = third.bias[p]
+        steps = [_pow2(q) >> (k + 1) for k in range(_log2(_pow2(q)))]
+        programs.append(SlotLayer(weights, bias, steps, plan.layers[2].square, rescale_first))
+    return programs
 
 
 # ------------------------------------------------------------------------------ conv program
@@ -464,11 +486,16 @@ def _fitting_kind(plan: FusedPlan, slots: int) -> tuple[str, int, int]:
     if len(plan.layers) == 1 and not plan.layers[0].square and (first.out_dim + 1) * first.in_dim <= 2 * slots:
         return COEFF, first.in_dim, first.out_dim
     blocks = _pow2(first.out_dim)
-    if len(plan.layers) == 2:
+    if len(plan.layers) in (2, 3):
         gather = row_gather(plan)
         big = _pow2(first.in_dim if gather is None else gather.shape[1])
-        if blocks * 2 * big <= slots and plan.layers[1].affine.out_dim <= big:
+        fits = blocks * 2 * big <= slots and plan.layers[1].affine.out_dim <= big
+        if fits and len(plan.layers) == 2:
             return ROWS, big, blocks
+        # three layers: one sample fills the ciphertext (padding blocks have zero weights), and
+        # layer 3 has a block per output
+        if fits and plan.layers[2].affine.out_dim <= slots // (2 * big):
+            return ROWS, big, slots // (2 * big)
     grid = _conv_fits(plan, slots)
     if grid is not None:
         return CONV, grid.span // 2, 1
@@ -518,7 +545,8 @@ def latency_layout(plan: FusedPlan, slots: int, kind: str = "auto", rescale_firs
     if kind == BSGS and slots < 2 * n:
         raise ValueError(f"{slots} slots cannot hold a latency block of {2 * n}")
     gather = row_gather(plan) if kind == ROWS else None
-    layout = LatencyLayout(n=n, slots=slots, kind=kind, blocks=blocks, gather=gather)
+    out_stride = 2 * n if kind == ROWS and len(plan.layers) == 3 else 1
+    layout = LatencyLayout(n=n, slots=slots, kind=kind, blocks=blocks, gather=gather, out_stride=out_stride)
     if kind == COEFF:
         layout.layers.append(_coeff_program(plan, layout))
     elif kind == ROWS:

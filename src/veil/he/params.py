@@ -23,6 +23,11 @@ HE_STD_128: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 4
 MAX_PRIME_BITS = 60
 MIN_SCALE_BITS = 20
 SPECIAL_PRIME_SLACK = 6
+# programs that key-switch only products on their large scale (rows rotating before the rescale,
+# throughput's conjugation and relinearizations): the special prime's noise q_max/P * N is
+# divided by a scale of 2**50 or more, so P may be this much smaller than the largest data prime
+PRODUCT_SCALE_SPECIAL_SLACK = 16
+MIN_SPECIAL_BITS = 20
 # a ciphertext value v at scale s must satisfy |v| s < Q/2 to decrypt: one bit over log2(range).
 # SEAL refuses to encode a plaintext unless ceil(log2 |v| s) + 1 < log2 Q (two bits), which the
 # biases get from the calibration margin (>= 2): ranges include margin * |b|. veil.he.bounds
@@ -129,6 +134,7 @@ def select_params(
     last_layer: str = "unrescaled",
     coefficient_packing: bool = False,
     extra_scale_bits: int = 0,
+    product_scale_switching: bool = False,
 ) -> CKKSParams:
     """The smallest secure parameter set for `plan` with output error about `precision`.
 
@@ -140,7 +146,10 @@ def select_params(
     `coefficient_packing` (one affine layer, no square): nothing is ever key-switched, so the
     chain is a single prime without a special prime, and the noise is that of a coefficient.
     `extra_scale_bits` raises the scale above the noise model's choice (the compiler does when
-    the error it measures on real ciphertexts misses the target).
+    the error it measures on real ciphertexts misses the target; negative when it measured the
+    model to be pessimistic). `product_scale_switching`: the program only key-switches products
+    before their rescale, so the special prime may be `PRODUCT_SCALE_SPECIAL_SLACK` bits smaller
+    than the largest data prime (that is what lets a depth-5 chain into N=8192).
     """
     if last_layer not in LAST_LAYER_MODES:
         raise PlanError(f"last_layer must be one of {LAST_LAYER_MODES}")
@@ -198,10 +207,15 @@ def select_params(
             # adds noise far below the scale
             special = min(MAX_PRIME_BITS, HE_STD_128[n] - sum(data_bits))
             bits = (*data_bits, special)
-            if special < max(data_bits) - SPECIAL_PRIME_SLACK:
+            slack = PRODUCT_SCALE_SPECIAL_SLACK if product_scale_switching else SPECIAL_PRIME_SLACK
+            if special < max(MIN_SPECIAL_BITS, max(data_bits) - slack):
                 refusals.append(f"N={n}: log2(QP)={sum(data_bits) + max(data_bits)} > {HE_STD_128[n]}")
                 continue
-            if last_layer == "rescaled" and special < _rotation_special_bits(n, data_bits[0], scale_bits, precision):
+            if (
+                last_layer == "rescaled"
+                and not product_scale_switching
+                and special < _rotation_special_bits(n, data_bits[0], scale_bits, precision)
+            ):
                 refusals.append(f"N={n}: special prime {special} bits too small for rotations at the input scale")
                 continue
             check_secure(n, bits)

@@ -143,12 +143,36 @@ def make_context(params: CKKSParams) -> Any:
 
 @dataclass
 class EvalKeys:
-    """Server-side evaluation keys (never the secret key) and the Galois elements they cover."""
+    """Server-side evaluation keys (never the secret key) and the Galois elements they cover.
+
+    `galois` maps each Galois element to the SEAL GaloisKeys object holding it (clients make one
+    object per element, see `SealSecretKey.eval_keys`; an older client's single object serves
+    every element it has).
+    """
 
     relin: Any | None
-    galois: Any | None
+    galois: dict[int, Any] | None
     elements: frozenset[int] = field(default_factory=frozenset)
     nbytes: int = 0
+
+
+def split_objects(data: bytes, what: str, max_size: int) -> list[bytes]:
+    """A concatenation of SEAL serializations, each checked by `check_header`, as its parts."""
+    parts, offset = [], 0
+    view = memoryview(data)
+    while offset < len(data):
+        if len(data) - offset < _HEADER.size:
+            raise HEError(f"bad_{what}", f"{what} is truncated ({len(data) - offset} trailing bytes)")
+        size = _HEADER.unpack_from(data, offset)[-1]
+        if size < _HEADER.size or offset + size > len(data):
+            raise HEError(f"bad_{what}", f"{what} declares {size} bytes past the end of the blob (truncated?)")
+        part = bytes(view[offset : offset + size])
+        check_header(part, what, max_size)
+        parts.append(part)
+        offset += size
+    if not parts:
+        raise HEError(f"bad_{what}", f"{what} is empty")
+    return parts
 
 
 class SealBackend:
@@ -221,10 +245,10 @@ class SealBackend:
     def negate_inplace(self, a: Any) -> None:
         self.evaluator.negate_inplace(a)
 
-    def conjugate(self, a: Any, galois_keys: Any) -> Any:
+    def conjugate(self, a: Any, galois_keys: dict[int, Any]) -> Any:
         """Complex conjugate of every slot (Galois element 2N - 1)."""
         out = seal.Ciphertext()
-        self.evaluator.complex_conjugate(a, galois_keys, out)
+        self.evaluator.complex_conjugate(a, galois_keys[2 * self.n - 1], out)
         return out
 
     def multiply(self, a: Any, b: Any) -> Any:
@@ -246,9 +270,10 @@ class SealBackend:
     def galois_element(self, step: int) -> int:
         return pow(3, step % self.slot_count, 2 * self.n)
 
-    def rotate(self, a: Any, step: int, galois_keys: Any) -> Any:
+    def rotate(self, a: Any, step: int, galois_keys: dict[int, Any]) -> Any:
         out = seal.Ciphertext()
-        self.evaluator.apply_galois(a, self.galois_element(step), galois_keys, out)
+        element = self.galois_element(step)
+        self.evaluator.apply_galois(a, element, galois_keys[element], out)
         return out
 
     def scale(self, a: Any) -> float:
@@ -300,12 +325,20 @@ class SealBackend:
                 if relin_keys.parms_id() != key_parms or not seal.is_valid_for(relin_keys, self.context):
                     raise HEError("wrong_parameters", "relinearization keys are for other parameters")
             if galois is not None:
-                check_header(galois, "keys", self.key_bound(max(1, len(elements))))
-                galois_keys = seal.GaloisKeys()
-                _load(galois, lambda p: galois_keys.load(self.context, p))
-                if galois_keys.parms_id() != key_parms or not seal.is_valid_for(galois_keys, self.context):
-                    raise HEError("wrong_parameters", "Galois keys are for other parameters")
-                missing = [e for e in elements if not galois_keys.has_key(e)]
+                parts = split_objects(galois, "keys", self.key_bound(max(1, len(elements))))
+                if len(parts) > max(1, len(elements)):
+                    raise HEError("bad_keys", f"{len(parts)} Galois key objects for {len(elements)} elements")
+                galois_keys = {}
+                for part in parts:
+                    obj = seal.GaloisKeys()
+                    _load(part, lambda p, obj=obj: obj.load(self.context, p))
+                    if obj.parms_id() != key_parms or not seal.is_valid_for(obj, self.context):
+                        raise HEError("wrong_parameters", "Galois keys are for other parameters")
+                    for e in elements:
+                        if e not in galois_keys and obj.has_key(e):
+                            galois_keys[e] = obj
+                    del part
+                missing = [e for e in elements if e not in galois_keys]
                 if missing:
                     raise HEError("bad_keys", f"Galois keys lack elements {missing}")
         except (RuntimeError, ValueError, MemoryError, TypeError) as exc:
@@ -348,10 +381,16 @@ class SealSecretKey:
         return _save(self._secret, wipe=True)
 
     def eval_keys(self, galois_elements: list[int], relin: bool) -> tuple[bytes | None, bytes | None]:
-        """Seeded (half-size) relinearization and Galois keys for the given Galois elements."""
+        """Seeded (half-size) relinearization and Galois keys for the given Galois elements.
+
+        One GaloisKeys object per element, serialized back to back: SEAL's memory pool keeps
+        whatever it once allocated, so making all keys in one object left a full uncompressed
+        copy of them (34 MiB for the digits MLP) in the client's memory for good; one at a
+        time it is one key's worth. The server loads them the same way (`load_eval_keys`).
+        """
         relin_bytes = _save(self._keygen.create_relin_keys()) if relin else None
-        galois_bytes = _save(self._keygen.create_galois_keys(sorted(galois_elements))) if galois_elements else None
-        return relin_bytes, galois_bytes
+        parts = [_save(self._keygen.create_galois_keys([int(e)])) for e in sorted(galois_elements)]
+        return relin_bytes, (b"".join(parts) if parts else None)
 
     def encrypt(self, values: np.ndarray, scale: float, level: int = 0) -> bytes:
         """Seeded symmetric encryption at `level`: the second polynomial travels as a 64-byte seed."""
