@@ -392,9 +392,14 @@ class LocalDeployment:
             # HE mode reads the same store as TEE mode (models and users' evaluation keys) and goes
             # through a packer too: routing keys carry the key id, so the instance already holding
             # a user's keys is preferred (any other fetches them from the store)
-            he_spec = runtime_function(HE_FUNCTION, {"kind": "he", "store": self.store_location})
+            # loaded evaluation keys are bounded by a third of the instance's memory (LRU)
+            he_init = {"kind": "he", "store": self.store_location, "key_cache_mb": max(64, o.memory_mb // 3)}
+            he_spec = runtime_function(HE_FUNCTION, he_init)
             if packer is not None:
-                self.he_router = packer(self.he_platform, he_spec, policy=o.packer_policy)
+                from veil.wire.he import unload_value
+
+                # each routing key is a user's keys on an instance: the packer may drop idle ones
+                self.he_router = packer(self.he_platform, he_spec, policy=o.packer_policy, unload_value=unload_value)
             else:
                 self.he_platform.deploy(he_spec)
                 self.he_router = DirectRouter(self.he_platform, HE_FUNCTION)

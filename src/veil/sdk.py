@@ -257,11 +257,9 @@ class ModelOwner(_Principal):
         self.upload_sealed(model_id, version, sealed, progress=lambda done, total: report("upload", done, total))
         report("card", 0, 1)
         inputs, outputs = onnx_signature.signature(original)
-        card = ModelCard(model_id, version, "tee", self.id, inputs, outputs, description)
-        self.keyservice.put_card(model_id, version, sign_card(self.identity, card))
-        report("commit", 0, 1)
-        committed = self.keyservice.commit_version(model_id, version)
-        report("commit", 1, 1)
+        committed = self._sign_card_and_commit(
+            ModelCard(model_id, version, "tee", self.id, inputs, outputs, description), report
+        )
         return {
             "model": model_id,
             "version": version,
@@ -271,6 +269,14 @@ class ModelOwner(_Principal):
             "measurements": measurements,
             "revocation_delay_s": committed.get("revocation_delay_s"),
         }
+
+    def _sign_card_and_commit(self, card: ModelCard, report: Progress) -> dict[str, Any]:
+        """The last two steps of every publish: attach the signed card, make the version current."""
+        self.keyservice.put_card(card.model, card.version, sign_card(self.identity, card))
+        report("commit", 0, 1)
+        committed = self.keyservice.commit_version(card.model, card.version)
+        report("commit", 1, 1)
+        return committed
 
     def _publish_he(
         self,
@@ -330,11 +336,9 @@ class ModelOwner(_Principal):
             "throughput_group": throughput_group(compiled.params.slots),
             "params_digest": spec["params_digest"],
         }
-        card = ModelCard(model_id, version, mode, self.id, inputs, outputs, description, extra)
-        self.keyservice.put_card(model_id, version, sign_card(self.identity, card))
-        report("commit", 0, 1)
-        committed = self.keyservice.commit_version(model_id, version)
-        report("commit", 1, 1)
+        committed = self._sign_card_and_commit(
+            ModelCard(model_id, version, mode, self.id, inputs, outputs, description, extra), report
+        )
         return {
             "model": model_id,
             "version": version,

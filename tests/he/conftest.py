@@ -119,7 +119,8 @@ def he_stack(tmp_path_factory, lr_task, mlp_task, lr_compiled, mlp_compiled) -> 
     """Four instances at most per function, two request threads each: HE requests go through the
     real gateway, the packer, the local platform and `python -m veil.runtime` processes."""
     root = tmp_path_factory.mktemp("veil-he")
-    deployment = LocalDeployment(root, StackOptions(max_instances=4, concurrency=2, he=True))
+    # 1 GB per instance: the 64-32-16-10 MLP's keys take ~200 MB once loaded (see he-serving.md)
+    deployment = LocalDeployment(root, StackOptions(max_instances=4, concurrency=2, he=True, memory_mb=1024))
     info = deployment.start()
     try:
         trust = deployment.local_trust_anchors()

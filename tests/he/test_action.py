@@ -166,3 +166,29 @@ def test_secret_key_never_in_upload(lr_client):
     assert secret[32:96] not in blob
     assert repr(lr_client._secret) == "SealSecretKey(<secret>)"
     assert unpack_eval_keys(blob).params_digest == lr_client.spec["params_digest"]
+
+
+def test_unload_drops_the_keys_a_routing_key_names(he_store, lr_task):
+    """The packer makes room by unloading `model@<key id prefix>`: those keys go, nothing else."""
+    from veil.wire.he import routing_key, unload_value
+
+    fresh = HEAction({"kind": "he", "store": str(he_store)})
+    client = HEClient(fresh.run({"op": "spec", "model": "lr"})["spec"])
+    fresh.run({"op": "upload_keys", "v": 1, "model": "lr", "keys": b64e(client.eval_keys())})
+    assert fresh.run(unload_value(routing_key("mlp", client.key_id)))["dropped"] == 0  # other model
+    assert fresh.run(unload_value("lr"))["dropped"] == 0  # a bare model id drops no keys
+    assert fresh.run(unload_value(routing_key("lr", client.key_id)))["dropped"] == 1
+    err = _err(fresh, {"op": "infer", **_request(client, lr_task.x_test[:1], "lr")})
+    assert err.code == "unknown_key"
+    assert _err(fresh, {"op": "unload", "model": 7}).code == "bad_request"
+
+
+def test_key_cache_evicts_before_it_loads(he_store):
+    """Loaded keys stay within the cache: the least recently used go first, before a new set
+    is loaded (so an instance's peak is the cache plus one key set)."""
+    fresh = HEAction({"kind": "he", "store": str(he_store), "key_cache_mb": 1})
+    clients = [HEClient(fresh.run({"op": "spec", "model": "lr"})["spec"]) for _ in range(3)]
+    for c in clients:
+        fresh.run({"op": "upload_keys", "v": 1, "model": "lr", "keys": b64e(c.eval_keys())})
+    assert len(fresh.keys) == 1  # each LR key set is ~0.6 MiB blob, ~2.4 MiB loaded: one at a time
+    assert _err(fresh, {"op": "upload_keys", "v": 1, "model": "lr", "key_cache_mb": 0}).code == "bad_request"

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from veil.cli._client import client_dir_option, deployment_option
 from veil.he.errors import HEError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -241,21 +242,8 @@ def decrypt(spec: Path, keys: Path, response_path: Path, out: Path | None) -> No
 
 
 @he.command("infer", context_settings=CONTEXT)
-@click.option(
-    "--deployment",
-    "deployment_path",
-    type=click.Path(path_type=Path),
-    default=Path(".veil/deployment.json"),
-    show_default=True,
-    help="deployment.json written by `veil up` (addresses only).",
-)
-@click.option(
-    "--client-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".veil/client"),
-    show_default=True,
-    help="Your client directory (identity, trust anchors, HE keys).",
-)
+@deployment_option
+@client_dir_option
 @click.option("--model", "model_id", required=True, help="A model published in HE or hybrid mode.")
 @click.option("--input", "inp", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--packing", type=click.Choice(["latency", "throughput"]))
@@ -280,21 +268,8 @@ def infer(
 
 
 @he.command("demo", context_settings=CONTEXT)
-@click.option(
-    "--deployment",
-    "deployment_path",
-    type=click.Path(path_type=Path),
-    default=Path(".veil/deployment.json"),
-    show_default=True,
-    help="deployment.json written by `veil up` (addresses only).",
-)
-@click.option(
-    "--client-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".veil/client"),
-    show_default=True,
-    help="Your client directory: the trust anchors (`veil trust init`) the demo principals use.",
-)
+@deployment_option
+@client_dir_option
 def demo(deployment_path: Path, client_dir: Path) -> None:
     """Publish the demo models in HE (and hybrid) mode through the gateway and run encrypted
     requests as a fresh owner and user (the SDK's `ModelOwner.publish(mode=...)`, `ModelUser.infer`)."""

@@ -255,7 +255,7 @@ def install_he_routes(
                 code="wrong_mode",
             )
         value = {**obj, "op": "infer", "model": model, "version": found["version"], "user": user}
-        key = f"{model}@{str(obj.get('key_id', ''))[:16]}"  # key affinity: the instance holding the keys
+        key = he_wire.routing_key(model, str(obj.get("key_id", "")))  # prefer the instance holding the keys
         group = found["extra"].get("throughput_group")
         parts = 1
         if spreader is not None and type(group) is int:

@@ -100,12 +100,12 @@ class Spreader:
             try:
                 if i < len(targets):
                     return self.platform.invoke_instance(self.function, targets[i], part, timeout=timeout)
-                return self.invoke(f"{key}#part{i}", part, timeout)
+                return self.invoke(key, part, timeout)
             except Exception as exc:  # noqa: BLE001 - one retry, routed anew, then the error stands
                 if _is_refusal(exc):
                     raise
                 log.info("split part %d failed (%s); retrying once", i, getattr(exc, "code", type(exc).__name__))
-                return self.invoke(f"{key}#part{i}", part, timeout)
+                return self.invoke(key, part, timeout)
 
         futures = [self._pool.submit(one, i, p) for i, p in enumerate(parts)]
         return [f.result() for f in futures]

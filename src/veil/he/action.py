@@ -27,6 +27,7 @@ from veil.he.keys import key_id as compute_key_id
 from veil.he.server import ServerModel
 from veil.he.serving import KeyRing, ModelSet, evaluate
 from veil.he.wire import InferRequest, UploadKeys, check_model_id
+from veil.wire.he import ROUTING_SEPARATOR
 
 log = logging.getLogger("veil.he.action")
 
@@ -104,7 +105,9 @@ class HEAction:
                 return {"v": 1, "spec": self.model(model_id, version).compiled.client_spec()}
             if op == "health":
                 return {"v": 1, "ok": True, "models": self.models.names(), "keys": len(self.keys)}
-            raise HEError("bad_request", f"unknown op {op!r}; expected infer, upload_keys, spec or health")
+            if op == "unload":
+                return {"v": 1, "dropped": self.unload(value.get("model"))}
+            raise HEError("bad_request", f"unknown op {op!r}; expected infer, upload_keys, spec, health or unload")
         except HEError as exc:
             self.counters["errors"] += 1
             log.info("he %s refused: %s", op if op in ("infer", "upload_keys", "spec", "health") else "?", exc.code)
@@ -150,6 +153,16 @@ class HEAction:
         else:
             self.keys.get(kid, None, req.model, server)  # same parameters as the cached ones?
         return {"v": 1, "key_id": kid, "cached": not added, "bytes": len(req.keys)}
+
+    def unload(self, key: Any) -> int:
+        """Drop the evaluation keys a packer routing key (`model@<key id prefix>`) stands for, so
+        the packer can make room on this instance; a bare model id drops nothing (models stay)."""
+        if not isinstance(key, str) or len(key) > 256:
+            raise HEError("bad_request", "field 'model' must be a routing key (model@key-id-prefix)")
+        model, sep, prefix = key.partition(ROUTING_SEPARATOR)
+        if not sep or len(prefix) < 8 or not set(prefix) <= _USER_CHARS:
+            return 0
+        return self.keys.drop(check_model_id(model), prefix)
 
     # --- inference --------------------------------------------------------------------------------
     def infer(self, value: dict[str, Any]) -> dict[str, Any]:

@@ -46,27 +46,33 @@ def key_id(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _framed(data: bytes, magic: bytes, what: str) -> tuple[object, int]:
+    """(JSON header, offset of what follows it) of `magic | u32 length | JSON header | ...`."""
+    if len(data) < len(magic) + 4 or not data.startswith(magic):
+        raise HEError("bad_keys", f"not a Veil {what}")
+    (hlen,) = struct.unpack_from(">I", data, len(magic))
+    start = len(magic) + 4
+    if hlen > MAX_HEADER or start + hlen > len(data):
+        raise HEError("bad_keys", f"{what} header is truncated")
+    try:
+        return json.loads(data[start : start + hlen]), start + hlen
+    except (ValueError, RecursionError):
+        raise HEError("bad_keys", f"{what} header is not JSON") from None
+
+
 def unpack_eval_keys(blob: bytes) -> EvalKeyBlob:
     """Parse untrusted bytes into the blob's parts; raises HEError("bad_keys") on any mismatch."""
-    if len(blob) < len(MAGIC) + 4 or not blob.startswith(MAGIC):
-        raise HEError("bad_keys", "not a Veil evaluation-key blob")
-    (hlen,) = struct.unpack_from(">I", blob, len(MAGIC))
-    start = len(MAGIC) + 4
-    if hlen > MAX_HEADER or start + hlen > len(blob):
-        raise HEError("bad_keys", "evaluation-key header is truncated")
-    try:
-        header = json.loads(blob[start : start + hlen])
-    except ValueError:
-        raise HEError("bad_keys", "evaluation-key header is not JSON") from None
+    header, body = _framed(blob, MAGIC, "evaluation-key blob")
     if not isinstance(header, dict) or header.get("v") != 1:
         raise HEError("bad_keys", "unknown evaluation-key header version")
     try:
         digest = str(header["params_digest"])
         elements = [int(e) for e in header["galois_elements"]]
         relin_len, galois_len = int(header["relin_len"]), int(header["galois_len"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(1e400)
         raise HEError("bad_keys", "evaluation-key header lacks fields") from None
-    body = start + hlen
+    if not all(0 < e < 1 << 32 for e in elements) or len(elements) > 1 << 16:
+        raise HEError("bad_keys", "evaluation-key header: galois_elements out of range")
     if relin_len < 0 or galois_len < 0 or body + relin_len + galois_len != len(blob):
         raise HEError("bad_keys", "evaluation-key blob is truncated or has trailing bytes")
     relin = blob[body : body + relin_len] or None
@@ -113,18 +119,9 @@ def open_record(data: bytes, kid: str, user: str, model: str) -> bytes:
     that it was uploaded by `user` for `model`; HEError otherwise (never the blob)."""
     if hashlib.sha256(data).hexdigest() != kid:
         raise HEError("key_integrity", "the store's evaluation-key record does not match its id (tampered)", 403)
-    if not data.startswith(RECORD_MAGIC) or len(data) < len(RECORD_MAGIC) + 4:
-        raise HEError("bad_keys", "not a Veil evaluation-key record")
-    (hlen,) = struct.unpack_from(">I", data, len(RECORD_MAGIC))
-    start = len(RECORD_MAGIC) + 4
-    if hlen > MAX_HEADER or start + hlen > len(data):
-        raise HEError("bad_keys", "evaluation-key record header is truncated")
-    try:
-        header = json.loads(data[start : start + hlen])
-    except ValueError:
-        raise HEError("bad_keys", "evaluation-key record header is not JSON") from None
+    header, body = _framed(data, RECORD_MAGIC, "evaluation-key record")
     if not isinstance(header, dict) or header.get("user") != user or header.get("model") != model:
         raise HEError(
             "key_not_yours", f"evaluation keys {kid[:12]}... were not uploaded by this principal for this model", 403
         )
-    return data[start + hlen :]
+    return data[body:]

@@ -102,7 +102,7 @@ class RuntimeCore:
         self._current: dict[str, int] = {}  # model → version named by its latest fresh release
         self._current_lock = threading.Lock()
         self.he_models = ModelSet()  # hybrid models share SEAL contexts per parameter set
-        self.he_keys = keyring_for(store)
+        self.he_keys = keyring_for(store, config.model_cache_bytes // 2)  # hybrid users' loaded eval keys
         prepare_loader()  # at /init, not on the first model's request path
 
     # -- pieces -----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ principal the envelope authenticated.
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from veil.he import bundle
 from veil.he.errors import HEError
 from veil.he.serving import KeyRing, ModelSet, evaluate
 from veil.he.wire import InferRequest
+from veil.runtime.backend import _Model
 from veil.runtime.tensors import HYBRID_REQUEST, HYBRID_RESPONSE
 
 
@@ -36,13 +36,14 @@ def _veil_error(exc: HEError) -> VeilError:
     return VeilError(exc.message, code=exc.code, status=exc.status)
 
 
-class HybridModel:
+class HybridModel(_Model):
     """A decrypted HE model in the model cache: what the core runs instead of an ORT session."""
 
     format = "he"
     zero_copy = False
 
     def __init__(self, plaintext: bytes | bytearray, model: str, models: ModelSet, keys: KeyRing) -> None:
+        super().__init__()
         try:
             self.server = models.bind(bundle.unpack(plaintext, model))
         except HEError as exc:
@@ -50,15 +51,8 @@ class HybridModel:
         self.model = model
         self.keys = keys
         self.nbytes = len(plaintext)
-        self._ran = False
-        self._ran_lock = threading.Lock()
 
-    def take_first_run(self) -> bool:
-        with self._ran_lock:
-            first, self._ran = not self._ran, True
-        return first
-
-    def run(self, inputs: dict[str, np.ndarray], *, user: str) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], *, user: str) -> dict[str, np.ndarray]:  # type: ignore[override]
         raw = inputs.get(HYBRID_REQUEST)
         if raw is None or set(inputs) != {HYBRID_REQUEST} or raw.dtype != np.uint8 or raw.ndim != 1:
             raise BadRequest(
@@ -79,6 +73,6 @@ class HybridModel:
         return {HYBRID_RESPONSE: np.frombuffer(answer, dtype=np.uint8)}
 
 
-def keyring_for(reader: Any) -> KeyRing:
+def keyring_for(reader: Any, cache_bytes: int) -> KeyRing:
     """The runtime's evaluation-key ring, fetching records from the store it reads models from."""
-    return KeyRing(lambda: reader)
+    return KeyRing(lambda: reader, cache_bytes)

@@ -28,3 +28,21 @@ def request_payload(model: str, body_sha256: str) -> bytes:
 def keys_payload(model: str, key_id: str, blob_sha256: str) -> bytes:
     """The bytes a user signs to upload an evaluation-key blob for `model` under `key_id`."""
     return b"\n".join([KEYS_CONTEXT, model.encode(), key_id.encode(), blob_sha256.encode()])
+
+
+# Routing: the gateway hands the packer `model@<first 16 hex of the key id>` as the "model" of an
+# HE request, so the instance that already holds a user's evaluation keys is preferred. The packer
+# counts each such key as resident on its instance and, to make room, asks the instance to drop it
+# with `unload_value(routing key)` (the HE action then forgets those keys; any instance can fetch
+# them again from the store).
+ROUTING_SEPARATOR = "@"
+ROUTING_KEY_HEX = 16
+
+
+def routing_key(model: str, key_id: str) -> str:
+    return f"{model}{ROUTING_SEPARATOR}{key_id[:ROUTING_KEY_HEX]}"
+
+
+def unload_value(key: str) -> dict[str, str]:
+    """The request that makes an HE instance drop the keys a routing key stands for."""
+    return {"op": "unload", "model": key}
