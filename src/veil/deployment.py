@@ -399,7 +399,9 @@ class LocalDeployment:
                 from veil.wire.he import unload_value
 
                 # each routing key is a user's keys on an instance: the packer may drop idle ones
-                self.he_router = packer(self.he_platform, he_spec, policy=o.packer_policy, unload_value=unload_value)
+                # (the HE function is on the local platform: "platform", Ray's own router, means Veil's here)
+                he_policy = "veil" if o.packer_policy == "platform" else o.packer_policy
+                self.he_router = packer(self.he_platform, he_spec, policy=he_policy, unload_value=unload_value)
             else:
                 self.he_platform.deploy(he_spec)
                 self.he_router = DirectRouter(self.he_platform, HE_FUNCTION)
