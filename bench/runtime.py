@@ -657,6 +657,7 @@ class Bench:
         )
         no_pool: dict[str, Any] = {}
         if self.pool_on:  # the baseline in the same run: no spares, a new interpreter per instance
+            self.wait_pool()  # the pool at its size (the last run's spare replaced): its steady cost
             pool_metrics = self.platform.metrics(TEE_FUNCTION)
             self.use_pool(False)
             for fmt, model_id in (("onnx", m.model_id), ("ort", ort_id)):
