@@ -3,6 +3,7 @@ time, refusal past the owner's threshold, and encrypted agreement with the appro
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -79,3 +80,25 @@ def test_onnx_sigmoid_and_tanh(op, mlp_task):
     report = compiled.meta["approximation"]
     assert report["activations"][0]["kind"] == {"Sigmoid": "logistic", "Tanh": "tanh"}[op]
     assert report["prediction_change"] <= 0.05
+
+
+def test_cli_reports_the_accuracy_change_and_the_owner_threshold(tmp_path, relu_mlp, mlp_task):
+    """`veil he compile` prints what the approximation changed and refuses past --max-approx-change."""
+    import pickle
+
+    from click.testing import CliRunner
+
+    from veil.cli.he import he
+
+    model, calib = tmp_path / "relu.pkl", tmp_path / "calib.npy"
+    model.write_bytes(pickle.dumps(relu_mlp))
+    np.save(calib, mlp_task.x_train)
+    base = ["compile", str(model), "--calib", str(calib), "--model-id", "relu", "--verify-samples", "0"]
+    ok = CliRunner().invoke(he, [*base, "--out", str(tmp_path / "out")])
+    assert ok.exit_code == 0, ok.output
+    assert "approximated relu" in ok.output and "of calibration predictions (threshold 2.00%)" in ok.output
+    report = json.loads((tmp_path / "out" / "manifest.json").read_text())["meta"]["approximation"]
+    assert 0 <= report["prediction_change"] <= 0.02 and report["threshold"] == 0.02
+    refused = CliRunner().invoke(he, [*base, "--max-approx-change", "0", "--out", str(tmp_path / "no")])
+    assert refused.exit_code != 0 and "threshold 0.0%" in refused.output
+    assert not (tmp_path / "no").exists()

@@ -73,7 +73,7 @@ def _save(obj: Any, wipe: bool = False) -> bytes:
     return data
 
 
-def _load(data: bytes, loader: Callable[[str], None]) -> None:
+def _load(data: bytes | memoryview, loader: Callable[[str], None]) -> None:
     fd = _memfd()
     if fd is None:
         _load_tmp(data, loader)
@@ -99,7 +99,7 @@ def _save_tmp(obj: Any) -> bytes:
         os.unlink(path)
 
 
-def _load_tmp(data: bytes, loader: Callable[[str], None]) -> None:
+def _load_tmp(data: bytes | memoryview, loader: Callable[[str], None]) -> None:
     fd, path = tempfile.mkstemp(prefix="veil-he-", dir=_TMP_DIR)
     try:
         os.write(fd, data)
@@ -109,9 +109,9 @@ def _load_tmp(data: bytes, loader: Callable[[str], None]) -> None:
         os.unlink(path)
 
 
-def check_header(data: bytes, what: str, max_size: int) -> None:
+def check_header(data: bytes | memoryview, what: str, max_size: int) -> None:
     """Validate a SEAL serialization header before SEAL parses anything else."""
-    if not isinstance(data, bytes | bytearray) or len(data) < _HEADER.size:
+    if not isinstance(data, bytes | bytearray | memoryview) or len(data) < _HEADER.size:
         raise HEError(f"bad_{what}", f"{what} is truncated ({len(data)} bytes)")
     magic, header_size, major, _minor, compr, reserved, size = _HEADER.unpack_from(data)
     if magic != _SEAL_MAGIC or header_size != _HEADER.size or major != 4 or reserved != 0:
@@ -156,8 +156,9 @@ class EvalKeys:
     nbytes: int = 0
 
 
-def split_objects(data: bytes, what: str, max_size: int) -> list[bytes]:
-    """A concatenation of SEAL serializations, each checked by `check_header`, as its parts."""
+def split_objects(data: bytes, what: str, max_size: int) -> list[memoryview]:
+    """A concatenation of SEAL serializations, each checked by `check_header`, as views of its
+    parts (no copies: the Galois keys are the largest thing a server holds)."""
     parts, offset = [], 0
     view = memoryview(data)
     while offset < len(data):
@@ -166,7 +167,7 @@ def split_objects(data: bytes, what: str, max_size: int) -> list[bytes]:
         size = _HEADER.unpack_from(data, offset)[-1]
         if size < _HEADER.size or offset + size > len(data):
             raise HEError(f"bad_{what}", f"{what} declares {size} bytes past the end of the blob (truncated?)")
-        part = bytes(view[offset : offset + size])
+        part = view[offset : offset + size]
         check_header(part, what, max_size)
         parts.append(part)
         offset += size
@@ -337,7 +338,6 @@ class SealBackend:
                     for e in elements:
                         if e not in galois_keys and obj.has_key(e):
                             galois_keys[e] = obj
-                    del part
                 missing = [e for e in elements if e not in galois_keys]
                 if missing:
                     raise HEError("bad_keys", f"Galois keys lack elements {missing}")
