@@ -92,3 +92,10 @@ def test_three_layer_rows_needs_room_for_its_outputs():
     assert latency_layout(plan, 2048).kind == ROWS
     layers[-1] = FusedLayer(Affine(rng.normal(0, 0.3, (200, 4)), np.zeros(200)), False)
     assert latency_layout(FusedPlan(layers, "multiclass"), 2048).kind != ROWS
+
+
+def test_two_layer_rows_serves_at_every_batch_size(tmp_path, mlp_task):
+    """The digits MLP as compiled by default (measured), at every batch size it advertises."""
+    compiled = compile_model(mlp_task.model, mlp_task.x_train, name="m2", verify_samples=8)
+    assert max(compiled.meta["measured_error"].values()) <= 0.7 * PRECISION
+    _every_batch(_serve(tmp_path, compiled, "m2"), compiled, mlp_task.x_test)
