@@ -81,6 +81,8 @@ MAX_RETRIES = 8
 TIMEOUT_HEADER = "x-veil-timeout-ms"
 # Refusals that mean the request did not run: safe to send again (with a fresh envelope).
 CLEAN_REFUSALS = frozenset({"busy", "unavailable", "keyservice_unavailable"})
+# what an instance answers when the request was made for another version's parameters
+STALE_CARD_CODES = frozenset({"wrong_parameters", "wrong_features", "missing_keys"})
 HYBRID_REQUEST, HYBRID_RESPONSE = tensors.HYBRID_REQUEST, tensors.HYBRID_RESPONSE
 
 
@@ -479,15 +481,18 @@ class ModelUser(_Principal):
         model_id = _model_id(model_id)
         card = self._card_or_none(model_id)
         if card is not None and card.mode in ("he", "hybrid"):
-            return self._infer_he(
-                model_id,
-                card,
-                inputs,
-                packing=packing,
-                deadline_s=deadline_s,
-                idempotent=idempotent,
-                max_parts=max_parts,
-            )
+            options = {"packing": packing, "deadline_s": deadline_s, "idempotent": idempotent, "max_parts": max_parts}
+            try:
+                return self._infer_he(model_id, card, inputs, **options)
+            except VeilError as exc:
+                if exc.code not in STALE_CARD_CODES:
+                    raise
+                fresh = self.card(model_id, refresh=True)  # a new version may have new parameters
+                if fresh.version == card.version:
+                    raise
+                if fresh.mode not in ("he", "hybrid"):
+                    return self.infer(model_id, inputs, input_name=input_name, timings=timings, deadline_s=deadline_s)
+                return self._infer_he(model_id, fresh, inputs, **options)
         named = self._named_inputs(model_id, inputs, input_name)
         key = self.request_keys.get(model_id)
         if key is None:

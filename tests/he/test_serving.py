@@ -433,3 +433,25 @@ def test_he_through_the_network_store(tmp_path, lr_task, lr_compiled):
         user.close()
     finally:
         deployment.stop()
+
+
+def test_a_new_version_is_served_and_clients_follow_it(he_stack, mlp_task):
+    """Republishing an HE model (new weights, here even a new ring size) is a new owner-signed
+    version; a client holding the old card follows it without being told."""
+    from veil.he.compile import compile_model
+
+    lr = he_stack.tasks["lr"]
+    owner, user = he_stack.owner, he_stack.new_user()
+    owner.publish("lr-versions", he_stack.compiled["lr"], mode="he")
+    owner.grant("lr-versions", user.id)
+    x = lr.x_test[:3]
+    assert list(user.infer("lr-versions", x)["predictions"]) == list(lr.model.predict(x))
+    v1 = user.card("lr-versions")
+    bigger = compile_model(lr.model, lr.x_train, name="lr", poly_modulus_degree=4096)
+    assert bigger.params_digest() != he_stack.compiled["lr"].params_digest()
+    published = owner.publish("lr-versions", bigger, mode="he")
+    assert published["version"] == v1.version + 1 and published["replaced_version"] == v1.version
+    time.sleep(2.5)  # the gateway's card cache (2 s)
+    out = user.infer("lr-versions", x)  # the SDK still holds v1's card
+    assert list(out["predictions"]) == list(lr.model.predict(x))
+    assert user.card("lr-versions").version == v1.version + 1
