@@ -6,8 +6,10 @@ KeyService of the e2e stack), compared with the local platform on the same reque
 Checks: answers and error codes equal the local platform's; failing starts back off with a clear
 error; a model stays on the replica that has it (Veil's router and Serve's default one); a killed
 runtime and a killed Ray worker are replaced (the request in flight is retried); scale to zero
-leaves no process behind; the cold start from zero replicas. Both nodes read the same model store
-directory (this machine's filesystem); the network store is tested elsewhere.
+leaves no process behind; the cold start from zero replicas; a whole deployment on Ray
+(`LocalDeployment(platform="ray")`, the API of `veil up --platform ray`) whose replicas run on
+the second node and read models from the network store (`veil store serve`); and `veil up
+--platform ray` starting and stopping its own Ray head.
 """
 
 from __future__ import annotations
@@ -307,14 +309,29 @@ class _Via:
 
 
 def test_deployment_on_ray_publishes_and_infers_like_the_local_platform(stack, make_stack, cluster):
-    """The Python API of `veil up --platform ray --address ADDR`: a whole deployment (its own
-    KeyService, store, gateway) whose TEE runtime is a Ray Serve application on the cluster,
-    routed by Veil's router; its owner publishes, its user infers, answers equal the local
-    platform's, and so does a runtime error. Stopping it deletes its application only."""
-    ray_stack = make_stack(platform="ray", ray_address=cluster.address, ray_app_prefix="up-", packer_policy="veil")
+    """The Python API of `veil up --platform ray --address ADDR --serve-store`: a whole
+    deployment (its own KeyService, store service, gateway) whose TEE runtime is a Ray Serve
+    application on the cluster, routed by Veil's router, its replicas pinned to the second node
+    (Ray's `node:<ip>` resource), which reads sealed models from the network store; its owner
+    publishes, its user infers, answers equal the local platform's, and so does a runtime
+    error. Stopping it deletes its application only."""
+    import ray
+
+    worker_ip = cluster.worker_ips[0]
+    options = RayOptions(resources={f"node:{worker_ip}": 0.001}, log_dir=str(cluster.root / "up-logs"))
+    ray_stack = make_stack(
+        platform="ray",
+        ray_address=cluster.address,
+        ray_app_prefix="up-",
+        packer_policy="veil",
+        ray_options=options,
+        serve_store=True,
+    )
     platform = ray_stack.platform
     assert platform.kind == "ray" and ray_stack.info.extra["platform"] == "ray"
     assert ray_stack.info.extra["ray_address"] == cluster.address
+    store_url = ray_stack.deployment.store_location
+    assert store_url.startswith("http://127.0.0.1:") and ray_stack.deployment.tee_spec.init_value["store"] == store_url
     requests = 0
     for model_id, model in ray_stack.models.items():
         x = model.x_test[:4]
@@ -336,6 +353,8 @@ def test_deployment_on_ray_publishes_and_infers_like_the_local_platform(stack, m
         codes.append((ei.value.code, ei.value.status))
     assert codes[0] == codes[1], codes
     [replica] = [r for r in platform.replicas("veil-tee") if model_id in r["models"]]
+    worker_node = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}[worker_ip]
+    assert all(r["node_id"] == worker_node for r in platform.replicas("veil-tee")), "not on the second node"
     pids = runtime_pids([replica])
     ray_stack.close()
     from ray import serve

@@ -189,32 +189,42 @@ def test_veil_routing_installs_the_router_and_the_autoscaling_policy():
     assert router["request_router_kwargs"]["model_mb"] == {"m": 50.0}
     a = o["autoscaling_config"]
     assert a["policy"]["policy_function"] == "veil.platform.ray_serve.autoscale:veil_autoscaling_policy"
-    assert a["look_back_period_s"] <= 1.0 and a["metrics_interval_s"] <= 0.5 and a["upscale_delay_s"] == 0
+    assert a["look_back_period_s"] <= 1.0 and a["metrics_interval_s"] <= 0.5
+    assert a["upscale_delay_s"] == RayOptions().veil_upscale_delay_s > 0  # bursts drain on warm replicas first
     assert o["ray_actor_options"]["num_cpus"] == 0.5
+    assert o["logging_config"] == {"enable_access_log": False}
     default = deployment_options(spec, Routing("platform"))
     assert "request_router_class" not in default["request_router_config"]
     assert "policy" not in default["autoscaling_config"]
     assert default["autoscaling_config"]["downscale_delay_s"] == 30.0
+    assert default["autoscaling_config"]["upscale_delay_s"] == 0  # the baseline scales out at once
 
 
 def test_the_async_path_answers_and_retries_as_the_sync_one(supervisor, tmp_path: Path):
     import asyncio
 
-    import httpx
+    aiohttp = pytest.importorskip("aiohttp")
 
     sup = supervisor(echo())
     sup.start()
 
     async def go() -> list[dict]:
-        async with httpx.AsyncClient() as client:
+        async with aiohttp.ClientSession() as client:
             ok = await sup.run_async(client, {"x": 1}, 10.0)
+            encoded = await sup.run_async(client, b'{"x": [1, 2]}', 10.0)  # as the Ray platform sends it
             crash_once = await sup.run_async(client, {"crash_once": str(tmp_path / "m")}, 10.0)
             fail = await sup.run_async(client, {"fail": True}, 10.0)
             slow = await sup.run_async(client, {"sleep": 2}, 0.3)
-            return [ok, crash_once, fail, slow]
+            not_object = await sup.run_async(client, b"[1]", 10.0)
+            return [ok, encoded, crash_once, fail, slow, not_object]
 
-    ok, crash_once, fail, slow = asyncio.run(go())
+    ok, encoded, crash_once, fail, slow, not_object = asyncio.run(go())
+    assert "raw" in ok  # the runtime's answer crosses undecoded
     assert wire.result(ok, "echo")["echo"] == {"x": 1}
+    assert wire.result(encoded, "echo")["echo"] == {"x": [1, 2]}
+    with pytest.raises(PlatformError) as bad:
+        wire.result(not_object, "echo")
+    assert bad.value.code == "bad_request" and bad.value.status == 400
     assert wire.result(crash_once, "echo")["echo"] == {"crash_once": str(tmp_path / "m")}
     assert sup.stats()["crashes"] == 1 and sup.stats()["retries"] == 1
     with pytest.raises(ActionError):

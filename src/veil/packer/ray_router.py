@@ -61,6 +61,7 @@ class _Placement:
     route: Route | None
     accepted_at: float | None = None
     held: bool = True  # counted in the policy's (or the model-less) accounting
+    waiting: bool = False  # held on a full replica, not offered to Serve (see `_wait`)
 
 
 class VeilRequestRouter(RequestRouter):
@@ -84,6 +85,7 @@ class VeilRequestRouter(RequestRouter):
         self._policy = VeilPolicy(self._spec, learner)
         self._placements: dict[str, _Placement] = {}
         self._plain: dict[str, int] = {}  # replica -> model-less requests in flight
+        self._waiting: dict[str, int] = {}  # replica -> requests held on it, waiting for a slot
         self._lock = threading.Lock()
         self._last_tick = 0.0
 
@@ -120,6 +122,7 @@ class VeilRequestRouter(RequestRouter):
     def _forget(self, rid: str, now: float) -> None:
         self._policy.lost(rid, now)
         self._plain.pop(rid, None)
+        self._waiting.pop(rid, None)
         for key in [k for k, p in self._placements.items() if p.replica == rid]:
             del self._placements[key]  # Serve fails or retries those requests; a retry re-places
 
@@ -154,17 +157,45 @@ class VeilRequestRouter(RequestRouter):
                 # No replica has room now: wait (Serve backs off and asks again). The arrival
                 # is recorded: the next attempt re-places without counting it again.
                 self._placements[key] = _Placement(pending_request, "", None, held=False)
+                pending_request.routing_context.should_backoff = True
                 return []
             if decision.instance not in by_id:  # the policy's view lags Serve's by a moment
                 self._policy.complete(decision, now, 0.0, False)
                 self._placements[key] = _Placement(pending_request, "", None, held=False)
                 return [candidate_replicas]
+            chosen = self._policy.instances[decision.instance]
+            if chosen.total_inflight - self._waiting.get(chosen.id, 0) > chosen.capacity:
+                # The cheapest option is a queue on a full replica. Serve cannot queue on a
+                # replica, so the request waits here and is placed again shortly (see `_wait`).
+                return self._wait(pending_request, key, decision)
             self._placements[key] = _Placement(pending_request, decision.instance, decision)
             pending_request.kwargs["veil"] = {
                 "evict": list(decision.evict),
                 "keepalive_s": self._policy.keepalive.keepalive(model),
             }
             return [[by_id[decision.instance]]]
+
+    def _wait(self, pending_request: PendingRequest, key: str, decision: Route) -> list:
+        """Hold a request on the full replica the policy queued it on, without offering that
+        replica to Serve (call under the lock).
+
+        Offered a full replica, Serve's base router asks that replica for its queue length on
+        every attempt, without backing off, with a deadline that doubles (to 1 s) each time the
+        busy replica answers late: in a burst of cold requests on a loaded machine, requests
+        sat seconds behind the model loads of the replica they were queued on, while the same
+        burst under Serve's default router (which backs off) drained in well under one. The
+        policy's count of requests in flight per replica is exact (every request of the
+        function goes through this router), so a full replica is not offered at all: the
+        request backs off in the handle's queue (`RayOptions.router_backoff_s`, a few ms) and
+        is placed afresh, taking the first slot that frees or a replica Serve adds. Meanwhile
+        its placement stays held, so the policy prices that replica's queue with every request
+        waiting for it, and the next requests of a burst spill over to other replicas (a cold
+        load there) once the queue is the longer wait; replicas are full only for requests
+        actually sent (`_waiting` is left out of that test)."""
+        self._placements[key] = _Placement(pending_request, decision.instance, decision, waiting=True)
+        self._waiting[decision.instance] = self._waiting.get(decision.instance, 0) + 1
+        pending_request.routing_context.should_backoff = True
+        return []
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         if self.policy is None:
@@ -196,6 +227,13 @@ class VeilRequestRouter(RequestRouter):
         if not placed.held:
             return
         placed.held = False
+        if placed.waiting:
+            placed.waiting = False
+            left = self._waiting.get(placed.replica, 0) - 1
+            if left > 0:
+                self._waiting[placed.replica] = left
+            else:
+                self._waiting.pop(placed.replica, None)
         if placed.route is not None:
             self._policy.complete(placed.route, now, ran_s or 0.0, ran_s is not None)
         else:

@@ -34,6 +34,14 @@ from pathlib import Path
 
 import psutil
 
+#: The environment of every node (and so of every Ray worker, Serve replicas included).
+#: `RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`: a replica runs its (async, non-blocking)
+#: request handler on Serve's own event loop instead of handing each request to a second
+#: loop on another thread, which saves a thread hop per request (about 0.5-1 ms of a warm
+#: request on this machine). Set on the nodes, not per deployment: a `runtime_env` would give
+#: every replica a dedicated new worker process (no pooled worker), slowing cold starts.
+NODE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
 
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -78,7 +86,7 @@ class LocalRayCluster:
         self.worker_ips = [f"{base[0]}.{int(base[1]) + 1 + i}" for i in range(workers)]
         self.num_cpus = num_cpus
         self.token_path = self.root / "auth_token"
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.driver_env(), **(env or {})}
+        self.env = {**os.environ, **NODE_ENV, **self.driver_env(), **(env or {})}
         self.start_timeout_s = start_timeout_s
         self.port = 0
         self.nodes: list[_Node] = []

@@ -57,6 +57,12 @@ class RayOptions:
       idle replica for less time than a start takes never pays (the rent-or-buy break-even),
       so this is set near the cold start; it also stops replicas started for a burst from
       being dropped while still starting.
+    - `veil_upscale_delay_s`: with Veil's router, how long a higher replica count must persist
+      before Serve starts replicas (from zero replicas Serve starts one at once regardless). A
+      burst that the running replicas drain within a replica start gains nothing from a new
+      replica, which arrives after it, and pays its GB-s and, on a small machine, the CPU of a
+      Ray worker start in the middle of the burst; the router queues such bursts on warm
+      replicas (`VeilRequestRouter._wait`) and spills over to others by expected wait.
     - `health_check_period_s` / `health_check_timeout_s`: Serve's replica health checks (the
       replica restarts a dead runtime itself; the check replaces a wedged replica).
     - `resources`: custom Ray resources every replica needs, e.g. `{"tee": 0.001}` to pin
@@ -68,6 +74,8 @@ class RayOptions:
     - `grpc_transport`: send requests from the handle to replicas over Serve's direct gRPC
       channel (each replica runs that server anyway) instead of Ray actor calls through the
       object store: a few milliseconds less per request. Off: Ray's default transport.
+    - `access_log`: Serve's per-request access log in each replica (off: it costs about 1 ms
+      per warm request, and the platform's metrics count requests anyway).
     """
 
     num_cpus: float = 0.25
@@ -75,14 +83,16 @@ class RayOptions:
     look_back_period_s: float = 0.5
     upscale_delay_s: float = 0.0
     veil_downscale_delay_s: float = 5.0
+    veil_upscale_delay_s: float = 1.0
     health_check_period_s: float = 2.0
     health_check_timeout_s: float = 10.0
     graceful_shutdown_timeout_s: float = 5.0
     resources: dict[str, float] = field(default_factory=dict)
     log_dir: str | None = None
     max_models_per_replica: int | None = None
-    router_backoff_s: tuple[float, float] = (0.005, 0.05)
+    router_backoff_s: tuple[float, float] = (0.002, 0.02)
     grpc_transport: bool = True
+    access_log: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +149,7 @@ def deployment_options(
         autoscaling["policy"] = {"policy_function": AUTOSCALING_POLICY}
         autoscaling["downscale_delay_s"] = min(spec.idle_timeout_s, o.veil_downscale_delay_s)
         autoscaling["downscale_to_zero_delay_s"] = min(spec.idle_timeout_s, o.veil_downscale_delay_s)
+        autoscaling["upscale_delay_s"] = o.veil_upscale_delay_s
         router["request_router_class"] = ROUTER_CLASS
         router["request_router_kwargs"] = {
             "function": spec.name,
@@ -165,6 +176,9 @@ def deployment_options(
         "health_check_timeout_s": o.health_check_timeout_s,
         "graceful_shutdown_timeout_s": o.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.1,
+        # Serve writes an access-log line per request in the replica, on the request's path
+        # (about 1 ms of a warm request on this machine); Veil meters requests itself.
+        "logging_config": {"enable_access_log": o.access_log},
     }
     out.update(overrides)
     return out

@@ -183,7 +183,8 @@ class RayPlatform:
         if not isinstance(value, dict):
             raise PlatformError("bad_request", f"function {name!r}: value must be a JSON object", status=400)
         try:
-            json.dumps(value, allow_nan=False)
+            # encoded once, here: the replica splices these bytes into the runtime's /run body
+            payload = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as e:
             raise PlatformError("bad_request", f"function {name!r}: the value is not JSON-serialisable: {e}") from None
         handle = self._handle_for(fn, model)
@@ -197,7 +198,7 @@ class RayPlatform:
                 if remaining <= 0:
                     raise PlatformError("timeout", f"function {name!r}: no result within {timeout:.2f} s")
                 try:
-                    answer = self._call(handle, name, value, remaining)
+                    answer = self._call(handle, name, payload, remaining)
                 except _ReplicaDied as died:
                     if first is None:
                         first = died.reason
@@ -232,7 +233,7 @@ class RayPlatform:
                 fn.by_model[model] = handle
         return handle
 
-    def _call(self, handle: Any, name: str, value: dict, remaining: float) -> Any:
+    def _call(self, handle: Any, name: str, value: bytes, remaining: float) -> Any:
         response = handle.remote(value, timeout=remaining)
         try:
             return response.result(timeout_s=remaining)
@@ -332,24 +333,19 @@ class RayPlatform:
         """Follow every replica's life from Serve's details: billed from its start until it is
         gone, as the local platform bills from spawn until exit."""
         from ray.serve.context import _get_global_client
-        from ray.serve.schema import ServeInstanceDetails
 
         client = _get_global_client(raise_if_no_controller_running=False)
         if client is None:
             return
-        details = ServeInstanceDetails(**client.get_serve_details())
+        # The details as the controller sends them (a dict of its ServeInstanceDetails): read
+        # directly, since validating them into pydantic models every poll cost the gateway's
+        # process (which also serves requests) milliseconds of CPU a few times a second.
+        details = client.get_serve_details() or {}
         now_mono, now_wall = time.monotonic(), time.time()
         with self._lock:
             functions = list(self._functions.items())
         for name, fn in functions:
-            seen: dict[str, tuple[str, float]] = {}
-            app = details.applications.get(self.app_name(name))
-            deployment = app.deployments.get(name) if app is not None else None
-            if deployment is not None:
-                for r in deployment.replicas:
-                    state = r.state.value if hasattr(r.state, "value") else str(r.state)
-                    if state in _BILLED:
-                        seen[r.replica_id] = (state, r.start_time_s)
+            seen = _replica_states(details, self.app_name(name), name)
             with self._lock:
                 for rid, (state, started) in seen.items():
                     if rid not in fn.replicas:
@@ -424,6 +420,19 @@ class RayPlatform:
     def _unknown(self, name: str) -> PlatformError:
         known = ", ".join(self.functions()) if not self._closed else ""
         return PlatformError("unknown_function", f"no function {name!r} is deployed (deployed: {known or 'none'})")
+
+
+def _replica_states(details: dict[str, Any], app: str, deployment: str) -> dict[str, tuple[str, float]]:
+    """Billed replicas of one deployment in Serve's details: id -> (state, start time)."""
+    apps = details.get("applications") or {}
+    deployments = (apps.get(app) or {}).get("deployments") or {}
+    out: dict[str, tuple[str, float]] = {}
+    for r in (deployments.get(deployment) or {}).get("replicas") or ():
+        state = r.get("state")
+        state = getattr(state, "value", state)
+        if state in _BILLED and r.get("replica_id"):
+            out[str(r["replica_id"])] = (str(state), float(r.get("start_time_s") or 0.0))
+    return out
 
 
 class _ReplicaDied(Exception):

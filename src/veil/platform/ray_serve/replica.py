@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 from ray import serve
 
 from veil.platform.errors import PlatformError
@@ -75,7 +75,7 @@ class VeilReplica:
             self.spec, replica_id=f"{self.spec.name}-{self.replica_id}", log_dir=log_root / self.spec.name
         )
         self.models = ReplicaModels(self.spec.idle_timeout_s)
-        self._aclient: httpx.AsyncClient | None = None
+        self._aclient: aiohttp.ClientSession | None = None
         # Unloads and health checks block (requests themselves are awaited on the loop).
         self._pool = ThreadPoolExecutor(max_workers=self.spec.concurrency + 2, thread_name_prefix="veil-replica")
         if not self.veil:
@@ -95,7 +95,8 @@ class VeilReplica:
             log.warning("replica %s has no runtime yet: %s", self.replica_id, error.message)
 
     async def __call__(self, value: Any, veil: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
-        if not isinstance(value, dict):
+        """`value`: the JSON object's encoding (what the Ray platform sends) or the object."""
+        if not isinstance(value, (bytes, dict)):
             return wire.error(
                 PlatformError("bad_request", f"function {self.spec.name!r}: value must be a JSON object", status=400)
             )
@@ -113,12 +114,14 @@ class VeilReplica:
         finally:
             self.models.end(model)
 
-    def _client(self) -> httpx.AsyncClient:
-        """One keep-alive pool to the runtime, on the loop the replica's requests run on."""
+    def _client(self) -> aiohttp.ClientSession:
+        """One keep-alive pool to the runtime, on the loop the replica's requests run on
+        (created on first use: a session belongs to the loop it was made on)."""
         if self._aclient is None:
-            self._aclient = httpx.AsyncClient(
-                limits=httpx.Limits(max_keepalive_connections=self.spec.concurrency + 2, keepalive_expiry=2.0),
-                timeout=httpx.Timeout(30.0),
+            self._aclient = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.spec.concurrency + 2, keepalive_timeout=30.0),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
             )
         return self._aclient
 

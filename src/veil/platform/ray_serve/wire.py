@@ -1,5 +1,11 @@
 """What crosses a Ray handle between a replica and its caller: plain dicts, never exceptions.
 
+A runtime's `/run` answer crosses as it came (`{"raw": body, "status": http_status}`): the
+replica neither decodes nor re-encodes it, and the caller decodes it once, with the local
+platform's rules (`veil.platform.instance.parse_run`). Requests cross the same way: the caller
+encodes the value to JSON once (which is also its validation) and the replica splices those
+bytes into the `/run` body.
+
 Ray pickles an exception raised in a replica into a `RayTaskError` whose text carries the
 replica's traceback, and Veil's error classes (keyword-only constructors) do not unpickle
 cleanly. So a replica never raises for an expected failure: it answers `{"ok": result}` or
@@ -12,6 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from veil.platform.errors import ActionError, PlatformError
+from veil.platform.instance import parse_run
+
+
+def raw(status: int, body: bytes) -> dict[str, Any]:
+    """A runtime's `/run` answer, undecoded."""
+    return {"raw": body, "status": status}
 
 
 def ok(result: dict[str, Any]) -> dict[str, Any]:
@@ -35,6 +47,8 @@ def error(exc: PlatformError) -> dict[str, Any]:
 
 def result(answer: Any, function: str) -> dict[str, Any]:
     """The action's result from a replica's answer, or the error it carries, raised."""
+    if isinstance(answer, dict) and isinstance(answer.get("raw"), bytes) and isinstance(answer.get("status"), int):
+        return parse_run(function, answer["status"], answer["raw"])
     if isinstance(answer, dict) and isinstance(answer.get("ok"), dict) and len(answer) == 1:
         return answer["ok"]
     err = answer.get("error") if isinstance(answer, dict) else None
