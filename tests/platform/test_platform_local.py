@@ -245,8 +245,14 @@ def test_an_error_answered_200_keeps_the_status_it_names():
     from veil.platform.instance import Instance
 
     inst = Instance(
-        instance_id="i", function="f", command=["true"], env={}, memory_mb=1, concurrency=1,
-        generation=0, log_path=Path("/dev/null"),
+        instance_id="i",
+        function="f",
+        command=["true"],
+        env={},
+        memory_mb=1,
+        concurrency=1,
+        generation=0,
+        log_path=Path("/dev/null"),
     )
     named = httpx.Response(200, json={"error": {"code": "integrity", "message": "m", "status": 400}})
     with pytest.raises(ActionError) as ei:
