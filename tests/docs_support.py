@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,15 @@ from pathlib import Path
 import pytest
 
 DOC_PORTS = (8600, 8700)  # `veil up`'s defaults, which the docs use as written
+
+
+def step_by_step(doc: Path) -> list[str]:
+    """The non-blank lines of the first bash block under the document's "## Step by step"."""
+    text = doc.read_text()
+    section = text[text.index("## Step by step") :]
+    block = re.search(r"```bash\n(.*?)\n```", section, flags=re.S)
+    assert block, f"no bash block under Step by step in {doc.name}"
+    return [line for line in block.group(1).splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

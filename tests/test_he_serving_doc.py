@@ -5,27 +5,18 @@ the CLI: HE and hybrid publishes, grants, and encrypted inference in both modes.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from docs_support import run_shell, veil_up
+from docs_support import run_shell, step_by_step, veil_up
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "he-serving.md"
 
 
-def step_by_step() -> list[str]:
-    text = DOC.read_text()
-    section = text[text.index("## Step by step") :]
-    block = re.search(r"```bash\n(.*?)\n```", section, flags=re.S)
-    assert block, "no bash block under Step by step"
-    return [line for line in block.group(1).splitlines() if line.strip()]
-
-
 @pytest.mark.timeout(300)
 def test_he_serving_step_by_step_runs_as_written(tmp_path: Path) -> None:
-    lines = step_by_step()
+    lines = step_by_step(DOC)
     assert lines[0].startswith("veil up")
     with veil_up(tmp_path, lines[0].split("#")[0].split(), "docs/he-serving.md") as env:
         result = run_shell(lines[1:], tmp_path, env, timeout=240)

@@ -4,27 +4,18 @@ from the CLI."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from docs_support import run_shell, veil_up
+from docs_support import run_shell, step_by_step, veil_up
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def step_by_step() -> list[str]:
-    text = README.read_text()
-    section = text[text.index("## Step by step") :]
-    block = re.search(r"```bash\n(.*?)\n```", section, flags=re.S)
-    assert block, "no bash block under Step by step"
-    return [line for line in block.group(1).splitlines() if line.strip()]
-
-
 @pytest.mark.timeout(300)
 def test_step_by_step_runs_as_written(tmp_path: Path) -> None:
-    lines = step_by_step()
+    lines = step_by_step(README)
     assert lines[0].startswith("veil up")
     with veil_up(tmp_path, lines[0].split("#")[0].split(), "the README") as env:
         result = run_shell(lines[1:], tmp_path, env, timeout=240)

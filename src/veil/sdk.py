@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import numpy as np
@@ -138,6 +138,17 @@ def _gateway_error(response: httpx.Response) -> VeilError:
         code=err.get("code", "gateway_error"),
         status=response.status_code,
     )
+
+
+def _raise_gateway_refusal(response: httpx.Response) -> NoReturn:
+    """Raise a refusal in the clear: retryable when it is a clean 503 (`busy`, `unavailable`,
+    nothing ran) or a 502/504 (may have run: retried only where the request is idempotent)."""
+    error = _gateway_error(response)
+    if response.status_code == 503 and error.code in CLEAN_REFUSALS:
+        raise _Retryable(error, may_have_run=False, retry_after=_retry_after(response))
+    if response.status_code in (502, 504):
+        raise _Retryable(error, may_have_run=True)
+    raise error
 
 
 class _Principal:
@@ -644,12 +655,7 @@ class ModelUser(_Principal):
             ) from None
         self.last_timings = {"round_trip_ms": (time.perf_counter() - t0) * 1e3}
         if not response.is_success:
-            error = _gateway_error(response)
-            if response.status_code == 503 and error.code in CLEAN_REFUSALS:
-                raise _Retryable(error, may_have_run=False, retry_after=_retry_after(response))
-            if response.status_code in (502, 504):
-                raise _Retryable(error, may_have_run=True)
-            raise error
+            _raise_gateway_refusal(response)
         return response.json()
 
     def _hybrid_once(self, model_id: str, req: Any, remaining_s: float) -> dict[str, Any]:
@@ -793,12 +799,7 @@ class ModelUser(_Principal):
                 err.get("envelope") if isinstance(err, dict) else None
             )
             if sealed is None:  # refused before the request authenticated (or by the gateway)
-                error = _gateway_error(response)
-                if response.status_code == 503 and error.code in CLEAN_REFUSALS:
-                    raise _Retryable(error, may_have_run=False, retry_after=_retry_after(response))
-                if response.status_code in (502, 504):
-                    raise _Retryable(error, may_have_run=True)
-                raise error
+                _raise_gateway_refusal(response)
             raise_sealed_error(open_answer(sealed), response.status_code)
         plaintext = open_answer(body.get("envelope") if isinstance(body, dict) else None)
         if tensors.is_error(plaintext):

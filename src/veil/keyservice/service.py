@@ -173,10 +173,15 @@ class KeyService:
         return created
 
     # -- owner operations ------------------------------------------------------------------------
-    def _owned_model(self, caller: str, model_id: str):
-        record = self.store.model(model_id)
+    def _registered_model(self, model_id: str):
+        """The model's record, or `unknown_model` naming the id (checked against the id rule first)."""
+        record = self.store.model(check_identifier(model_id, "model"))
         if record is None:
             raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
+        return record
+
+    def _owned_model(self, caller: str, model_id: str):
+        record = self._registered_model(model_id)
         if record.owner_id != caller:
             self.store.audit(
                 {
@@ -318,9 +323,7 @@ class KeyService:
 
     def current_card(self, model_id: str) -> dict:
         """The signed card of the current version (public: readers verify the owner's signature)."""
-        model = self.store.model(check_identifier(model_id, "model"))
-        if model is None:
-            raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
+        model = self._registered_model(model_id)
         text = self.store.card(model_id, model.current_version) if model.current_version else None
         if text is None:
             raise NotFound(f"model {model_id!r} has no card for its current version", code="no_card")
@@ -330,9 +333,7 @@ class KeyService:
         """Public: a user's public key and whether the model's owner grants them the model. The
         gateway authenticates HE-mode requests and evaluation-key uploads with it (in HE mode the
         cloud enforces access; in TEE and hybrid mode the KeyService does, at key release)."""
-        model = self.store.model(check_identifier(model_id, "model"))
-        if model is None:
-            raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
+        model = self._registered_model(model_id)
         public_key = self.store.principal_key(check_identifier(user_id, "user"))
         if public_key is None:
             raise NotFound(f"user {user_id!r} is not a registered principal", code="unknown_principal")
@@ -348,9 +349,7 @@ class KeyService:
     def model_info(self, model_id: str) -> dict:
         """Who owns a model and which version is current (asked over the signed channel, so a
         user can trust the owner key it uses to verify the model's card)."""
-        model = self.store.model(check_identifier(model_id, "model"))
-        if model is None:
-            raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
+        model = self._registered_model(model_id)
         return {
             "v": wire.VERSION,
             "model": model_id,
@@ -415,8 +414,7 @@ class KeyService:
         measurements: list[str],
         max_revocation_delay_s: int | None = None,
     ) -> None:
-        if self.store.model(model_id) is None:
-            raise NotFound(f"model {model_id!r} is not registered", code="unknown_model")
+        self._registered_model(model_id)
         key = self._open_upload(sealed_key, wire.INFO_REQUEST_KEY_UPLOAD, model_id, caller, "sealed_request_key")
         with self.store.transaction() as db:
             self.store.put_request_key(db, model_id, caller, key, measurements, max_revocation_delay_s)
