@@ -116,6 +116,23 @@ class Tally:
         return self._hash.hexdigest()
 
 
+class TalliedUpload:
+    """The `Upload` fields every store's upload reads from its `Tally` (`self._tally`)."""
+
+    _tally: Tally
+
+    @property
+    def size(self) -> int:
+        return self._tally.size
+
+    @property
+    def head(self) -> bytes:
+        return self._tally.head
+
+    def sha256(self) -> str:
+        return self._tally.sha256()
+
+
 def copy_into(upload: Upload, source: BinaryIO, chunk_size: int = 1 << 20) -> int:
     """Stream `source` into `upload` and commit it; on any failure nothing is kept."""
     try:

@@ -23,14 +23,14 @@ from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from veil.errors import StoreIntegrityError, TooLarge, Unavailable
-from veil.store.base import ModelStore, Tally, copy_into
+from veil.store.base import ModelStore, TalliedUpload, Tally, copy_into
 from veil.store.local import LocalModelStore
 from veil.store.remote import HttpModelReader, error_from_response
 
 TOKEN_ENV = "VEIL_STORE_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 
 
-class HttpUpload:
+class HttpUpload(TalliedUpload):
     """A staged upload to `veil store serve`, streamed as HTTP/1.1 chunks as `write` is called."""
 
     def __init__(self, store: HttpModelStore, model_id: str, version: int, max_bytes: int | None) -> None:
@@ -41,17 +41,6 @@ class HttpUpload:
         self._conn: http.client.HTTPConnection | None = None
         self._upload_id: str | None = None
         self._done = False
-
-    @property
-    def size(self) -> int:
-        return self._tally.size
-
-    @property
-    def head(self) -> bytes:
-        return self._tally.head
-
-    def sha256(self) -> str:
-        return self._tally.sha256()
 
     def _start(self) -> http.client.HTTPConnection:
         conn = self._store.connection()

@@ -16,13 +16,13 @@ from typing import BinaryIO
 
 from veil.crypto.envelope import check_identifier
 from veil.errors import NotFound, Unavailable
-from veil.store.base import SUFFIX, BlobInfo, Tally, check_version, copy_into
+from veil.store.base import SUFFIX, BlobInfo, TalliedUpload, Tally, check_version, copy_into
 
 _VERSION_FILE = re.compile(r"^v([0-9]{1,15})\.veilm$")
 UPLOAD_PREFIX = ".upload-"
 
 
-class PendingUpload:
+class PendingUpload(TalliedUpload):
     """One sealed file on its way into a local store; invisible until `commit`."""
 
     def __init__(self, target: Path, max_bytes: int | None) -> None:
@@ -34,14 +34,6 @@ class PendingUpload:
         self._tally = Tally(max_bytes)
         self._done = False
 
-    @property
-    def size(self) -> int:
-        return self._tally.size
-
-    @property
-    def head(self) -> bytes:
-        return self._tally.head
-
     def write(self, chunk: bytes) -> None:
         try:
             self._tally.add(chunk)
@@ -49,9 +41,6 @@ class PendingUpload:
             self.abort()
             raise
         self._out.write(chunk)
-
-    def sha256(self) -> str:
-        return self._tally.sha256()
 
     def commit(self) -> int:
         self._out.flush()

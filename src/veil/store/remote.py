@@ -20,7 +20,6 @@ Wire protocol (v1; the service is `veil.store.server`):
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import re
 import urllib.parse
@@ -29,9 +28,9 @@ from typing import Any
 from veil.crypto.envelope import check_identifier
 from veil.errors import NotFound, Unavailable, VeilError
 from veil.store.base import BlobInfo, check_version
+from veil.store.stream import ResumableBlob
 
 SERVICE = "veil-store"
-READ_CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 
@@ -161,32 +160,18 @@ class HttpModelReader:
         return sorted(found)
 
 
-class RemoteBlob(io.BufferedIOBase):
-    """One sealed file streamed from the store, read like a local file (`read(n)` returns n bytes
-    unless the file ends), resuming a broken transfer from where it stopped."""
+class RemoteBlob(ResumableBlob):
+    """One sealed file streamed from the store, read like a local file, resumed by range (bound
+    to its ETag) if the transfer breaks."""
+
+    _STREAM_ERRORS = (OSError, http.client.HTTPException)
 
     def __init__(self, reader: HttpModelReader, path: str, what: str, offset: int = 0) -> None:
-        super().__init__()
-        if type(offset) is not int or offset < 0:
-            raise ValueError("offset must be a non-negative integer")
+        super().__init__(what, reader.resumes, offset)
         self._reader = reader
         self._path = path
-        self._what = what
-        self._pos = offset
-        self._size: int | None = None
-        self._etag: str | None = None
         self._conn: http.client.HTTPConnection | None = None
-        self._resp: http.client.HTTPResponse | None = None
-        self._resumes_left = reader.resumes
         self._request()
-
-    @property
-    def size(self) -> int | None:
-        """The whole file's size, as the store declared it."""
-        return self._size
-
-    def readable(self) -> bool:
-        return True
 
     def _request(self) -> None:
         headers = {"Accept-Encoding": "identity"}
@@ -212,76 +197,29 @@ class RemoteBlob(io.BufferedIOBase):
                 raw = b""
             conn.close()
             if resp.status == 412:
-                raise Unavailable(
-                    f"{self._what} changed in the model store while it was being read", code="store_changed"
-                )
+                raise self._changed()
             if resp.status == 200:
-                raise Unavailable(f"model store ignored a range request for {self._what}", code="store_unavailable")
-            raise error_from_response(resp.status, raw, self._what)
+                raise Unavailable(f"model store ignored a range request for {self._where}", code="store_unavailable")
+            raise error_from_response(resp.status, raw, self._where)
         etag = resp.getheader("ETag")
         if resp.status == 206:
             match = _CONTENT_RANGE.match(resp.getheader("Content-Range") or "")
             if match is None or int(match.group(1)) != self._pos:
                 conn.close()
-                raise Unavailable(f"model store sent a wrong range for {self._what}", code="store_unavailable")
+                raise Unavailable(f"model store sent a wrong range for {self._where}", code="store_unavailable")
             size = int(match.group(3))
         else:
             size = int(resp.getheader("Content-Length") or -1)
             if size < 0:
                 conn.close()
-                raise Unavailable(f"model store sent {self._what} without a length", code="store_unavailable")
+                raise Unavailable(f"model store sent {self._where} without a length", code="store_unavailable")
         if self._size is not None and size != self._size:
             conn.close()
-            raise Unavailable(f"{self._what} changed in the model store while it was being read", code="store_changed")
+            raise self._changed()
         self._size, self._etag = size, self._etag or etag
-        self._conn, self._resp = conn, resp
-
-    def _resume(self, cause: BaseException | None) -> None:
-        if self._resumes_left <= 0:
-            self._drop()
-            why = type(cause).__name__ if cause else "connection closed early"
-            raise Unavailable(
-                f"model store at {self._reader.url}: reading {self._what} failed at byte {self._pos} ({why})",
-                code="store_unavailable",
-            )
-        self._resumes_left -= 1
-        self._request()
-
-    def read(self, size: int | None = -1) -> bytes:
-        if self.closed:
-            raise ValueError("read from a closed sealed-model stream")
-        assert self._size is not None
-        want = self._size - self._pos if size is None or size < 0 else min(size, self._size - self._pos)
-        out = bytearray()
-        while len(out) < want:
-            if self._resp is None:
-                self._resume(None)
-                continue
-            try:
-                chunk = self._resp.read(min(want - len(out), READ_CHUNK))
-            except (OSError, http.client.HTTPException) as exc:
-                self._resume(exc)
-                continue
-            if not chunk:
-                self._resume(None)
-                continue
-            out += chunk
-            self._pos += len(chunk)
-        return bytes(out)
-
-    def read1(self, size: int = -1) -> bytes:
-        return self.read(READ_CHUNK if size is None or size < 0 else min(size, READ_CHUNK))
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        self._conn, self._stream = conn, resp
 
     def _drop(self) -> None:
         if self._conn is not None:
             self._conn.close()
-        self._conn = self._resp = None
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
+        self._conn = self._stream = None

@@ -14,13 +14,13 @@ directly or through the same service.
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 from typing import Any, BinaryIO
 
 from veil.crypto.envelope import check_identifier
 from veil.errors import NotFound, Unavailable, VeilError
-from veil.store.base import SUFFIX, BlobInfo, Tally, check_version, copy_into
+from veil.store.base import SUFFIX, BlobInfo, TalliedUpload, Tally, check_version, copy_into
+from veil.store.stream import ResumableBlob
 
 try:
     import boto3
@@ -31,7 +31,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("the S3 model store needs boto3: pip install 'veil[s3]'") from exc
 
 PART_SIZE = 8 << 20  # S3 wants >= 5 MiB for every part but the last
-READ_CHUNK = 1 << 20
 _VERSION_KEY = re.compile(r"/v([0-9]{1,15})\.veilm$")
 
 
@@ -156,7 +155,7 @@ class S3ModelStore:
             raise self.unreachable(exc) from None
 
 
-class S3Upload:
+class S3Upload(TalliedUpload):
     """A multipart upload, parts sent as they fill; invisible until `commit` completes it."""
 
     def __init__(self, store: S3ModelStore, key: str, max_bytes: int | None) -> None:
@@ -167,17 +166,6 @@ class S3Upload:
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._done = False
-
-    @property
-    def size(self) -> int:
-        return self._tally.size
-
-    @property
-    def head(self) -> bytes:
-        return self._tally.head
-
-    def sha256(self) -> str:
-        return self._tally.sha256()
 
     def _send_part(self, data: bytes) -> None:
         s = self._store
@@ -238,21 +226,15 @@ class S3Upload:
                 s.client.abort_multipart_upload(Bucket=s.bucket, Key=self._key, UploadId=self._upload_id)
 
 
-class S3Blob(io.BufferedIOBase):
+class S3Blob(ResumableBlob):
     """One object streamed from S3, resumed by range (bound to its ETag) if the stream breaks."""
 
-    def __init__(self, store: S3ModelStore, key: str, missing: NotFound, offset: int = 0) -> None:
-        super().__init__()
-        self._store, self._key, self._missing = store, key, missing
-        self._pos = offset
-        self._size: int | None = None
-        self._etag: str | None = None
-        self._body: Any = None
-        self._resumes_left = store.resumes
-        self._request()
+    _STREAM_ERRORS = (OSError, BotoCoreError, Urllib3Error, ValueError)
 
-    def readable(self) -> bool:
-        return True
+    def __init__(self, store: S3ModelStore, key: str, missing: NotFound, offset: int = 0) -> None:
+        super().__init__(f"S3 model store: {key}", store.resumes, offset)
+        self._store, self._key, self._missing = store, key, missing
+        self._request()
 
     def _request(self) -> None:
         s = self._store
@@ -271,9 +253,7 @@ class S3Blob(io.BufferedIOBase):
             if status == 416 and self._size is not None and self._pos >= self._size:
                 return
             if status == 412 or code == "PreconditionFailed":
-                raise Unavailable(
-                    f"{self._key} changed in the model store while it was being read", code="store_changed"
-                ) from None
+                raise self._changed() from None
             if status == 416 or code == "InvalidRange":
                 raise VeilError(
                     f"{self._key}: offset {self._pos} is past the end", code="bad_range", status=416
@@ -286,49 +266,5 @@ class S3Blob(io.BufferedIOBase):
         size = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else self._pos + length
         if self._size is not None and size != self._size:
             answer["Body"].close()
-            raise Unavailable(f"{self._key} changed in the model store while it was being read", code="store_changed")
-        self._size, self._etag, self._body = size, self._etag or answer.get("ETag"), answer["Body"]
-
-    def _resume(self, cause: BaseException | None) -> None:
-        if self._resumes_left <= 0:
-            self._drop()
-            why = type(cause).__name__ if cause else "stream ended early"
-            raise Unavailable(
-                f"S3 model store: reading {self._key} failed at byte {self._pos} ({why})", code="store_unavailable"
-            )
-        self._resumes_left -= 1
-        self._request()
-
-    def read(self, size: int | None = -1) -> bytes:
-        if self.closed:
-            raise ValueError("read from a closed sealed-model stream")
-        assert self._size is not None
-        want = self._size - self._pos if size is None or size < 0 else min(size, self._size - self._pos)
-        out = bytearray()
-        while len(out) < want:
-            if self._body is None:
-                self._resume(None)
-                continue
-            try:
-                chunk = self._body.read(min(want - len(out), READ_CHUNK))
-            except (OSError, BotoCoreError, Urllib3Error, ValueError) as exc:
-                self._resume(exc)
-                continue
-            if not chunk:
-                self._resume(None)
-                continue
-            out += chunk
-            self._pos += len(chunk)
-        return bytes(out)
-
-    def read1(self, size: int = -1) -> bytes:
-        return self.read(READ_CHUNK if size is None or size < 0 else min(size, READ_CHUNK))
-
-    def _drop(self) -> None:
-        if self._body is not None:
-            self._body.close()
-        self._body = None
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
+            raise self._changed()
+        self._size, self._etag, self._stream = size, self._etag or answer.get("ETag"), answer["Body"]
