@@ -246,6 +246,23 @@ def tee_models(seed: int) -> dict[str, TeeModel]:
     return out
 
 
+def open_answer(user: Any, model_id: str, rid: str, env: dict, answer: dict) -> dict[str, np.ndarray]:
+    """The tensors in the runtime's answer envelope to request `rid` (sealed as `env`)."""
+    from veil.crypto.envelope import Envelope, open_envelope
+    from veil.runtime import tensors
+
+    plain = open_envelope(
+        user.request_keys[model_id],
+        Envelope.from_json(answer),
+        model=model_id,
+        user=user.id,
+        direction="response",
+        request_id=rid,
+        expires=env["expires"],
+    )
+    return tensors.decode_with_meta(plain)[0]
+
+
 def mismatch(want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> str:
     """Why `got` is not plain ONNX Runtime's answer ("" when it is)."""
     if sorted(got) != sorted(want):
@@ -772,9 +789,6 @@ class Soak:
     def _fault_full_queue(self, w: Window, rng: np.random.Generator, function: str) -> None:
         import httpx
 
-        from veil.crypto.envelope import Envelope, open_envelope
-        from veil.runtime import tensors
-
         n = self.cfg.burst
         prepared = []
         wide_users = [u for u, m in self.pairs if m == WIDE]
@@ -804,16 +818,7 @@ class Soak:
                     err = body.get("error", {}) if isinstance(body, dict) else {}
                     self._error(req, str(err.get("code", "no_code")), r.status_code, str(err.get("message", ""))[:200])
                     return
-                plain = open_envelope(
-                    user.request_keys[model_id],
-                    Envelope.from_json(body["envelope"]),
-                    model=model_id,
-                    user=user.id,
-                    direction="response",
-                    request_id=rid,
-                    expires=env["expires"],
-                )
-                got, _ = tensors.decode_with_meta(plain)
+                got = open_answer(user, model_id, rid, env, body["envelope"])
                 problem = mismatch(self.models[model_id].reference(x), got)
                 req.outcome, req.detail = ("wrong", problem) if problem else ("correct", "")
             except httpx.HTTPError as exc:
@@ -874,9 +879,6 @@ class Soak:
     def _cold_start_probe(self) -> dict[str, Any]:
         """A fresh instance of a copy of the TEE function, started during the flood: it must
         attest, get keys and answer correctly."""
-        from veil.crypto.envelope import Envelope, open_envelope
-        from veil.runtime import tensors
-
         platform = self.deployment.platform
         spec = copy.deepcopy(self.deployment.tee_spec)
         spec.name, spec.min_instances, spec.max_instances = "veil-tee-probe", 0, 1
@@ -892,16 +894,7 @@ class Soak:
             out["start_s"] = round(time.monotonic() - t0, 3)
             rid, env = user.sealed_request(model_id, {"input": x})
             result = platform.invoke_instance(spec.name, inst, {"envelope": env}, timeout=30)
-            plain = open_envelope(
-                user.request_keys[model_id],
-                Envelope.from_json(result["envelope"]),
-                model=model_id,
-                user=user.id,
-                direction="response",
-                request_id=rid,
-                expires=env["expires"],
-            )
-            got, _ = tensors.decode_with_meta(plain)
+            got = open_answer(user, model_id, rid, env, result["envelope"])
             problem = mismatch(self.models[model_id].reference(x), got)
             out.update(ok=not problem, problem=problem, first_answer_s=round(time.monotonic() - t0, 3))
         except Exception as exc:  # noqa: BLE001 - the probe failing is the finding
