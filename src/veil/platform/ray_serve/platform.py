@@ -101,6 +101,9 @@ class RayPlatform:
         serve.start(proxy_location="Disabled")
         self._origin = time.monotonic()
         self._lock = threading.RLock()
+        # One poll at a time: a slow poll applied after a newer one would re-add a replica the
+        # newer one saw gone (billing it twice).
+        self._poll_lock = threading.Lock()
         self._functions: dict[str, _Function] = {}
         self._closed = False
         self._stop = threading.Event()
@@ -283,8 +286,11 @@ class RayPlatform:
 
     def metrics(self, name: str | None = None, *, raw: bool = False) -> dict[str, Any]:
         """The local platform's metrics keys; instance counts and GB-seconds come from Serve's
-        replica list (sampled every `poll_interval_s`), cold starts count replicas that reached
+        replica list (sampled every `poll_interval_s`, and once more now, so a replica that became
+        RUNNING just before this call is counted), cold starts count replicas that reached
         RUNNING, latencies are end to end through the handle (`exec_ms`)."""
+        with contextlib.suppress(Exception):  # a controller hiccup leaves the last sample
+            self._poll_once()
         if name is not None:
             return self._function_metrics(name, raw)
         with self._lock:
@@ -332,6 +338,10 @@ class RayPlatform:
     def _poll_once(self) -> None:
         """Follow every replica's life from Serve's details: billed from its start until it is
         gone, as the local platform bills from spawn until exit."""
+        with self._poll_lock:
+            self._poll_locked()
+
+    def _poll_locked(self) -> None:
         from ray.serve.context import _get_global_client
 
         client = _get_global_client(raise_if_no_controller_running=False)
