@@ -20,11 +20,23 @@ from veil.platform.pool import FunctionPool, Lease
 from veil.platform.spec import FunctionSpec
 
 
-def encode_activation(spec: FunctionSpec, value: dict, deadline: float) -> bytes:
-    """The OpenWhisk /run body for `value`, with a fresh activation id."""
+def encode_value(spec: FunctionSpec, value: dict) -> bytes:
+    """`value` as JSON, once per request (a retry reuses it); a value that is not JSON is the
+    caller's error."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise PlatformError(
+            "bad_request",
+            f"function {spec.name!r}: the value is not JSON-serialisable: {e}",
+            status=400,
+        ) from None
+
+
+def activation_frame(spec: FunctionSpec, value_json: bytes, deadline: float) -> bytes:
+    """The OpenWhisk /run body around an encoded value, with a fresh activation id."""
     remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
-    body = {
-        "value": value,
+    fields = {
         "activation_id": uuid.uuid4().hex,
         "transaction_id": uuid.uuid4().hex,
         "action_name": f"/{spec.namespace}/{spec.name}",
@@ -32,14 +44,12 @@ def encode_activation(spec: FunctionSpec, value: dict, deadline: float) -> bytes
         "namespace": spec.namespace,
         "deadline": str(int(time.time() * 1000 + remaining_ms)),
     }
-    try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as e:
-        raise PlatformError(
-            "bad_request",
-            f"function {spec.name!r}: the value is not JSON-serialisable: {e}",
-            status=400,
-        ) from None
+    return b'{"value":' + value_json + b"," + json.dumps(fields, separators=(",", ":")).encode()[1:]
+
+
+def encode_activation(spec: FunctionSpec, value: dict, deadline: float) -> bytes:
+    """The OpenWhisk /run body for `value`, with a fresh activation id."""
+    return activation_frame(spec, encode_value(spec, value), deadline)
 
 
 def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | None = None) -> dict[str, Any]:
@@ -55,7 +65,7 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
         raise PlatformError("bad_request", f"function {pool.name!r}: value must be a JSON object", status=400)
     arrival = time.monotonic()
     deadline = arrival + timeout
-    encode_activation(pool.spec, value, deadline)  # fail fast on bad values, before taking a slot
+    value_json = encode_value(pool.spec, value)  # fail fast on bad values, before taking a slot
     queued_s = 0.0
     first: tuple[Lease, InstanceGone] | None = None
     while True:
@@ -76,7 +86,7 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
         try:
             if remaining <= 0:
                 raise httpx.ReadTimeout("deadline passed before dispatch")
-            result = lease.instance.run(encode_activation(pool.spec, value, deadline), remaining)
+            result = lease.instance.run(activation_frame(pool.spec, value_json, deadline), remaining)
         except InstanceGone as gone:
             why = pool.instance_gone(lease, gone)
             if why == "out_of_memory":

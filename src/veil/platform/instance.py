@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from veil.keepalive import KeepAlive
 from veil.platform import lifeline
 from veil.platform.errors import ActionError, PlatformError
 from veil.platform.memory import Confinement
@@ -30,6 +31,7 @@ from veil.platform.spec import FunctionSpec
 from veil.platform.template import ForkedProcess, Template
 
 log = logging.getLogger("veil.platform.instance")
+_JSON = {"Content-Type": "application/json"}
 
 # Instance states. `starting`: spawned, /init not answered yet; `ready`: routable; `draining`:
 # finishing in-flight requests, no new ones (stop requested or spec re-deployed); `stopped`:
@@ -106,7 +108,7 @@ def _mono_to_wall(mono: float) -> float:
 
 
 class Instance:
-    """One runtime subprocess. Thread-safe for concurrent `run` calls (httpx.Client is).
+    """One runtime subprocess. Thread-safe for concurrent `run` calls (its connections are).
 
     `die_with_parent`: the kernel kills the process when this one dies (see
     `veil.platform.lifeline`), for owners that can be killed without running any cleanup, such
@@ -148,7 +150,8 @@ class Instance:
         self.suspect = False
         self.unhealthy = False
         self.end_reason: str | None = None
-        self.client: httpx.Client | None = None
+        self.client: httpx.Client | None = None  # /init
+        self.runs: KeepAlive | None = None  # /run
         # Scheduling fields, guarded by the owning pool's lock.
         self.state = STARTING
         self.inflight = 0
@@ -224,6 +227,10 @@ class Instance:
             ),
             timeout=httpx.Timeout(30.0),
         )
+        # /run goes over plain keep-alive connections (`veil.keepalive`): the same answers and
+        # errors as httpx, without its per-request cost on every activation; the runtime keeps
+        # idle connections open, so they do not expire here
+        self.runs = KeepAlive(f"http://127.0.0.1:{self.port}", keep=self.concurrency + 2, idle_expiry_s=float("inf"))
 
     def initialize(self, init_value: dict, deadline: float, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Wait until the port answers, then `POST /init` once (as OpenWhisk's invoker does).
@@ -272,13 +279,10 @@ class Instance:
         Raises ActionError for `{"error": ...}`, InstanceGone if the process or connection died,
         and httpx.TimeoutException when no answer came within `timeout`.
         """
-        assert self.client is not None
+        assert self.runs is not None
         try:
-            resp = self.client.post(
-                "/run",
-                content=body,
-                headers={"content-type": "application/json"},
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
+            status, _, content = self.runs.request(
+                "POST", "/run", body, _JSON, timeout=timeout, connect_timeout=min(timeout, 2.0)
             )
         except httpx.TimeoutException:
             raise
@@ -289,7 +293,7 @@ class Instance:
             code = self.wait_exit(2.0)
             what = f"exited with code {code}" if code is not None else "connection lost"
             raise InstanceGone(f"{what} ({type(e).__name__})", code) from None
-        return self._parse_run(resp)
+        return parse_run(self.function, status, content)
 
     async def run_async(self, client: httpx.AsyncClient, body: bytes, timeout: float) -> dict[str, Any]:
         """`run` on an event loop (`client` belongs to that loop): the same answers and errors,
@@ -329,6 +333,8 @@ class Instance:
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.close()
+        if self.runs is not None:
+            self.runs.close()
         proc = self.proc
         if proc is None:
             return
