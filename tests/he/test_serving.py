@@ -205,6 +205,44 @@ def test_he_requests_are_authenticated(he_stack):
     assert info.value.code == "not_granted" and info.value.status == 403
 
 
+def _refused_after(user, model, x, limit_s):
+    """Seconds until `user` is refused `model` (not_granted), polling; fails past `limit_s`."""
+    start = time.monotonic()
+    while True:
+        try:
+            user.infer(model, x)
+        except VeilError as exc:
+            assert (exc.code, exc.status) == ("not_granted", 403), exc
+            return time.monotonic() - start
+        assert time.monotonic() - start <= limit_s, f"still served {limit_s} s after the revoke"
+        time.sleep(0.05)
+
+
+def test_a_revoked_user_is_refused_within_the_revocation_delay(he_stack):
+    """The gateway keeps a user's grant for a few seconds (HE requests do not each ask the
+    KeyService), never longer than the owner's revocation delay: after a revoke, the user is
+    refused within it; with a delay of 0, at once."""
+    owner, x = he_stack.owner, he_stack.tasks["lr"].x_test[:1]
+    owner.publish("lr-revoke", he_stack.compiled["lr"], mode="he")
+    owner.set_revocation_delay("lr-revoke", 2)
+    user = he_stack.new_user(grant=("lr-revoke",))
+    try:
+        for _ in range(3):  # served, the grant now cached
+            user.infer("lr-revoke", x)
+        owner.revoke("lr-revoke", user.id)
+        assert _refused_after(user, "lr-revoke", x, limit_s=2.5) <= 2.5
+        owner.set_revocation_delay("lr-revoke", 0)
+        time.sleep(2.1)  # what the gateway learnt under the 2 s delay has expired
+        owner.grant("lr-revoke", user.id)
+        user.infer("lr-revoke", x)
+        owner.revoke("lr-revoke", user.id)
+        with pytest.raises(VeilError) as info:  # no caching at all: the very next request
+            user.infer("lr-revoke", x)
+        assert info.value.code == "not_granted"
+    finally:
+        user.close()
+
+
 @pytest.mark.parametrize(
     ("field", "value", "packing"),
     [

@@ -210,5 +210,6 @@ def evaluate(server: ServerModel, keys: EvalKeys, req: InferRequest) -> InferRes
         for g in range(len(cts) // compiled.in_dim):
             out.extend(server.evaluate(req.packing, cts[g * compiled.in_dim : (g + 1) * compiled.in_dim], keys))
     eval_ms = (time.perf_counter() - t0) * 1e3
-    log.info("he infer %s %s batch=%d eval=%.1fms", req.model, req.packing, req.batch, eval_ms)
+    # per request: debug only (an INFO line per request costs every request a formatted write)
+    log.debug("he infer %s %s batch=%d eval=%.1fms", req.model, req.packing, req.batch, eval_ms)
     return InferResponse(req.model, req.key_id, req.packing, req.batch, [be.serialize(c) for c in out], eval_ms)
