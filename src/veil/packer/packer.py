@@ -141,6 +141,7 @@ class Packer:
         self._spans: dict[str, InstanceSpan] = {}
         self._origin = self._clock()
         self._closed = False
+        self._ticker_due = 0.0  # when the ticker wakes next on its own (under the lock)
         self._ticker = threading.Thread(target=self._tick_loop, name="veil-packer-ticker", daemon=True)
         self._ticker.start()
 
@@ -185,7 +186,7 @@ class Packer:
             placed = self.policy.instances.get(decision.instance)
             alone = placed is not None and len(placed.loading) <= 1  # only then is a growth this model's
             first_model = placed is not None and list(placed.resident) == [model]
-            self._wake.notify_all()
+            self._nudge()
         ok, exec_s, error = False, 0.0, ""
         rss_before: tuple[float, float | None] | None = None
         try:
@@ -232,7 +233,15 @@ class Packer:
                 self._records.append(
                     RequestRecord(t0 - self._origin, model, end - t0, decision.cold, ok, decision.instance, error)
                 )
-                self._wake.notify_all()
+                self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the ticker only if the policy now has something due before the ticker wakes on
+        its own (call with the lock held). Waking it on every request's start and end put two
+        thread wake-ups (and the ticker's run for the GIL) on every request's path."""
+        deadline = self.policy.next_deadline()
+        if deadline is not None and deadline < self._ticker_due:
+            self._wake.notify_all()
 
     def _reroute(self, model: str) -> Route | Reject:
         """Place a request again (its arrival is already recorded by the first placement)."""
@@ -322,9 +331,12 @@ class Packer:
                 if self._closed:
                     return
                 deadline = self.policy.next_deadline()
-                wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - self._clock()))
+                now = self._clock()
+                wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
                 if wait > 0:
+                    self._ticker_due = now + wait
                     self._wake.wait(wait)
+                    self._ticker_due = 0.0  # awake: any change is seen by the next round
 
     def _apply(self, action: Stop | Unload, handle: _Handle | None) -> None:
         if handle is None or handle.platform_id is None:
