@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import sys
 import tempfile
 import time
@@ -79,11 +80,11 @@ def _asgi_timer(app: Any) -> Any:
             return msg
 
         async def snd(msg: dict) -> None:
-            if msg.get("type") == "http.response.start":
+            if msg.get("type") == "http.response.start" and first:
                 SPANS["gw: asgi body received -> response start"].append((time.perf_counter() - first[0]) * 1e3)
                 first.append(time.perf_counter())
             await send(msg)
-            if msg.get("type") == "http.response.body" and not msg.get("more_body"):
+            if msg.get("type") == "http.response.body" and not msg.get("more_body") and len(first) > 1:
                 SPANS["gw: asgi response start -> body sent"].append((time.perf_counter() - first[1]) * 1e3)
 
         try:
@@ -216,6 +217,8 @@ def main(argv: list[str]) -> int:
             )
             info = d.start()
             trust = d.local_trust_anchors()
+            if os.environ.get("PROFILE_NO_TICKER_WAKE"):  # experiment: the packer's ticker not woken per request
+                d.he_router._wake.notify_all = lambda: None
         owner = ModelOwner(info, trust=trust)
         owner.register()
         user = ModelUser(info, trust=trust)
@@ -249,6 +252,18 @@ def main(argv: list[str]) -> int:
                     e2e["eval"].append(user.last_timings.get("eval_ms", 0.0))
                     for k, v in res.timings_ms.items():
                         inproc_parts[k].append(v)
+            # the client-gateway hop alone: an unsigned request, refused before any work (401)
+            from veil.keepalive import KeepAlive
+
+            hop = KeepAlive(info.gateway_url)
+            refused = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                status, _, _ = hop.request("POST", f"/v1/he/models/{args.model}:infer", b"{}", {}, timeout=10.0)
+                refused.append((time.perf_counter() - t0) * 1e3)
+                assert status == 401, status
+            hop.close()
+            e2e["unsigned request refused (client-gateway hop)"] = refused
             if not args.separate:  # the same /run body straight to the instance, from an idle process
                 inst, body = LAST["run"]
                 direct = []
