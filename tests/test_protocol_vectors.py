@@ -84,6 +84,7 @@ REQUIRED = {
     "envelope-response",
     "envelope-window",
     "envelope-error",
+    "envelope-binary",
     # sealed models and secrets in transit
     "sealed-model",
     "hpke-model-key-upload",
@@ -380,6 +381,34 @@ def _check_error_answers(v: dict[str, Any]) -> None:
         expires=request["expires"],
     )
     assert b64e(plaintext) == v["given"]["plaintext"]
+
+
+@check("envelope-binary")
+def _envelope_binary(v: dict[str, Any]) -> None:
+    """The binary form of the request vector, recomputed byte by byte from the layout, parsed
+    back to the same envelope (ct read in place), opened, and served by the runtime core in
+    the same form as JSON would be (the first use fails encrypted: the store is empty)."""
+    e = v["expect"]
+    request = vec("envelope-request")
+    wire_env = request["expect"]["envelope"]
+    header = request["expect"]["aad"].encode()
+    ct = b64d(wire_env["ct"])
+    prefix = b"VEN2" + struct.pack(">HI", len(header), len(ct))
+    assert prefix.hex() == e["prefix"]
+    binary = b64d(e["binary"])
+    assert binary == prefix + header + ct
+    env = Envelope.from_json(wire_env)
+    assert env.to_binary() == binary
+    parsed = Envelope.from_binary(binary)
+    assert parsed == env and isinstance(parsed.ct, memoryview) and parsed.ct.obj is binary  # a view, no copy
+    request_key = SymmetricKey(hx(request["given"]["request_key"]))
+    opened = open_envelope(request_key, parsed, model=env.model, user=env.user, direction="request")
+    assert b64e(opened) == request["given"]["plaintext"]
+    with runtime_core(now=wire_env["expires"]) as core, pytest.raises(EncryptedError) as refused:
+        core.infer(binary)
+    assert refused.value.code == "unknown_model"
+    sealed = Envelope.from_json(refused.value.envelope)  # errors keep the JSON form
+    assert (sealed.direction, sealed.request_id) == ("response", env.request_id)
 
 
 @check("envelope-window")

@@ -21,7 +21,15 @@ import numpy as np
 from veil import onnx_signature
 from veil.crypto import chunked
 from veil.crypto.encoding import b64d, b64e
-from veil.crypto.envelope import Envelope, check_identifier, new_request_id, open_envelope, seal
+from veil.crypto.envelope import (
+    BINARY_CONTENT_TYPE,
+    Envelope,
+    check_identifier,
+    is_binary,
+    new_request_id,
+    open_envelope,
+    seal,
+)
 from veil.crypto.errors import IntegrityError, MalformedError
 from veil.crypto.identity import HEADER_PRINCIPAL, Identity
 from veil.crypto.keys import SymmetricKey
@@ -756,11 +764,12 @@ class ModelUser(_Principal):
         if remaining_s <= 0:
             raise VeilError("deadline passed before the request could be sent", code="deadline_exceeded", status=504)
         expires = int(time.time() + max(1.0, remaining_s)) + 1
-        request_id, envelope = self.sealed_request(model_id, named, timings=timings, expires=expires)
+        request = self._seal_request(model_id, named, timings=timings, expires=expires)
+        request_id = request.request_id
 
         def open_answer(obj: object) -> bytes:
             try:
-                answer = Envelope.from_json(obj)
+                answer = Envelope.from_binary(obj) if isinstance(obj, bytes) else Envelope.from_json(obj)
                 return open_envelope(
                     key,
                     answer,
@@ -768,7 +777,7 @@ class ModelUser(_Principal):
                     user=self.id,
                     direction="response",
                     request_id=request_id,
-                    expires=envelope["expires"],
+                    expires=request.expires,
                 )
             except (IntegrityError, ValueError):  # ValueError: MalformedError, a foreign envelope
                 raise VeilError(
@@ -788,8 +797,8 @@ class ModelUser(_Principal):
         try:
             response = self.gateway.post(
                 f"/v1/models/{model_id}:infer",
-                json=envelope,
-                headers={TIMEOUT_HEADER: str(int(remaining_s * 1000))},
+                content=request.to_binary(),
+                headers={"Content-Type": BINARY_CONTENT_TYPE, TIMEOUT_HEADER: str(int(remaining_s * 1000))},
                 timeout=remaining_s,
             )
         except httpx.HTTPError as exc:
@@ -805,10 +814,13 @@ class ModelUser(_Principal):
                 error = Unavailable(f"gateway unreachable: {type(exc).__name__}")
             raise _Retryable(error, may_have_run=not never_sent) from None
         self.last_timings = {"round_trip_ms": (time.perf_counter() - t0) * 1e3}
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+        if response.is_success and is_binary(response.headers.get("content-type")):
+            body: Any = {"envelope": response.content}  # the binary answer, read in place
+        else:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
         if not response.is_success:
             err = body.get("error") if isinstance(body, dict) else None
             sealed = (body.get("envelope") if isinstance(body, dict) else None) or (
@@ -827,10 +839,17 @@ class ModelUser(_Principal):
     def sealed_request(
         self, model_id: str, inputs: dict[str, np.ndarray], *, timings: bool = False, expires: int | None = None
     ) -> tuple[str, dict[str, Any]]:
-        """(request id, envelope JSON) without sending: for `infer`, and for tests and tools that
-        replay or tamper. `expires` (Unix seconds) defaults to now + the envelope's default lifetime."""
+        """(request id, envelope JSON) without sending: for tests and tools that replay or tamper.
+        `expires` (Unix seconds) defaults to now + the envelope's default lifetime. (`infer` sends
+        the same envelope in its binary form.)"""
+        env = self._seal_request(model_id, inputs, timings=timings, expires=expires)
+        return env.request_id, env.to_json()
+
+    def _seal_request(
+        self, model_id: str, inputs: dict[str, np.ndarray], *, timings: bool, expires: int | None
+    ) -> Envelope:
         request_id = new_request_id()
-        env = seal(
+        return seal(
             self.request_keys[model_id],
             tensors.encode(inputs, options=tensors.RequestOptions(timings=True) if timings else None),
             model=model_id,
@@ -839,7 +858,6 @@ class ModelUser(_Principal):
             direction="request",
             expires=expires,
         )
-        return request_id, env.to_json()
 
 
 __all__ = ["Deployment", "ModelOwner", "ModelUser", "TrustAnchors"]

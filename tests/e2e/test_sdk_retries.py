@@ -16,6 +16,7 @@ import httpx
 import pytest
 from e2e_support import assert_matches_reference
 
+from veil.crypto.envelope import Envelope, is_binary
 from veil.errors import VeilError
 from veil.sdk import ModelUser
 
@@ -52,18 +53,22 @@ def relay(stack) -> Iterator[Relay]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            r.seen.append(json.loads(body))
+            content_type = self.headers.get("content-type", "application/json")
+            # the envelope's clear fields, whichever form the SDK sent
+            r.seen.append(json.loads(Envelope.from_binary(body).aad()) if is_binary(content_type) else json.loads(body))
             r.timeouts.append(self.headers.get("x-veil-timeout-ms", ""))
             canned = r.script.pop(0) if r.script else r.always
             if canned is None:
-                answer = httpx.post(r.upstream + self.path, content=body, headers={"content-type": "application/json"})
+                answer = httpx.post(r.upstream + self.path, content=body, headers={"content-type": content_type})
                 status, out, extra = answer.status_code, answer.content, {}
+                content_type = answer.headers.get("content-type", "application/json")
             else:
                 status, code = canned
                 out = json.dumps({"error": {"code": code, "message": "relay says " + code}}).encode()
                 extra = {"Retry-After": "0.1"} if status == 503 else {}
+                content_type = "application/json"
             self.send_response(status)
-            for k, v in {"content-type": "application/json", **extra}.items():
+            for k, v in {"content-type": content_type, **extra}.items():
                 self.send_header(k, v)
             self.send_header("content-length", str(len(out)))
             self.end_headers()

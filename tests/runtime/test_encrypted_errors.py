@@ -21,7 +21,7 @@ import pytest
 from runtime_support import MODEL, Harness, reference
 
 from veil.crypto.encoding import b64d, b64e
-from veil.crypto.envelope import new_request_id, seal
+from veil.crypto.envelope import BINARY_CONTENT_TYPE, Envelope, is_binary, new_request_id, seal
 from veil.crypto.identity import Identity
 from veil.errors import VeilError
 from veil.runtime import tensors
@@ -52,6 +52,14 @@ def status_of(answer: httpx.Response) -> int:
     error carries it (`error.status`), which is what platforms read."""
     assert answer.status_code == 200, answer.text
     return answer.json()["error"]["status"]
+
+
+def only_an_envelope(answer: httpx.Response) -> bool:
+    """A success is the binary response envelope and nothing else: its whole body parses as one,
+    whose clear header holds only the envelope's own fields."""
+    assert is_binary(answer.headers.get("content-type")), answer.headers
+    env = Envelope.from_binary(answer.content)
+    return set(json.loads(env.aad())) == {"v", "model", "user", "request_id", "direction", "expires"}
 
 
 def _clear_parts(body: dict[str, Any]) -> str:
@@ -88,8 +96,14 @@ def served(harness: Harness, trained, clock) -> Iterator[Served]:
 
     def gateway(request: httpx.Request) -> httpx.Response:
         s.sent.append(request.content)
-        answer = s.run(json.loads(request.content))
+        if is_binary(request.headers.get("content-type")):  # the SDK's form: relayed as it came
+            headers = {"Content-Type": BINARY_CONTENT_TYPE}
+            answer = httpx.post(f"{s.url}/run", content=request.content, headers=headers, timeout=30)
+        else:
+            answer = s.run(json.loads(request.content))
         s.answers.append(answer)
+        if is_binary(answer.headers.get("content-type")):
+            return httpx.Response(answer.status_code, content=answer.content, headers=headers)
         body = answer.json()
         # as the platform and gateway do: an error's status travels in the error object
         status = body["error"]["status"] if isinstance(body.get("error"), dict) else answer.status_code
@@ -129,7 +143,7 @@ def test_an_error_after_decryption_says_nothing_in_clear(served, trained, inputs
     body = answer.json()
     # in clear: exactly the code, the fixed message and the envelope header (fields the request
     # had in clear already), nothing else
-    sent = json.loads(served.sent[-1])
+    sent = json.loads(Envelope.from_binary(served.sent[-1]).aad())  # the header the request had in clear
     envelope = body["error"]["envelope"]
     assert body == {"error": {"code": "bad_input", "message": GENERIC_MESSAGE, "envelope": envelope, "status": 400}}, (
         body
@@ -185,11 +199,11 @@ def test_a_success_carries_no_timings_in_clear_and_timings_travel_inside_when_as
     out = served.user.infer(MODEL, trained.x)
     np.testing.assert_array_equal(out["label"], want["label"])
     assert set(served.user.last_timings) == {"round_trip_ms"}
-    assert set(served.answers[-1].json()) == {"envelope"}
+    assert only_an_envelope(served.answers[-1])
 
     out = served.user.infer(MODEL, trained.x, timings=True)
     np.testing.assert_array_equal(out["label"], want["label"])
-    assert set(served.answers[-1].json()) == {"envelope"}, "timings must not travel in clear"
+    assert only_an_envelope(served.answers[-1]), "timings must not travel in clear"
     timings = served.user.last_timings
     assert {"round_trip_ms", "decrypt_ms", "infer_ms", "model_cached"} <= set(timings), timings
     assert timings["model_cached"] is True and timings["infer_ms"] >= 0

@@ -110,6 +110,22 @@ def network_options(command: click.Command) -> click.Command:
 @click.option(
     "--idle-timeout", default=120.0, show_default=True, type=float, help="Seconds before an idle instance stops."
 )
+@click.option(
+    "--prewarm",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Local platform: spare TEE runtime instances kept started, measured and attested but holding no "
+    "model or key; a cold start takes one (off its request path) and the pool refills in the background. "
+    "Their idle memory is billed apart (platform metrics: prewarm_gb_seconds).",
+)
+@click.option(
+    "--fork-template/--no-fork-template",
+    default=False,
+    show_default=True,
+    help="Local platform: fork TEE runtime instances from one pre-imported template process (no interpreter "
+    "start-up or imports per instance); each generates its own keys and evidence after the fork.",
+)
 @network_options
 def up(
     root: Path,
@@ -124,6 +140,8 @@ def up(
     policy: str,
     max_instances: int,
     idle_timeout: float,
+    prewarm: int,
+    fork_template: bool,
     **network: object,
 ) -> None:
     """Start KeyService, model store, gateway and platform; print where each listens.
@@ -139,6 +157,8 @@ def up(
         raise click.UsageError("--address, --ray-node-ip and --ray-resource need --platform ray")
     if platform_kind != "ray" and policy == "platform":
         raise click.UsageError("--policy platform (the platform's own router) needs --platform ray")
+    if platform_kind == "ray" and (prewarm or fork_template):
+        raise click.UsageError("--prewarm and --fork-template are local-platform options (not --platform ray)")
     if platform_kind == "ray" and policy in ("sesemi", "per-model"):
         raise click.UsageError(f"--policy {policy} cannot route on Ray: use 'veil' or 'platform'")
     ray_options = None
@@ -157,6 +177,8 @@ def up(
         packer_policy=None if policy == "none" else policy,
         max_instances=max_instances,
         idle_timeout_s=idle_timeout,
+        prewarm=prewarm,
+        fork_template=fork_template,
         keyservice_host=str(network["keyservice_host"]),
         keyservice_url=network["keyservice_url"],  # type: ignore[arg-type]
         store=network["store_location"],  # type: ignore[arg-type]

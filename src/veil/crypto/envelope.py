@@ -15,13 +15,26 @@ The receiver of a request (the runtime) accepts it only inside its window: refus
 `now > expires + CLOCK_SKEW_S` (expired), or when `expires > now + MAX_LIFETIME_S + CLOCK_SKEW_S`
 (a window longer than any receiver keeps a replay record for); and it refuses a request id it
 has already accepted within that window. Version 1 (no window) is refused.
+
+Binary form (content type `application/vnd.veil.envelope`, the same envelope without base64 or
+JSON around the ciphertext, so relays forward it untouched and receivers read it in place):
+
+    "VEN2" ‖ u16be header_len ‖ u32be ct_len ‖ header ‖ ct
+
+`header` is the AAD itself: the canonical JSON of the six header fields (1..1024 bytes); `ct` is
+nonce ‖ ciphertext ‖ tag (≥ 28 bytes); nothing may follow `ct`. The header is checked exactly as
+the JSON form's (same fields, same rules) and must be canonical, so one envelope has one binary
+encoding and the AAD a receiver computes is the header it read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import time
+from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
@@ -41,6 +54,13 @@ Direction = Literal["request", "response"]
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _FIELDS = {"v", "model", "user", "request_id", "direction", "expires", "ct"}
+_HEADER_FIELDS = _FIELDS - {"ct"}
+BINARY_CONTENT_TYPE = "application/vnd.veil.envelope"
+BINARY_MAGIC = b"VEN2"
+_PREFIX = struct.Struct(">4sHI")  # magic, header length, ct length
+BINARY_PREFIX_BYTES = _PREFIX.size  # 10
+MAX_BINARY_HEADER = 1024
+MIN_CT = 12 + 16  # nonce and tag
 
 
 def new_request_id() -> str:
@@ -69,14 +89,15 @@ def check_identifier(value: object, field: str) -> str:
 
 @dataclass(frozen=True)
 class Envelope:
-    """One encrypted message. `ct` is nonce ‖ AES-GCM ciphertext ‖ tag; `expires` (keyword only)
-    is the end of its validity window in Unix seconds."""
+    """One encrypted message. `ct` is nonce ‖ AES-GCM ciphertext ‖ tag (bytes, or a view into
+    the binary form it was read from); `expires` (keyword only) is the end of its validity
+    window in Unix seconds."""
 
     model: str
     user: str
     request_id: str
     direction: Direction
-    ct: bytes
+    ct: bytes | memoryview
     _: KW_ONLY
     expires: int
 
@@ -96,6 +117,11 @@ class Envelope:
     def to_json(self) -> dict[str, Any]:
         return {**self.header(), "ct": b64e(self.ct)}
 
+    def to_binary(self) -> bytes:
+        """The binary form (module docstring): prefix, canonical header, raw `ct`."""
+        header = self.aad()
+        return b"".join((_PREFIX.pack(BINARY_MAGIC, len(header), len(self.ct)), header, self.ct))
+
     @classmethod
     def from_json(cls, obj: object, *, decode_ct: bool = True) -> Envelope:
         """Parse and validate the wire form; every error names its field.
@@ -106,14 +132,63 @@ class Envelope:
         """
         if not isinstance(obj, dict):
             raise MalformedError("envelope", "must be a JSON object")
+        return cls._checked(obj, _FIELDS, lambda: b64d(obj["ct"], "ct") if decode_ct else _check_ct_text(obj["ct"]))
+
+    @classmethod
+    def from_binary(cls, data: bytes | bytearray | memoryview) -> Envelope:
+        """Parse and validate the binary form without copying the ciphertext: `ct` is a view
+        into `data`. Every error names its field (`envelope`, `magic`, `header_length`,
+        `ct_length`, `header`, `ct` or a header field)."""
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        size = len(view)
+        if size < BINARY_PREFIX_BYTES:
+            raise MalformedError(
+                "envelope", f"truncated: {size} bytes, shorter than the {BINARY_PREFIX_BYTES}-byte prefix"
+            )
+        magic, header_len, ct_len = _PREFIX.unpack_from(view)
+        if magic != BINARY_MAGIC:
+            if magic[:3] == BINARY_MAGIC[:3]:
+                raise MalformedError(
+                    "v", f"unsupported binary envelope version {magic[3:]!r}, expected {BINARY_MAGIC!r}"
+                )
+            raise MalformedError("magic", f"not a binary envelope (expected {BINARY_MAGIC!r})")
+        if not 1 <= header_len <= MAX_BINARY_HEADER:
+            raise MalformedError("header_length", f"{header_len}: must be 1..{MAX_BINARY_HEADER}")
+        if ct_len < MIN_CT:
+            raise MalformedError("ct_length", f"{ct_len}: shorter than nonce and tag ({MIN_CT} bytes)")
+        ct_at = BINARY_PREFIX_BYTES + header_len
+        if size < ct_at:
+            raise MalformedError("header", f"truncated: {size - BINARY_PREFIX_BYTES} of {header_len} bytes present")
+        end = ct_at + ct_len
+        if size < end:
+            raise MalformedError("ct", f"truncated: {size - ct_at} of the {ct_len} bytes ct_length declares")
+        if size > end:
+            raise MalformedError("envelope", f"{size - end} trailing bytes after ct")
+        header = bytes(view[BINARY_PREFIX_BYTES:ct_at])
+        try:
+            obj = json.loads(header)
+        except (ValueError, RecursionError):
+            raise MalformedError("header", "not UTF-8 JSON") from None
+        if not isinstance(obj, dict):
+            raise MalformedError("header", "must be a JSON object")
+        envelope = cls._checked(obj, _HEADER_FIELDS, lambda: view[ct_at:end])
+        if envelope.aad() != header:
+            raise MalformedError("header", "not canonical JSON (sorted keys, no spaces): one envelope, one encoding")
+        return envelope
+
+    @classmethod
+    def _checked(cls, obj: dict, fields: set[str], ct: Callable[[], bytes | memoryview]) -> Envelope:
+        """Validate the header fields of `obj` (exactly `fields`), then take `ct()`."""
         if "v" in obj and (type(obj["v"]) is not int or obj["v"] != VERSION):  # first: v1 lacks `expires`
             if type(obj["v"]) is int and obj["v"] == 1:
                 raise MalformedError("v", f"version 1 is not accepted (it has no validity window); use {VERSION}")
             raise MalformedError("v", f"unsupported version {obj['v']!r}, expected {VERSION}")
-        missing = _FIELDS - obj.keys()
+        missing = fields - obj.keys()
         if missing:
             raise MalformedError("envelope", f"missing fields {sorted(missing)}")
-        extra = obj.keys() - _FIELDS
+        extra = obj.keys() - fields
         if extra:
             raise MalformedError("envelope", f"unknown fields {sorted(extra)}")
         if obj["direction"] not in ("request", "response"):
@@ -121,14 +196,15 @@ class Envelope:
         request_id = obj["request_id"]
         if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
             raise MalformedError("request_id", "must be 32 lowercase hex characters")
-        return cls(
-            model=check_identifier(obj["model"], "model"),
-            user=check_identifier(obj["user"], "user"),
-            request_id=request_id,
-            direction=obj["direction"],
-            ct=b64d(obj["ct"], "ct") if decode_ct else _check_ct_text(obj["ct"]),
-            expires=check_expires(obj["expires"]),
-        )
+        model = check_identifier(obj["model"], "model")
+        user = check_identifier(obj["user"], "user")
+        expires = check_expires(obj["expires"])
+        return cls(model=model, user=user, request_id=request_id, direction=obj["direction"], ct=ct(), expires=expires)
+
+
+def is_binary(content_type: str | None) -> bool:
+    """Whether a Content-Type names the binary envelope form (parameters ignored)."""
+    return bool(content_type) and content_type.split(";", 1)[0].strip().lower() == BINARY_CONTENT_TYPE
 
 
 def _check_ct_text(value: object) -> bytes:

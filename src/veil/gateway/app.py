@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from veil import openapi_bodies as bodies
 from veil.crypto import chunked
 from veil.crypto.encoding import b64d
-from veil.crypto.envelope import Envelope, check_identifier
+from veil.crypto.envelope import BINARY_CONTENT_TYPE, Envelope, check_identifier, is_binary
 from veil.crypto.errors import CryptoError
 from veil.crypto.identity import HEADER_PRINCIPAL, verify_signature
 from veil.errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized, Unavailable, VeilError
@@ -36,6 +36,7 @@ from veil.he.errors import HEError
 from veil.he.keys import MAX_KEY_BYTES
 from veil.http import install_error_handlers, parse_json_object, read_body
 from veil.keyservice import wire
+from veil.platform.protocol import binary_envelopes
 from veil.store import ModelStore
 
 MAX_ENVELOPE = 32 << 20
@@ -283,15 +284,33 @@ def create_app(
                 await run_in_threadpool(store.delete, model, old)
         return {"v": 1, "model": model, "version": number, "bytes": size}
 
+    # the binary envelope form goes to the platform as it came only if the platform takes it
+    # (`binary_envelopes`, e.g. the local one); otherwise it is re-encoded as the JSON form
+    binary_platform = binary_envelopes(platform)
+
     @app.post("/v1/models/{model}:infer", openapi_extra=bodies.ENVELOPE, response_class=Response)
     async def infer(model: str, request: Request) -> Response:
-        """Encrypted envelope in, encrypted envelope out (TEE and hybrid models). The answer is
-        encoded once here, not walked by FastAPI's response encoder."""
-        obj = parse_json_object(await read_body(request, MAX_ENVELOPE))
-        envelope = Envelope.from_json(obj, decode_ct=False)
+        """Encrypted envelope in, encrypted envelope out (TEE and hybrid models), in the JSON
+        form or the binary one (`application/vnd.veil.envelope`, docs/protocol.md). A binary
+        envelope's ciphertext is neither decoded nor copied here: its header is checked (and
+        names the model) and the body goes on as it came. The answer is the runtime's, in the
+        form it answered (binary to a binary request, unless the platform takes only JSON);
+        JSON is encoded once here, not walked by FastAPI's response encoder."""
+        body = await read_body(request, MAX_ENVELOPE)
+        binary = is_binary(request.headers.get("content-type"))
+        if binary:
+            envelope = Envelope.from_binary(body)
+            value: dict[str, Any] = {"envelope": body if binary_platform else envelope.to_json()}
+        else:
+            obj = parse_json_object(body)
+            envelope = Envelope.from_json(obj, decode_ct=False)
+            value = {"envelope": obj}
         if envelope.model != model:
             raise BadRequest(f"envelope.model is {envelope.model!r} but the URL names {model!r}", code="malformed")
-        answer = await call(router, model, {"envelope": obj}, "tee", request)
+        answer = await call(router, model, value, "tee", request)
+        sealed = answer.get("envelope")
+        if isinstance(sealed, bytes) and len(answer) == 1:
+            return Response(sealed, media_type=BINARY_CONTENT_TYPE)
         return Response(json.dumps(answer, separators=(",", ":")).encode(), media_type="application/json")
 
     spreader = None

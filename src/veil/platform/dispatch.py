@@ -3,6 +3,11 @@
 The /run body carries the per-activation fields OpenWhisk's invoker sends
 (`activation_id`, `deadline` as epoch milliseconds in a string, `action_name`, `namespace`,
 `transaction_id`), next to `value`; an action proxy exports them as `__OW_*` for the call.
+
+A value that is only a binary envelope, `{"envelope": <bytes>}` (what the gateway hands on for
+`application/vnd.veil.envelope` requests), is sent as the whole /run body instead, as it came,
+with the activation fields in headers (`veil.wire.run`); the runtime's binary answer comes back
+as `{"envelope": <bytes>}`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from veil.platform.errors import ActionError, PlatformError
 from veil.platform.instance import InstanceGone
 from veil.platform.pool import FunctionPool, Lease
 from veil.platform.spec import FunctionSpec
+from veil.wire import run as run_wire
 
 
 def encode_value(spec: FunctionSpec, value: dict) -> bytes:
@@ -33,10 +39,9 @@ def encode_value(spec: FunctionSpec, value: dict) -> bytes:
         ) from None
 
 
-def activation_frame(spec: FunctionSpec, value_json: bytes, deadline: float) -> bytes:
-    """The OpenWhisk /run body around an encoded value, with a fresh activation id."""
+def _activation_fields(spec: FunctionSpec, deadline: float) -> dict[str, str]:
     remaining_ms = max(0.0, deadline - time.monotonic()) * 1000
-    fields = {
+    return {
         "activation_id": uuid.uuid4().hex,
         "transaction_id": uuid.uuid4().hex,
         "action_name": f"/{spec.namespace}/{spec.name}",
@@ -44,7 +49,27 @@ def activation_frame(spec: FunctionSpec, value_json: bytes, deadline: float) -> 
         "namespace": spec.namespace,
         "deadline": str(int(time.time() * 1000 + remaining_ms)),
     }
+
+
+def activation_frame(spec: FunctionSpec, value_json: bytes, deadline: float) -> bytes:
+    """The OpenWhisk /run body around an encoded value, with a fresh activation id."""
+    fields = _activation_fields(spec, deadline)
     return b'{"value":' + value_json + b"," + json.dumps(fields, separators=(",", ":")).encode()[1:]
+
+
+def binary_envelope(value: dict) -> bytes | None:
+    """The body of a value that is only a binary envelope (`{"envelope": bytes}`), else None."""
+    envelope = value.get("envelope")
+    return envelope if isinstance(envelope, bytes) and len(value) == 1 else None
+
+
+def binary_headers(spec: FunctionSpec, deadline: float) -> dict[str, str]:
+    """The headers of a binary-envelope /run: its content type and the activation fields."""
+    headers = {"Content-Type": run_wire.BINARY_CONTENT_TYPE}
+    for name, value in _activation_fields(spec, deadline).items():
+        if name in run_wire.FIELD_HEADERS:
+            headers[run_wire.FIELD_HEADERS[name]] = value
+    return headers
 
 
 def encode_activation(spec: FunctionSpec, value: dict, deadline: float) -> bytes:
@@ -65,7 +90,8 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
         raise PlatformError("bad_request", f"function {pool.name!r}: value must be a JSON object", status=400)
     arrival = time.monotonic()
     deadline = arrival + timeout
-    value_json = encode_value(pool.spec, value)  # fail fast on bad values, before taking a slot
+    raw = binary_envelope(value)  # sent as it came
+    value_json = encode_value(pool.spec, value) if raw is None else b""  # fail fast on bad values, before a slot
     queued_s = 0.0
     first: tuple[Lease, InstanceGone] | None = None
     while True:
@@ -86,7 +112,10 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
         try:
             if remaining <= 0:
                 raise httpx.ReadTimeout("deadline passed before dispatch")
-            result = lease.instance.run(activation_frame(pool.spec, value_json, deadline), remaining)
+            if raw is not None:
+                result = lease.instance.run(raw, remaining, binary_headers(pool.spec, deadline))
+            else:
+                result = lease.instance.run(activation_frame(pool.spec, value_json, deadline), remaining)
         except InstanceGone as gone:
             why = pool.instance_gone(lease, gone)
             if why == "out_of_memory":

@@ -29,6 +29,7 @@ from veil.platform.errors import ActionError, PlatformError
 from veil.platform.memory import Confinement
 from veil.platform.spec import FunctionSpec
 from veil.platform.template import ForkedProcess, Template
+from veil.wire.run import is_binary
 
 log = logging.getLogger("veil.platform.instance")
 _JSON = {"Content-Type": "application/json"}
@@ -273,16 +274,18 @@ class Instance:
                 return
             raise self._start_failure(f"/init answered {resp.status_code}: {_error_text(resp)}")
 
-    def run(self, body: bytes, timeout: float) -> dict[str, Any]:
-        """POST one activation to `/run` and return the action's JSON object.
+    def run(self, body: bytes, timeout: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """POST one activation to `/run` and return the action's JSON object (`{"envelope":
+        bytes}` for a binary envelope answer). `headers`: those of a binary-envelope body
+        (`veil.platform.dispatch.binary_headers`); JSON by default.
 
         Raises ActionError for `{"error": ...}`, InstanceGone if the process or connection died,
         and httpx.TimeoutException when no answer came within `timeout`.
         """
         assert self.runs is not None
         try:
-            status, _, content = self.runs.request(
-                "POST", "/run", body, _JSON, timeout=timeout, connect_timeout=min(timeout, 2.0)
+            status, answer_headers, content = self.runs.request(
+                "POST", "/run", body, headers or _JSON, timeout=timeout, connect_timeout=min(timeout, 2.0)
             )
         except httpx.TimeoutException:
             raise
@@ -293,7 +296,8 @@ class Instance:
             code = self.wait_exit(2.0)
             what = f"exited with code {code}" if code is not None else "connection lost"
             raise InstanceGone(f"{what} ({type(e).__name__})", code) from None
-        return parse_run(self.function, status, content)
+        content_type = next((v for k, v in answer_headers if k.lower() == "content-type"), None)
+        return parse_run(self.function, status, content, content_type)
 
     async def run_async(self, client: httpx.AsyncClient, body: bytes, timeout: float) -> dict[str, Any]:
         """`run` on an event loop (`client` belongs to that loop): the same answers and errors,
@@ -413,9 +417,12 @@ def _rss_mb(pid: int) -> float | None:
         return None
 
 
-def parse_run(function: str, status: int, content: bytes) -> dict[str, Any]:
+def parse_run(function: str, status: int, content: bytes, content_type: str | None = None) -> dict[str, Any]:
     """The action's result from a `/run` answer (HTTP status and body), or the ActionError it
-    stands for. Shared by every caller of /run (this module's instances, Ray replicas' callers)."""
+    stands for. Shared by every caller of /run (this module's instances, Ray replicas' callers).
+    A successful binary envelope answer (`content_type`) is `{"envelope": content}`, untouched."""
+    if 200 <= status < 300 and is_binary(content_type):
+        return {"envelope": content}
     try:
         payload = json.loads(content)
     except ValueError:

@@ -61,6 +61,8 @@ class LocalPlatform:
 
     kind = "local"
     routes_models = False
+    #: a value `{"envelope": bytes}` (a binary envelope) goes to the runtime as it is (`dispatch`)
+    binary_envelopes = True
 
     def __init__(
         self,

@@ -14,6 +14,11 @@ Where requests are placed differs, and is part of the protocol rather than a typ
   packing policy named in `Routing` inside its own request router (Ray Serve's router lives in
   the caller's handle, next to the replicas' state); a packer hands it the model with each
   invoke and the routing description at deploy time.
+
+A platform that declares `binary_envelopes = True` (local) also takes the value `{"envelope":
+<bytes>}`, a binary envelope (`veil.crypto.envelope`), and sends it to the runtime as it is,
+answering `{"envelope": <bytes>}`; the gateway gives every other platform (Ray) the JSON form,
+so the protocol's values stay JSON for them (`binary_envelopes(platform)`).
 """
 
 from __future__ import annotations
@@ -112,6 +117,11 @@ class InstanceControl(Protocol):
     def stop_instance(self, name: str, instance_id: str, *, drain_s: float = 10.0) -> None: ...
 
     def set_keep_alive(self, name: str, instance_id: str, seconds: float) -> None: ...
+
+
+def binary_envelopes(platform: object) -> bool:
+    """Whether `platform` takes binary envelope values (protocol attribute; default False)."""
+    return bool(getattr(platform, "binary_envelopes", False))
 
 
 def routes_models(platform: object) -> bool:

@@ -18,6 +18,11 @@ broken container and destroys it, so a bad request must not cost a warm instance
 sends it as the HTTP status, for callers that read status codes. `/init` failures keep their
 status: a failed init is a container that cannot serve.
 
+A `/run` whose body is a binary envelope (`veil.wire.run`: content type
+`application/vnd.veil.envelope`, activation fields in headers) is the value `{"envelope": <the
+body's bytes>}`, read without base64 or JSON; its success is answered as the binary response
+envelope, its failures as the JSON error object.
+
 The activation fields the invoker sends next to `value` (activation id, action name, namespace,
 deadline, API host, transaction id) are per request: an action reads them with
 `current_activation()` (a context variable set for the duration of the call). They are never
@@ -40,11 +45,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from veil.errors import BadRequest, Busy, VeilError, from_exception
+from veil.wire import run as run_wire
 
 log = logging.getLogger("veil.runtime.action")
 SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 MAX_BODY = 48 << 20
-ACTIVATION_FIELDS = ("activation_id", "action_name", "namespace", "deadline", "api_host", "transaction_id")
+ACTIVATION_FIELDS = run_wire.ACTIVATION_FIELDS
 INIT_ENV = "VEIL_INIT"
 ERROR_STATUS_ENV = "VEIL_ERROR_STATUS"
 # the keys of the /init value OpenWhisk's invoker sends (WhiskAction.containerInitializer)
@@ -223,14 +229,24 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
             return
 
         def _reply(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body, separators=(",", ":")).encode()
+            envelope = body.get("envelope")
+            if isinstance(envelope, bytes) and len(body) == 1:  # a binary envelope answer, as it is
+                data, content_type = envelope, run_wire.BINARY_CONTENT_TYPE
+            else:
+                data, content_type = json.dumps(body, separators=(",", ":")).encode(), "application/json"
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
-            self._headers_buffer.append(b"\r\n" + data)  # one write for headers and body
-            self.flush_headers()
+            if len(data) <= 65536:
+                self._headers_buffer.append(b"\r\n" + data)  # one write for headers and body
+                self.flush_headers()
+            else:  # a large body is not copied to join the headers
+                self.end_headers()
+                self.wfile.write(data)
 
-        def _body(self) -> dict[str, Any]:
+        def _body(self, *, binary: bool = False) -> dict[str, Any]:
+            """The JSON body `{"value": {...}, ...}`; with `binary`, a binary envelope body is
+            taken too, as `{"value": {"envelope": bytes}, <activation fields from headers>}`."""
             declared = (self.headers.get("Content-Length") or "0").strip()
             if not declared.isdigit():
                 self.close_connection = True  # the body's end is unknown: this connection cannot go on
@@ -240,6 +256,9 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True  # the body stays unread
                 raise VeilError(f"body exceeds {MAX_BODY} bytes", code="too_large", status=413)
             raw = self.rfile.read(length)
+            if binary and run_wire.is_binary(self.headers.get("Content-Type")):
+                fields = {f: self.headers.get(h) for f, h in run_wire.FIELD_HEADERS.items()}
+                return {"value": {"envelope": raw}, **{f: v for f, v in fields.items() if v is not None}}
             try:
                 obj = json.loads(raw or b"{}")
             except (ValueError, RecursionError):
@@ -295,7 +314,7 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
             whether or not the request was admitted."""
             try:
                 try:
-                    status, answer = 200, self._run(self._body())
+                    status, answer = 200, self._run(self._body(binary=True))
                 except BaseException as exc:  # noqa: BLE001 - an application error, not a dead container
                     status, answer = _error(exc)
                     err = answer.get("error")

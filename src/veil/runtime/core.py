@@ -207,11 +207,14 @@ class RuntimeCore:
         return outputs
 
     # -- requests -------------------------------------------------------------------------------
-    def infer(self, envelope_json: Any) -> dict[str, Any]:
-        """Decrypt, check, infer, encrypt. Returns {"envelope": ...}; raises `EncryptedError` for
-        any failure after the request authenticated, a plain `VeilError` before."""
+    def infer(self, envelope_in: Any) -> dict[str, Any]:
+        """Decrypt, check, infer, encrypt. `envelope_in` is the JSON form (a dict) or the binary
+        form (bytes, read in place); returns {"envelope": ...} in the same form. Raises
+        `EncryptedError` for any failure after the request authenticated (its envelope in the
+        JSON form), a plain `VeilError` before."""
         timings: dict[str, Any] = {}
-        envelope = Envelope.from_json(envelope_json)
+        binary = isinstance(envelope_in, bytes | bytearray | memoryview)
+        envelope = Envelope.from_binary(envelope_in) if binary else Envelope.from_json(envelope_in)
         if envelope.direction != "request":
             raise BadRequest("envelope.direction: must be 'request'", code="malformed")
         deadline = self._check_window(envelope)
@@ -237,7 +240,7 @@ class RuntimeCore:
         except Exception as exc:  # noqa: BLE001 - every failure is answered, encrypted
             raise self._sealed_error(envelope, release, exc) from None
         answer = self._seal_answer(envelope, release, payload)
-        return {"envelope": answer.to_json()}
+        return {"envelope": answer.to_binary() if binary else answer.to_json()}
 
     def _seal_answer(self, envelope: Envelope, release: Release, payload: bytes) -> Envelope:
         return seal(

@@ -105,6 +105,7 @@ class TeeAction:
         }
 
     def run(self, value: dict[str, Any]) -> dict[str, Any]:
+        """`{"envelope": JSON form or binary bytes}` (answered in the same form) or `{"op": "stats"}`."""
         if "envelope" in value:
             return self.core.infer(value["envelope"])
         if value.get("op") == "stats":

@@ -206,6 +206,7 @@ def decode_error(data: bytes) -> tuple[str, str]:
         raise MalformedError("error", "code and message must be strings")
     return code, message
 
+
 # Hybrid mode (HE evaluated inside the attested runtime): the envelope's tensors are one uint8
 # tensor each way holding the HE wire JSON (`veil.he.wire`): CKKS ciphertexts under the user's key.
 HYBRID_REQUEST = "he_request"
