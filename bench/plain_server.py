@@ -16,7 +16,9 @@ Init value: {"model_path": str, optional "intra_op_threads": int (default 1),
 "copies_per_thread": bool (default false)}. With `copies_per_thread` every request thread builds
 its own copy of the model, as SeSeMI's runtime does: the memory benchmark's baseline.
 Run value: {"tensors": base64url of the tensor codec} -> {"tensors": ..., "timings": {...}};
-{"op": "stats"} -> the number of model copies.
+{"op": "stats"} -> the number of model copies. A `/run` whose body is binary (the action
+server's binary form, `veil.wire.run`) carries the raw tensor codec instead, no envelope and no
+base64, and is answered with the raw output codec the same way: the raw-transport baseline.
 
     VEIL_PORT=8080 python bench/plain_server.py
 """
@@ -76,6 +78,9 @@ class PlainAction:
     def run(self, value: dict[str, Any]) -> dict[str, Any]:
         if value.get("op") == "stats":
             return {"copies_per_thread": self.copies_per_thread, "model_copies": self._copies}
+        raw = value.get("envelope")
+        if isinstance(raw, bytes):  # the binary body: raw tensors in, raw tensors out
+            return {"envelope": tensors.encode(self._model().run(tensors.decode(raw)))}
         if "tensors" not in value:
             raise BadRequest("value: expected 'tensors' (or op 'stats')", code="malformed")
         t0 = time.perf_counter()

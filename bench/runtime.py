@@ -14,6 +14,9 @@ local platform starting `python -m veil.runtime` instances, simulated attestatio
      file adds to the real gateway app (`/bench/v1/models/{m}:infer-plain`, same body handling,
      a router of the same kind in the same thread pool) carrying base64url tensors to the
      plaintext function instead of an envelope to the runtime;
+   - *gateway, raw plain* (not the configured baseline, reported beside it): the same secure
+     path against a plaintext path carrying the raw tensor codec end to end (`PLAIN_RAW_ROUTE`,
+     the binary /run form, no base64 or JSON), since the secure path's envelopes travel raw too;
    - *platform*: `platform.invoke` of the runtime with a pre-sealed envelope vs of the plaintext
      function with a plaintext value (no client or gateway work; runtime decrypt/encrypt included).
 2. **cold start**: the first request to a scaled-to-zero function, repeated (the instance is
@@ -71,7 +74,7 @@ from rich.table import Table  # noqa: E402
 
 from _common import RssSampler, machine, median, progress, rss_mb, slope, summary, write_json  # noqa: E402
 from veil.crypto.encoding import b64d, b64e  # noqa: E402
-from veil.crypto.envelope import Envelope, open_envelope, seal  # noqa: E402
+from veil.crypto.envelope import BINARY_CONTENT_TYPE, Envelope, open_envelope, seal  # noqa: E402
 from veil.deployment import TEE_FUNCTION, LocalDeployment, StackOptions  # noqa: E402
 from veil.platform.local import FunctionSpec  # noqa: E402
 from veil.runtime import tensors  # noqa: E402
@@ -80,6 +83,7 @@ REPO = Path(__file__).resolve().parents[1]
 PLAIN_SERVER = Path(__file__).resolve().parent / "plain_server.py"
 PLAIN_FUNCTION = "bench-plain"
 PLAIN_ROUTE = "/bench/v1/models/{model}:infer-plain"
+PLAIN_RAW_ROUTE = "/bench/v1/models/{model}:infer-plain-raw"
 LEVELS = (1, 2, 4, 8)
 TARGETS = {"secure_over_plain_p50": 1.10, "cold_start_ms": 1500.0, "rss_copy_over_shared": 3.0}
 # issue 15's targets (the floor: no Python start-up on the request path needs warm pools)
@@ -207,6 +211,7 @@ class BenchDeployment(LocalDeployment):
 
 def _add_plain_route(app: Any, router: Any) -> None:
     from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import Response
 
     from veil.crypto.envelope import check_identifier
     from veil.errors import BadRequest, VeilError
@@ -225,6 +230,21 @@ def _add_plain_route(app: Any, router: Any) -> None:
             raise
         except Exception as exc:  # platform and action errors, mapped as the real route maps them
             raise _status(exc) from None
+
+    @app.post(PLAIN_RAW_ROUTE, response_class=Response)
+    async def infer_plain_raw(model: str, request: Request) -> Response:
+        """The raw-transport baseline: plaintext tensor codec bytes as the whole body, handed to
+        the platform as they came (the binary /run form) and answered the same way; the TEE
+        route's binary-envelope handling minus the envelope."""
+        body = await read_body(request, MAX_ENVELOPE)
+        check_identifier(model, "model")
+        try:
+            answer = await run_in_threadpool(router.invoke, model, {"envelope": body}, timeout=120.0)
+        except VeilError:
+            raise
+        except Exception as exc:
+            raise _status(exc) from None
+        return Response(answer["envelope"], media_type="application/octet-stream")
 
 
 # -- cold-start probe: what the platform does not expose ----------------------------------------
@@ -311,6 +331,7 @@ class Bench:
             concurrency=8,
             max_instances=1,
             idle_timeout_s=600.0,
+            runtime_init={"parallel_runs": self.args.parallel_runs} if self.args.parallel_runs else {},
         )
         self.stack = BenchDeployment(self.root, opts)
         info = self.stack.start()
@@ -337,6 +358,7 @@ class Bench:
             "user": self.user.id,
             "tensors": b64e(tensors.encode(self.model.inputs)),
         }
+        self.plain_raw = tensors.encode(self.model.inputs)
 
     def plain_function(self, *, copies_per_thread: bool) -> FunctionSpec:
         """The plaintext baseline as a platform function sized like the runtime's: same memory,
@@ -401,6 +423,14 @@ class Bench:
             raise RuntimeError(f"plaintext route answered {response.status_code}: {response.text[:300]}")
         return tensors.decode(b64d(response.json()["tensors"], "tensors"))
 
+    def gateway_plain_raw(self) -> dict[str, np.ndarray]:
+        url = PLAIN_RAW_ROUTE.format(model=self.model.model_id)
+        headers = {"content-type": BINARY_CONTENT_TYPE}
+        response = self.user.gateway.post(url, content=self.plain_raw, headers=headers)
+        if not response.is_success:
+            raise RuntimeError(f"raw plaintext route answered {response.status_code}: {response.text[:300]}")
+        return tensors.decode(response.content)
+
     def sealed_value(self, *, timings: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
         """(request envelope, platform value) of a fresh request: every envelope is sent once,
         since the runtime refuses a request id it has seen within the envelope's validity. The
@@ -440,7 +470,8 @@ class Bench:
         # correctness first: both paths give the model's answer
         ref = self.gateway_secure()
         plain = self.gateway_plain()
-        agree = all(np.allclose(ref[k], plain[k], rtol=1e-5, atol=1e-6) for k in ref)
+        raw = self.gateway_plain_raw()
+        agree = all(np.allclose(ref[k], got[k], rtol=1e-5, atol=1e-6) for got in (plain, raw) for k in ref)
         if not agree:
             raise SystemExit("secure and plaintext paths disagree on the model's output")
         results: dict[str, Any] = {"outputs_agree": agree}
@@ -477,6 +508,14 @@ class Bench:
                 gw(self.gateway_secure),
                 gw(self.gateway_plain),
                 "client seal/open + gateway + platform + runtime vs the same hops to the plaintext server",
+            ),
+            (
+                "gateway_raw_plain",
+                gw(self.gateway_secure),
+                gw(self.gateway_plain_raw),
+                "the same secure path vs a plaintext path carrying raw tensor bytes end to end (no "
+                "base64, no JSON: the binary /run form) to the same plaintext server: what security "
+                "costs once both use the raw transport (not the configured baseline)",
             ),
             (
                 "platform",
@@ -996,6 +1035,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=1,
         help="spare instances in the warm pool (default 1; 0: no pool, every cold start from zero)",
     )
+    p.add_argument(
+        "--parallel-runs",
+        type=int,
+        default=0,
+        help="the runtime's init parallel_runs (model runs at once per instance; default 0: one per CPU)",
+    )
     p.add_argument("--no-fork", action="store_true", help="start spares as new interpreters, not from the template")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: overhead,cold,large,concurrency,imports")
     p.add_argument("--workdir", help="keep the deployment's files here (default: a temporary directory)")
@@ -1051,6 +1096,7 @@ def main(argv: list[str]) -> int:
         s = result["secure_over_plain"]
         head["secure_over_plain_p50"] = s["gateway"]["ratio_of_medians"]
         head["secure_over_plain_p50_platform"] = s["platform"]["ratio_of_medians"]
+        head["secure_over_raw_plain_p50"] = s["gateway_raw_plain"]["ratio_of_medians"]
     if "cold_start" in result:
         head["cold_start_ms"] = result["cold_start"]["cold_start_ms"]
         head["cold_start_breakdown_ms"] = result["cold_start"]["breakdown_ms"]
@@ -1140,6 +1186,7 @@ def _print_summary(console: Console, out: dict[str, Any]) -> None:
     for k in (
         "secure_over_plain_p50",
         "secure_over_plain_p50_platform",
+        "secure_over_raw_plain_p50",
         "cold_start_ms",
         "cold_start_ms_ort_format",
         "cold_start_ms_no_pool",

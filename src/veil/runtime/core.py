@@ -58,6 +58,22 @@ class CoreConfig:
     model_cache_bytes: int = 1 << 30
     intra_op_threads: int = 1
     replay_capacity: int = 100_000  # request ids remembered at once (within their windows)
+    parallel_runs: int = 0  # inferences at once per instance; 0: one per CPU this process may use
+
+
+def run_slots(config: CoreConfig) -> int:
+    """How many model runs may execute at once: `parallel_runs`, or the CPUs this process may
+    use divided by each run's intra-op threads. ONNX Runtime's activation memory is per run in
+    progress (one shared session, but each concurrent run has its own intermediate tensors: ~7 MB
+    for a ResNet-50-thin), and runs beyond the CPUs only time-slice them: so requests beyond
+    this wait for a slot holding only their own input, not a run's working memory."""
+    if config.parallel_runs > 0:
+        return config.parallel_runs
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, config.intra_op_threads))
 
 
 class EncryptedError(VeilError):
@@ -103,6 +119,8 @@ class RuntimeCore:
         self._current_lock = threading.Lock()
         self.he_models = ModelSet()  # hybrid models share SEAL contexts per parameter set
         self.he_keys = keyring_for(store, config.model_cache_bytes // 2)  # hybrid users' loaded eval keys
+        self.run_slots = run_slots(config)
+        self._runs = threading.BoundedSemaphore(self.run_slots)
         prepare_loader()  # at /init, not on the first model's request path
 
     # -- pieces -----------------------------------------------------------------------------------
@@ -195,10 +213,13 @@ class RuntimeCore:
         key = (model, release.version)
         loaded, cached = self.models.acquire(key, lambda: self._load_model(model, release, timings))
         try:
-            first = loaded.take_first_run()
-            t0 = time.perf_counter()
-            outputs = loaded.run(inputs, user=user) if loaded.format == "he" else loaded.run(inputs)
-            timings["infer_ms"] = (time.perf_counter() - t0) * 1e3
+            t_wait = time.perf_counter()
+            with self._runs:  # at most `run_slots` runs hold working memory at once
+                first = loaded.take_first_run()
+                t0 = time.perf_counter()
+                outputs = loaded.run(inputs, user=user) if loaded.format == "he" else loaded.run(inputs)
+                timings["infer_ms"] = (time.perf_counter() - t0) * 1e3
+            timings["run_wait_ms"] = (t0 - t_wait) * 1e3
             if first:
                 timings["first_run_ms"] = timings["infer_ms"]  # the session's warm-up run
         finally:
@@ -274,6 +295,7 @@ class RuntimeCore:
             "key_cache_hits": self.key_cache.hits,
             "key_cache_misses": self.key_cache.misses,
             "replay_window_entries": len(self.replay),
+            "run_slots": self.run_slots,
         }
 
 

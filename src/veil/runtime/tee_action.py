@@ -41,6 +41,7 @@ def core_config(init: dict[str, Any]) -> CoreConfig:
     return CoreConfig(
         model_cache_bytes=int(_number(init, "model_cache_mb", 1024, 1, 1 << 20) * (1 << 20)),
         intra_op_threads=int(_number(init, "intra_op_threads", 1, 0, 64)),
+        parallel_runs=int(_number(init, "parallel_runs", 0, 0, 256)),
     )
 
 
@@ -72,7 +73,8 @@ def load_sim_root(environ: Mapping[str, str]) -> SimRoot | None:
 
 class TeeAction:
     """Init value: {"kind": "tee", "keyservice_url", "store", optional model_cache_mb,
-    intra_op_threads}. `store` is a directory on this node or the http(s):// URL of
+    intra_op_threads, parallel_runs (model runs at once; 0 or absent: one per CPU)}. `store` is
+    a directory on this node or the http(s):// URL of
     `veil store serve`. `environ` is where VEIL_SIM_ROOT is looked up (the process environment,
     with what OpenWhisk's /init put in `value.env` on top)."""
 

@@ -1,0 +1,77 @@
+"""Model runs at once per instance are bounded (`CoreConfig.parallel_runs`, default one per CPU
+the process may use): requests beyond that wait for a slot holding only their input, so ONNX
+Runtime's per-run working memory does not grow with the requests in flight. Every request is
+still served, with the right answer."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from runtime_support import MODEL, reference
+
+from veil.errors import BadRequest
+from veil.runtime.core import CoreConfig, run_slots
+from veil.runtime.tee_action import core_config
+
+
+def test_default_is_one_slot_per_usable_cpu_per_intra_op_thread():
+    cpus = len(os.sched_getaffinity(0))
+    assert run_slots(CoreConfig()) == cpus
+    assert run_slots(CoreConfig(intra_op_threads=2)) == max(1, cpus // 2)
+    assert run_slots(CoreConfig(parallel_runs=3)) == 3
+    assert core_config({}).parallel_runs == 0 and core_config({"parallel_runs": 2}).parallel_runs == 2
+    for bad in (-1, 1.5e9, "two", True):
+        with pytest.raises(BadRequest, match="init.parallel_runs"):
+            core_config({"parallel_runs": bad})
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_concurrent_requests_run_at_most_slots_at_once_and_all_are_served(make_harness, trained, slots):
+    h = make_harness(CoreConfig(parallel_runs=slots))
+    h.publish(MODEL, 1, trained.v1)
+    h.grant(MODEL, "u")
+    x = {"input": trained.x}
+    want = reference(trained.v1, trained.x)
+    h.infer(MODEL, "u", x)  # load the model
+    assert h.core.stats()["run_slots"] == slots
+
+    # observe the real model's runs: how many are inside it at once (each lingers a little)
+    model, cached = h.core.models.acquire((MODEL, 1), lambda: pytest.fail("the model should be cached"))
+    h.core.models.release((MODEL, 1))
+    assert cached
+    inside, peak, lock = 0, 0, threading.Lock()
+    real_run = model.run
+
+    def observed(inputs):
+        nonlocal inside, peak
+        with lock:
+            inside += 1
+            peak = max(peak, inside)
+        try:
+            time.sleep(0.02)
+            return real_run(inputs)
+        finally:
+            with lock:
+                inside -= 1
+
+    model.run = observed
+    results, errors = [], []
+
+    def client():
+        try:
+            results.append(h.infer(MODEL, "u", x))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors and len(results) == 8
+    assert all(np.array_equal(r["label"], want["label"]) for r in results)
+    assert peak == slots, peak
