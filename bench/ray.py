@@ -18,8 +18,11 @@ Everything stays on loopback; the cluster is stopped at the end (and on any fail
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -272,9 +275,7 @@ def routers(args: argparse.Namespace, ray_platform: Any) -> dict[str, Any]:
         "gb_s_ratio": ratio,
         "targets": {
             "gb_s_ratio_max": 0.8,
-            "met": ratio is not None
-            and ratio <= 0.8
-            and (veil["p99_ms"] or 0) <= (serve_default["p99_ms"] or 0),
+            "met": ratio is not None and ratio <= 0.8 and (veil["p99_ms"] or 0) <= (serve_default["p99_ms"] or 0),
         },
     }
 
@@ -301,6 +302,27 @@ def _closed_loop(platform: Any, name: str, models: list[str], clients: int, seco
     return round(done[0] / (time.monotonic() - t0), 1)
 
 
+def code_state() -> dict[str, Any]:
+    """The commit measured, and the source files that differed from it during the run (the
+    work tree is shared: another engineer's uncommitted change to the runtime or the local
+    platform is part of what was measured, so the report says so)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "src", "bench") or ""
+    return {
+        "commit": (git("rev-parse", "HEAD") or "").strip() or None,
+        "uncommitted": sorted(line[3:] for line in status.splitlines() if line[3:]),
+        "ray": importlib.metadata.version("ray"),
+    }
+
+
 def _wait(cond: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -318,7 +340,11 @@ def main(argv: list[str]) -> int:
     names = [f"m{i:0{len(str(args.models - 1))}d}" for i in range(args.models)]
     make_models(args.model_dir, names)
     root = Path(tempfile.mkdtemp(prefix="vrb-"))
-    report: dict[str, Any] = {"machine": machine(), "config": {k: str(v) for k, v in vars(args).items()}}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "code": code_state(),
+        "config": {k: str(v) for k, v in vars(args).items()},
+    }
     t_start = time.monotonic()
     with LocalRayCluster(root / "ray", workers=1, num_cpus=2) as cluster:
         saved = cluster.connect_here()
@@ -350,6 +376,7 @@ def main(argv: list[str]) -> int:
             cluster.restore_env(saved)
     shutil.rmtree(root, ignore_errors=True)
     report["wall_s"] = round(time.monotonic() - t_start, 1)
+    report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         write_json(args.json, report)
     print({k: report.get(k) for k in ("warm_p50_ratio", "cold_start_ms", "throughput_rps")})
