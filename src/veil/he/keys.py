@@ -24,8 +24,8 @@ MAX_HEADER = 64 * 1024
 class EvalKeyBlob:
     params_digest: str
     galois_elements: list[int]
-    relin: bytes | None
-    galois: bytes | None
+    relin: bytes | memoryview | None
+    galois: bytes | memoryview | None
 
     def pack(self) -> bytes:
         header = json.dumps(
@@ -75,8 +75,10 @@ def unpack_eval_keys(blob: bytes) -> EvalKeyBlob:
         raise HEError("bad_keys", "evaluation-key header: galois_elements out of range")
     if relin_len < 0 or galois_len < 0 or body + relin_len + galois_len != len(blob):
         raise HEError("bad_keys", "evaluation-key blob is truncated or has trailing bytes")
-    relin = blob[body : body + relin_len] or None
-    galois = blob[body + relin_len :] or None
+    # views, not copies: the Galois part is most of a blob that can be tens of MiB
+    view = memoryview(blob)
+    relin = view[body : body + relin_len] if relin_len else None
+    galois = view[body + relin_len :] if galois_len else None
     return EvalKeyBlob(digest, elements, relin, galois)
 
 

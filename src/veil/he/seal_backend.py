@@ -17,6 +17,7 @@ import os
 import struct
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,14 +177,49 @@ def split_objects(data: bytes, what: str, max_size: int) -> list[memoryview]:
     return parts
 
 
+class _Context:
+    """A SEAL context with its encoder and evaluator: read-only once built (SEAL's evaluator and
+    encoder are const), so every backend for one parameter set in a process can share it."""
+
+    __slots__ = ("context", "encoder", "evaluator", "__weakref__")
+
+    def __init__(self, params: CKKSParams) -> None:
+        self.context = make_context(params)
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+
+
+_contexts: weakref.WeakValueDictionary[tuple, _Context] = weakref.WeakValueDictionary()
+_contexts_lock = threading.Lock()
+
+
+def _shared_context(params: CKKSParams) -> _Context:
+    """The process's context for `params`' ring and primes, made on first use.
+
+    A context holds NTT tables for every prime at every level (~10 MB at N=8192, five primes):
+    a client and a server in one process (the in-process transport, tests, benchmarks) or two
+    models with equal parameters would each pay that for identical read-only tables. It lives
+    as long as some backend uses it.
+    """
+    check_secure(params.poly_modulus_degree, params.coeff_bits)
+    key = (params.poly_modulus_degree, tuple(params.coeff_bits))
+    with _contexts_lock:
+        ctx = _contexts.get(key)
+        if ctx is None:
+            ctx = _Context(params)
+            _contexts[key] = ctx
+        return ctx
+
+
 class SealBackend:
     """SEAL CKKS context for one parameter set; thread-safe (SEAL's evaluator is const)."""
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
-        self.context = make_context(params)
-        self.encoder = seal.CKKSEncoder(self.context)
-        self.evaluator = seal.Evaluator(self.context)
+        self._shared = _shared_context(params)
+        self.context = self._shared.context
+        self.encoder = self._shared.encoder
+        self.evaluator = self._shared.evaluator
         self.slot_count = self.encoder.slot_count()
         self._chain: list[Any] = []
         data = self.context.first_context_data()
