@@ -87,3 +87,23 @@ def test_manifest_records_security(mlp_compiled):
     assert m["poly_modulus_degree"] == 8192
     assert m["log2_qp"] == sum(m["params"]["coeff_bits"]) <= 218
     assert m["security_level"] == "tc128"
+
+
+def test_fit_scale_takes_the_largest_scale_a_smaller_ring_holds():
+    """Only for measured compiles: the ring the noise model refuses, at the largest scale it
+    holds and a special prime no smaller than 17 bits, still 128-bit secure."""
+    rng, widths = np.random.default_rng(0), [64, 32, 16, 10]
+    layers = [
+        FusedLayer(Affine(rng.normal(0, 0.2, (b, a)), np.zeros(b)), i < 2)
+        for i, (a, b) in enumerate(zip(widths, widths[1:]))
+    ]
+    plan = FusedPlan(layers, "multiclass")
+    plan.calibrate(rng.uniform(-1, 1, (200, 64)))  # values reach ~140: the model asks for 2^37
+    with pytest.raises(InsecureParametersError):
+        select_params(plan, 1e-4, 8192, "throughput-unrescaled", product_scale_switching=True)
+    fitted = select_params(plan, 1e-4, 8192, "throughput-unrescaled", product_scale_switching=True, fit_scale=True)
+    assert fitted.poly_modulus_degree == 8192 and fitted.log2_qp <= HE_STD_128[8192]
+    assert fitted.data_levels == 6 and fitted.coeff_bits[-1] >= 17
+    bigger = fitted.scale_bits + 1
+    assert fitted.coeff_bits[0] + 5 * bigger + 17 > HE_STD_128[8192]  # one more scale bit would not fit
+    SealBackend(fitted)

@@ -99,3 +99,39 @@ def test_two_layer_rows_serves_at_every_batch_size(tmp_path, mlp_task):
     compiled = compile_model(mlp_task.model, mlp_task.x_train, name="m2", verify_samples=8)
     assert max(compiled.meta["measured_error"].values()) <= 0.7 * PRECISION
     _every_batch(_serve(tmp_path, compiled, "m2"), compiled, mlp_task.x_test)
+
+
+def test_hidden_gains_change_nothing_in_plaintext(mlp3_task):
+    """Powers of two on hidden outputs, divided back out in the next weights: bit-for-bit the
+    same scores, larger hidden values (what dilutes a ciphertext's rescale noise)."""
+    from veil.he.compile import with_hidden_gains
+    from veil.he.compiler import from_sklearn
+    from veil.he.errors import PlanError
+    from veil.he.fusion import fuse
+
+    fused = fuse(from_sklearn(mlp3_task.model))
+    x = mlp3_task.x_test[:50]
+    gained = with_hidden_gains(fused, (4, 2))
+    assert np.array_equal(gained.evaluate(x), fused.evaluate(x))
+    h0 = x @ fused.layers[0].affine.weight.T + fused.layers[0].affine.bias
+    h1 = x @ gained.layers[0].affine.weight.T + gained.layers[0].affine.bias
+    assert np.array_equal(h1, 4 * h0)
+    assert np.array_equal(gained.layers[-1].affine.bias, fused.layers[-1].affine.bias)
+    with pytest.raises(PlanError, match="power of two"):
+        with_hidden_gains(fused, (3,))
+
+
+@pytest.mark.slow
+def test_measured_compile_fits_the_deep_mlp_into_n8192(tmp_path, mlp3_task):
+    """64-32-16-10 (depth 5): the noise model wants N=16384; measured, the compiler takes the
+    largest scale N=8192 holds (a small special prime: rows rotates only products) and a hidden
+    gain, keeps it only within 0.7x the target, and it serves at every batch size."""
+    compiled = compile_model(mlp3_task.model, mlp3_task.x_train, name="m3f", verify_samples=16)
+    p = compiled.params
+    assert p.poly_modulus_degree == 8192 and compiled.latency == ROWS and not compiled.rescale_first
+    assert compiled.meta["fitted_scale"] and p.log2_qp <= 218
+    assert max(compiled.meta["measured_error"].values()) <= 0.7 * PRECISION
+    assert min(compiled.meta["headroom_bits"].values()) >= 0
+    assert len(HEClient(compiled.client_spec()).eval_keys()) <= 32 * 2**20
+    _every_batch(_serve(tmp_path, compiled, "m3f"), compiled, mlp3_task.x_test)
+    assert compile_model(mlp3_task.model, mlp3_task.x_train).params.poly_modulus_degree == 16384  # unmeasured

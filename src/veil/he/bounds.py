@@ -160,7 +160,9 @@ def verify(compiled: Any, bounds: list[LayerBound]) -> dict[str, float]:
     return report
 
 
-def measure_error(compiled: Any, x_calib: np.ndarray, latency_samples: int = 16) -> dict[str, float]:
+def measure_error(
+    compiled: Any, x_calib: np.ndarray, latency_samples: int = 16, timings: bool = True
+) -> dict[str, float]:
     """Max |encrypted - plaintext| score error on real SEAL ciphertexts, per packing.
 
     Latency runs `latency_samples` calibration samples (a random, fixed subset; at least one
@@ -168,7 +170,8 @@ def measure_error(compiled: Any, x_calib: np.ndarray, latency_samples: int = 16)
     it costs the same as one sample), so the tails are well sampled. Client and server code run
     in-process; `timings` (on the returned dict's `timings_ms`) are what one latency ciphertext
     and one throughput group cost end to end on this machine, base64 wire encoding included,
-    which the client's packing choice uses as its cost model.
+    which the client's packing choice uses as its cost model; `timings=False` skips them (the
+    compiler's search measures candidates, and times only the one it keeps).
     """
     import time
 
@@ -208,14 +211,15 @@ def measure_error(compiled: Any, x_calib: np.ndarray, latency_samples: int = 16)
         return scores, (time.perf_counter() - t0) * 1e3
 
     out: dict[str, Any] = {}
-    timings: dict[str, float] = {}
     for packing, x in ((LATENCY, x_calib[pick]), (THROUGHPUT, full)):
         scores, _ = run(packing, x)
         out[packing] = float(np.max(np.abs(scores - compiled.predict_plain(x))))
-    # timed after a warm-up (the server encodes its latency plaintexts once per model)
-    # medians of 5 and 3: a single timing on a shared machine is off by a load spike
-    reps = [run(LATENCY, x_calib[pick[:per]])[1] for _ in range(5)]
-    timings["latency_per_ct"] = float(np.median(reps))
-    timings["throughput_per_group"] = float(np.median([run(THROUGHPUT, full)[1] for _ in range(3)]))
-    out["timings_ms"] = timings
+    if timings:
+        # timed after a warm-up (the server encodes its latency plaintexts once per model)
+        # medians of 5 and 3: a single timing on a shared machine is off by a load spike
+        reps = [run(LATENCY, x_calib[pick[:per]])[1] for _ in range(5)]
+        out["timings_ms"] = {
+            "latency_per_ct": float(np.median(reps)),
+            "throughput_per_group": float(np.median([run(THROUGHPUT, full)[1] for _ in range(3)])),
+        }
     return out

@@ -28,6 +28,14 @@ SPECIAL_PRIME_SLACK = 6
 # divided by a scale of 2**50 or more, so P may be this much smaller than the largest data prime
 PRODUCT_SCALE_SPECIAL_SLACK = 16
 MIN_SPECIAL_BITS = 20
+# `fit_scale` (measured) chains: the largest scale a ring holds, under the noise model's choice
+# by at most FIT_SCALE_SPAN bits (the model is pessimistic: mlp3 measured 2-4e-5 at 2^32 where it
+# asks for 2^37), and for product-scale programs a special prime down to FIT_SPECIAL_BITS, up to
+# FIT_SPECIAL_SLACK bits under the largest data prime (measured on the digits mlp3: a 17-bit P
+# beside a 41-bit q0 added no visible error, since every key switch acts on a 2^64 product)
+FIT_SCALE_SPAN = 8
+FIT_SPECIAL_BITS = 17
+FIT_SPECIAL_SLACK = 24
 # a ciphertext value v at scale s must satisfy |v| s < Q/2 to decrypt: one bit over log2(range).
 # SEAL refuses to encode a plaintext unless ceil(log2 |v| s) + 1 < log2 Q (two bits), which the
 # biases get from the calibration margin (>= 2): ranges include margin * |b|. veil.he.bounds
@@ -135,6 +143,7 @@ def select_params(
     coefficient_packing: bool = False,
     extra_scale_bits: int = 0,
     product_scale_switching: bool = False,
+    fit_scale: bool = False,
 ) -> CKKSParams:
     """The smallest secure parameter set for `plan` with output error about `precision`.
 
@@ -149,7 +158,13 @@ def select_params(
     the error it measures on real ciphertexts misses the target; negative when it measured the
     model to be pessimistic). `product_scale_switching`: the program only key-switches products
     before their rescale, so the special prime may be `PRODUCT_SCALE_SPECIAL_SLACK` bits smaller
-    than the largest data prime (that is what lets a depth-5 chain into N=8192).
+    than the largest data prime.
+    `fit_scale`: when a ring cannot hold the noise model's scale, take the largest scale it can
+    hold (at most `FIT_SCALE_SPAN` bits less), with q0 sized for the last layer's values only
+    (`bounds.verify` checks every other value on the exact chain) and, for product-scale
+    programs, a special prime down to `FIT_SPECIAL_BITS`. The noise model no longer vouches for
+    such a chain: the compiler uses it only when it measures the error on real ciphertexts
+    (that is what lets the depth-5 digits MLP into N=8192).
     """
     if last_layer not in LAST_LAYER_MODES:
         raise PlanError(f"last_layer must be one of {LAST_LAYER_MODES}")
@@ -163,8 +178,6 @@ def select_params(
     range_bits = math.ceil(math.log2(value_range)) + RANGE_HEADROOM_BITS
     gain = _noise_gain(plan)
     block = latency_block(plan)
-    last = plan.layers[-1].affine
-    last_in_range = plan.ranges[-2] if len(plan.ranges) > 1 else plan.input_range
     candidates = [poly_modulus_degree] if poly_modulus_degree else sorted(HE_STD_128)
     refusals: list[str] = []
     for n in candidates:
@@ -173,56 +186,87 @@ def select_params(
         if n // 2 < 2 * block:
             refusals.append(f"N={n}: {n // 2} slots < latency block {2 * block}")
             continue
-        scale_bits = _scale_bits(n, gain, precision) + extra_scale_bits
-        if scale_bits + range_bits > MAX_PRIME_BITS:
-            refusals.append(f"N={n}: scale {scale_bits} + range {range_bits} bits exceed one prime")
-            continue
-        mids = plan_depth(plan) - 1
-        # rounding w to 2**-wbits adds ~ sqrt(in) * |h| * 0.3 * 2**-wbits to each output
-        need_wbits = math.ceil(math.log2(0.3 * math.sqrt(last.in_dim) * last_in_range / precision))
-        options = []
-        # the last weights' rounding error matters far less than the noise the scale bounds
-        # (measured on digits: 19 vs 21 bits changed the error by 10 %), so when q0 would
-        # overflow one prime they take what is left, down to what their rounding needs (the
-        # compiler measures the result on real ciphertexts)
-        wbits = max(need_wbits, min(max(MIN_SCALE_BITS, need_wbits), MAX_PRIME_BITS - scale_bits - range_bits))
-        q0_lazy = scale_bits + wbits + range_bits
-        # Leaving the last layer unrescaled saves a prime, so every ciphertext carries one prime
-        # fewer (products, key switches, uploads all scale with the primes). The price: the
-        # first prime q0 is large, and key-switching noise ~ q0/P * N. That is harmless on a
-        # product's large scale (rows and coeff programs rotate before rescaling, throughput
-        # relinearizes after its last product) but not on a fresh input at scale 2**scale_bits.
-        if last_layer == "unrescaled" and q0_lazy <= MAX_PRIME_BITS:
-            options.append(((q0_lazy, *([scale_bits] * mids)), wbits, 0))
-        elif last_layer == "throughput-unrescaled" and q0_lazy <= MAX_PRIME_BITS:
-            # both: latency starts at level 0 and rescales every layer (its last weights are
-            # vectors, whose encoding error needs a full-size scale); throughput starts one prime
-            # lower, so every product it makes carries one prime fewer, and leaves its last
-            # layer (scalar weights, exact to 2**-wbits) unrescaled in the large q0
-            options.append(((q0_lazy, *([scale_bits] * (mids + 1))), wbits, 1))
-        options.append(((scale_bits + range_bits, *([scale_bits] * (mids + 1))), None, 0))
-        for data_bits, final_wbits, thr_level in options:
-            # key-switching noise shrinks with the special prime, which costs no ciphertext size:
-            # take the largest the budget allows; a few bits under the largest data prime only
-            # adds noise far below the scale
-            special = min(MAX_PRIME_BITS, HE_STD_128[n] - sum(data_bits))
-            bits = (*data_bits, special)
-            slack = PRODUCT_SCALE_SPECIAL_SLACK if product_scale_switching else SPECIAL_PRIME_SLACK
-            if special < max(MIN_SPECIAL_BITS, max(data_bits) - slack):
-                refusals.append(f"N={n}: log2(QP)={sum(data_bits) + max(data_bits)} > {HE_STD_128[n]}")
-                continue
-            if (
-                last_layer == "rescaled"
-                and not product_scale_switching
-                and special < _rotation_special_bits(n, data_bits[0], scale_bits, precision)
-            ):
-                refusals.append(f"N={n}: special prime {special} bits too small for rotations at the input scale")
-                continue
-            check_secure(n, bits)
-            return CKKSParams(n, tuple(int(b) for b in bits), int(scale_bits), final_wbits, "tc128", thr_level)
+        model_scale = _scale_bits(n, gain, precision) + extra_scale_bits
+        found = _ring_params(n, model_scale, range_bits, plan, precision, last_layer, product_scale_switching, refusals)
+        if found is None and fit_scale:
+            last_bits = math.ceil(math.log2(max(plan.ranges[-1], 1.0))) + RANGE_HEADROOM_BITS
+            for scale_bits in range(model_scale - 1, max(MIN_SCALE_BITS, model_scale - FIT_SCALE_SPAN) - 1, -1):
+                found = _ring_params(
+                    n, scale_bits, last_bits, plan, precision, last_layer, product_scale_switching, refusals, True
+                )
+                if found is not None:
+                    break
+        if found is not None:
+            return found
     raise InsecureParametersError(
         "no 128-bit secure parameters hold this plan at the requested precision (" + "; ".join(refusals) + ")"
     )
+
+
+def _ring_params(
+    n: int,
+    scale_bits: int,
+    range_bits: int,
+    plan: FusedPlan,
+    precision: float,
+    last_layer: str,
+    product_scale_switching: bool,
+    refusals: list[str],
+    fitted: bool = False,
+) -> CKKSParams | None:
+    """The chain for ring `n` at `scale_bits` (see `select_params`), or None (reason in `refusals`)."""
+    last = plan.layers[-1].affine
+    last_in_range = plan.ranges[-2] if len(plan.ranges) > 1 else plan.input_range
+    if scale_bits + range_bits > MAX_PRIME_BITS:
+        refusals.append(f"N={n}: scale {scale_bits} + range {range_bits} bits exceed one prime")
+        return None
+    mids = plan_depth(plan) - 1
+    # rounding w to 2**-wbits adds ~ sqrt(in) * |h| * 0.3 * 2**-wbits to each output
+    need_wbits = math.ceil(math.log2(0.3 * math.sqrt(last.in_dim) * last_in_range / precision))
+    options = []
+    # the last weights' rounding error matters far less than the noise the scale bounds
+    # (measured on digits: 19 vs 21 bits changed the error by 10 %), so when q0 would
+    # overflow one prime they take what is left, down to what their rounding needs (the
+    # compiler measures the result on real ciphertexts)
+    wbits = max(need_wbits, min(max(MIN_SCALE_BITS, need_wbits), MAX_PRIME_BITS - scale_bits - range_bits))
+    q0_lazy = scale_bits + wbits + range_bits
+    # Leaving the last layer unrescaled saves a prime, so every ciphertext carries one prime
+    # fewer (products, key switches, uploads all scale with the primes). The price: the
+    # first prime q0 is large, and key-switching noise ~ q0/P * N. That is harmless on a
+    # product's large scale (rows and coeff programs rotate before rescaling, throughput
+    # relinearizes after its last product) but not on a fresh input at scale 2**scale_bits.
+    if last_layer == "unrescaled" and q0_lazy <= MAX_PRIME_BITS:
+        options.append(((q0_lazy, *([scale_bits] * mids)), wbits, 0))
+    elif last_layer == "throughput-unrescaled" and q0_lazy <= MAX_PRIME_BITS:
+        # both: latency starts at level 0 and rescales every layer (its last weights are
+        # vectors, whose encoding error needs a full-size scale); throughput starts one prime
+        # lower, so every product it makes carries one prime fewer, and leaves its last
+        # layer (scalar weights, exact to 2**-wbits) unrescaled in the large q0
+        options.append(((q0_lazy, *([scale_bits] * (mids + 1))), wbits, 1))
+    options.append(((scale_bits + range_bits, *([scale_bits] * (mids + 1))), None, 0))
+    for data_bits, final_wbits, thr_level in options:
+        # key-switching noise shrinks with the special prime, which costs no ciphertext size:
+        # take the largest the budget allows; a few bits under the largest data prime only
+        # adds noise far below the scale
+        special = min(MAX_PRIME_BITS, HE_STD_128[n] - sum(data_bits))
+        bits = (*data_bits, special)
+        slack = PRODUCT_SCALE_SPECIAL_SLACK if product_scale_switching else SPECIAL_PRIME_SLACK
+        floor = MIN_SPECIAL_BITS
+        if fitted and product_scale_switching:
+            slack, floor = FIT_SPECIAL_SLACK, FIT_SPECIAL_BITS
+        if special < max(floor, max(data_bits) - slack):
+            refusals.append(f"N={n}: log2(QP)={sum(data_bits) + max(data_bits)} > {HE_STD_128[n]}")
+            continue
+        if (
+            last_layer == "rescaled"
+            and not product_scale_switching
+            and special < _rotation_special_bits(n, data_bits[0], scale_bits, precision)
+        ):
+            refusals.append(f"N={n}: special prime {special} bits too small for rotations at the input scale")
+            continue
+        check_secure(n, bits)
+        return CKKSParams(n, tuple(int(b) for b in bits), int(scale_bits), final_wbits, "tc128", thr_level)
+    return None
 
 
 def _rotation_special_bits(n: int, q0_bits: int, scale_bits: int, precision: float) -> int:
