@@ -241,15 +241,19 @@ class FunctionPool:
             inst.initialize(init_value, deadline, cancelled=lambda: inst.state == STOPPED)
         except PlatformError as e:
             error = e
-            if inst.confinement is not None and inst.confinement.oom_killed():
-                error = PlatformError(
-                    "out_of_memory",
-                    f"function {self.name!r}: instance {inst.id} went over its {self.spec.memory_mb} MB "
-                    "while starting and was stopped",
-                )
         except Exception as e:  # a bug or an OS error must not leave waiters hanging
-            log.exception("starting instance %s of %r failed", inst.id, self.name)
+            if inst.end_reason is None:  # not the platform stopping it mid-start (client closed)
+                log.exception("starting instance %s of %r failed", inst.id, self.name)
             error = PlatformError("start_failed", f"function {self.name!r}: instance {inst.id} failed to start: {e}")
+        oom = inst.end_reason == "out_of_memory" or (inst.confinement is not None and inst.confinement.oom_killed())
+        if error is not None and oom:
+            # the cgroup killed it, or the RSS watchdog stopped it (closing its client under
+            # the /init in progress): either way the waiters hear why
+            error = PlatformError(
+                "out_of_memory",
+                f"function {self.name!r}: instance {inst.id} went over its {self.spec.memory_mb} MB "
+                "while starting and was stopped",
+            )
         if error is not None:
             # Kill and bill the failed start before waiters hear of it, so what they observe
             # next (instances, metrics) is already consistent.
