@@ -22,6 +22,10 @@ autoscaling policy (`autoscale.veil_autoscaling_policy`: the replica count Serve
 asks for, but never fewer than the replicas whose models are inside their learned keep-alive).
 Anything else keeps Serve's default multiplex-aware power-of-two router and its default
 autoscaling with the function's fixed idle timeout: the baseline.
+
+Warm pool. `prewarm = N > 0` keeps N model-free replicas beyond demand with either router
+(`autoscale.VeilPoolPolicy`): the bounds become `min_instances + N` .. `max_instances + N` (spares
+do not count in `max_instances`, as on the local platform) and the first N start at deploy.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ warnings.filterwarnings("ignore", message=r"The `metrics_interval_s` field", cat
 
 ROUTER_CLASS = "veil.packer.ray_router:VeilRequestRouter"
 AUTOSCALING_POLICY = "veil.platform.ray_serve.autoscale:veil_autoscaling_policy"
+POOL_POLICY = "veil.platform.ray_serve.autoscale:VeilPoolPolicy"
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,10 @@ def deployment_options(
         "downscale_delay_s": spec.idle_timeout_s,
         "downscale_to_zero_delay_s": spec.idle_timeout_s,
     }
+    if spec.prewarm:
+        autoscaling["min_replicas"] = spec.min_instances + spec.prewarm
+        autoscaling["initial_replicas"] = spec.min_instances + spec.prewarm
+        autoscaling["max_replicas"] = spec.max_instances + spec.prewarm
     router: dict[str, Any] = {
         "initial_backoff_s": o.router_backoff_s[0],
         "max_backoff_s": o.router_backoff_s[1],
@@ -161,6 +170,8 @@ def deployment_options(
             "default_model_mb": routing.default_model_mb,
             "model_mb": dict(routing.model_mb),
         }
+    if spec.prewarm:  # either router: the replicas report whether they hold a model
+        autoscaling["policy"] = {"policy_function": POOL_POLICY, "policy_kwargs": {"prewarm": spec.prewarm}}
     actor: dict[str, Any] = {"num_cpus": o.num_cpus, "memory": spec.memory_mb * 2**20}
     if o.resources:
         actor["resources"] = dict(o.resources)

@@ -45,6 +45,12 @@ from veil.platform.spec import FunctionSpec
 
 log = logging.getLogger("veil.platform.ray_serve")
 
+#: How often (at most) the replicas of a warm-pool function are asked what they hold (by the
+#: poller; by `metrics()` calls), and how long they may take to answer (seconds).
+RESIDENCY_POLL_S = 0.5
+RESIDENCY_FORCED_S = 0.1
+RESIDENCY_TIMEOUT_S = 2.0
+
 #: Replica states that hold resources (billed), as Serve reports them.
 _BILLED = {"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION", "STOPPING"}
 
@@ -59,6 +65,8 @@ class _Function:
     replicas: dict[str, str] = field(default_factory=dict)  # replica id -> state, as last seen
     ever_running: set[str] = field(default_factory=set)
     removed: bool = False
+    pooled: set[str] = field(default_factory=set)  # replicas billed as the warm pool (no model)
+    residency_at: float = 0.0  # when the replicas last reported what they hold (monotonic)
 
 
 class RayPlatform:
@@ -138,7 +146,7 @@ class RayPlatform:
             metrics = old.metrics if old is not None and not old.removed else FunctionMetrics(spec.name, self._origin)
             fn = _Function(spec, routing, handle, metrics)
             if old is not None and not old.removed:
-                fn.replicas, fn.ever_running = old.replicas, old.ever_running
+                fn.replicas, fn.ever_running, fn.pooled = old.replicas, old.ever_running, old.pooled
             self._functions[spec.name] = fn
         if old is not None and not keep:
             _shutdown_handle(old.handle)
@@ -288,9 +296,13 @@ class RayPlatform:
         """The local platform's metrics keys; instance counts and GB-seconds come from Serve's
         replica list (sampled every `poll_interval_s`, and once more now, so a replica that became
         RUNNING just before this call is counted), cold starts count replicas that reached
-        RUNNING, latencies are end to end through the handle (`exec_ms`)."""
+        RUNNING, latencies are end to end through the handle (`exec_ms`). With a warm pool
+        (`prewarm`), replicas holding no model are billed apart, as the local platform's spares
+        (`prewarm_gb_seconds`, `prewarm_gb_s_per_hour`, `spares_ready`, `spares_starting`); one
+        that takes a model is a `prewarm_hits` cold start of 0 ms, and a new spare reaching
+        RUNNING a `spare_starts` one."""
         with contextlib.suppress(Exception):  # a controller hiccup leaves the last sample
-            self._poll_once()
+            self._poll_once(residency=True)
         if name is not None:
             return self._function_metrics(name, raw)
         with self._lock:
@@ -302,6 +314,7 @@ class RayPlatform:
             "functions": per,
             "totals": {
                 "gb_seconds": round(sum(m["gb_seconds"] for m in per.values()), 6),
+                "prewarm_gb_seconds": round(sum(m["prewarm_gb_seconds"] for m in per.values()), 6),
                 "cold_starts": sum(m["cold_starts"] for m in per.values()),
                 "requests": sum(m["requests"] for m in per.values()),
                 "instances": sum(m["instances"] for m in per.values()),
@@ -315,15 +328,19 @@ class RayPlatform:
             raise self._unknown(name)
         out = fn.metrics.snapshot(raw=raw)
         with self._lock:
-            states = list(fn.replicas.values())
+            states = [(s, rid in fn.pooled) for rid, s in fn.replicas.items()]
+        starting = ("STARTING", "UPDATING", "RECOVERING")
         out.update(
             {
                 "removed": fn.removed,
                 "memory_mb": fn.spec.memory_mb,
                 "router": fn.routing.policy if fn.routing is not None else "ray",
-                "starting": sum(1 for s in states if s in ("STARTING", "UPDATING", "RECOVERING")),
-                "ready": sum(1 for s in states if s == "RUNNING"),
-                "draining": sum(1 for s in states if s == "STOPPING"),
+                "prewarm": fn.spec.prewarm,
+                "starting": sum(1 for s, pool in states if s in starting and not pool),
+                "ready": sum(1 for s, pool in states if s == "RUNNING" and not pool),
+                "draining": sum(1 for s, _ in states if s == "STOPPING"),
+                "spares_ready": sum(1 for s, pool in states if s == "RUNNING" and pool),
+                "spares_starting": sum(1 for s, pool in states if s in starting and pool),
             }
         )
         return out
@@ -335,11 +352,47 @@ class RayPlatform:
             except Exception:  # the meter must survive a controller hiccup
                 log.debug("polling Serve's replica list failed", exc_info=True)
 
-    def _poll_once(self) -> None:
+    def _poll_once(self, *, residency: bool = False) -> None:
         """Follow every replica's life from Serve's details: billed from its start until it is
-        gone, as the local platform bills from spawn until exit."""
+        gone, as the local platform bills from spawn until exit. `residency`: ask the replicas
+        of warm-pool functions what they hold now (at most every `RESIDENCY_FORCED_S`; the
+        poller every `RESIDENCY_POLL_S`)."""
         with self._poll_lock:
             self._poll_locked()
+            self._poll_residency(force=residency)
+
+    def _poll_residency(self, *, force: bool) -> None:
+        """Warm pool billing: a replica holding no model is a spare (pool), one holding a model
+        is serving. Each replica reports since when (its own clock), so a transition is billed
+        when it happened, not when it was polled."""
+        with self._lock:
+            functions = [f for f in self._functions.values() if f.spec.prewarm and not f.removed]
+        for fn in functions:
+            now_mono = time.monotonic()
+            every = RESIDENCY_FORCED_S if force else RESIDENCY_POLL_S
+            if not fn.ever_running or now_mono - fn.residency_at < every:
+                continue
+            fn.residency_at = now_mono
+            try:
+                reports = fn.handle.broadcast("residency").results(timeout_s=RESIDENCY_TIMEOUT_S)
+            except Exception:  # a replica stopping under the call: next poll
+                log.debug("residency poll of %r failed", fn.spec.name, exc_info=True)
+                continue
+            now_mono, now_wall = time.monotonic(), time.time()
+            with self._lock:
+                for r in reports:
+                    rid = str(r.get("replica_id")) if isinstance(r, dict) else ""
+                    if rid not in fn.replicas:
+                        continue
+                    at = now_mono - max(0.0, now_wall - float(r.get("since") or now_wall))
+                    if r.get("holding") and rid in fn.pooled:
+                        fn.pooled.discard(rid)
+                        fn.metrics.promoted(rid, at)
+                    elif not r.get("holding") and rid not in fn.pooled:
+                        # back to the pool: its serving billing ends, its idle billing starts
+                        fn.metrics.instance_ended(rid, at)
+                        fn.metrics.instance_started(rid, fn.spec.memory_mb, at, pool=True)
+                        fn.pooled.add(rid)
 
     def _poll_locked(self) -> None:
         from ray.serve.context import _get_global_client
@@ -360,12 +413,21 @@ class RayPlatform:
                 for rid, (state, started) in seen.items():
                     if rid not in fn.replicas:
                         at = now_mono - max(0.0, now_wall - started) if started else now_mono
-                        fn.metrics.instance_started(rid, fn.spec.memory_mb, at)
+                        # with a warm pool every replica starts as a spare: it holds no model
+                        pool = bool(fn.spec.prewarm)
+                        fn.metrics.instance_started(rid, fn.spec.memory_mb, at, pool=pool)
+                        if pool:
+                            fn.pooled.add(rid)
                     if state == "RUNNING" and rid not in fn.ever_running:
                         fn.ever_running.add(rid)
-                        fn.metrics.instance_ready(max(0.0, now_wall - started) if started else 0.0)
+                        start_s = max(0.0, now_wall - started) if started else 0.0
+                        if rid in fn.pooled:
+                            fn.metrics.spare_ready(start_s)
+                        else:
+                            fn.metrics.instance_ready(start_s)
                 for rid in [r for r in fn.replicas if r not in seen]:
                     fn.metrics.instance_ended(rid, now_mono)
+                    fn.pooled.discard(rid)
                 fn.replicas = {rid: state for rid, (state, _) in seen.items()}
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -10,7 +10,10 @@ request to it, and answers with a `wire` dict. What the replica adds to the runt
   Veil's router, the router decides evictions and keep-alive and sends them with the request
   (`veil={"evict": [...], "keepalive_s": w}`), and the replica reports to Serve's autoscaler
   whether it still holds a model inside its window (`record_autoscaling_stats`);
-- `stats` and `unload` for `handle.broadcast` (tests, operators, `Platform.unload`);
+- `stats` and `unload` for `handle.broadcast` (tests, operators, `Platform.unload`), and
+  `residency` (whether the replica holds a model, since when): with a warm pool
+  (`FunctionSpec.prewarm`) a replica holding no model is a spare, billed as the pool's idle
+  cost, and one that holds a model is serving;
 - a health check that replaces a runtime that died while idle.
 
 Errors never leave as exceptions (see `wire`), so no Ray traceback reaches a client.
@@ -56,6 +59,7 @@ class _Slot:
         self._done = True
         with contextlib.suppress(Exception):
             self.replica.models.evict([self.model])
+            self.replica.note_residency()
             self.replica.unload_runtime(self.model)
 
 
@@ -75,6 +79,8 @@ class VeilReplica:
             self.spec, replica_id=f"{self.spec.name}-{self.replica_id}", log_dir=log_root / self.spec.name
         )
         self.models = ReplicaModels(self.spec.idle_timeout_s)
+        # whether a model is resident, and since when (wall clock): a spare holds none
+        self._holding, self._holding_since = False, self.started_at
         self._aclient: aiohttp.ClientSession | None = None
         # Unloads and health checks block (requests themselves are awaited on the loop).
         self._pool = ThreadPoolExecutor(max_workers=self.spec.concurrency + 2, thread_name_prefix="veil-replica")
@@ -109,6 +115,7 @@ class VeilReplica:
         elif model:
             await self._load_model(model)
         self.models.begin(model, hints.get("keepalive_s"))
+        self.note_residency()
         try:
             return await self.supervisor.run_async(self._client(), value, float(timeout))
         finally:
@@ -136,6 +143,7 @@ class VeilReplica:
     async def unload(self, model: str) -> bool:
         """`Platform.unload`, broadcast to every replica."""
         dropped = self.models.evict([model])
+        self.note_residency()
         if not dropped:
             return False
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.unload_runtime, model)
@@ -143,12 +151,25 @@ class VeilReplica:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this every sampling interval. With Veil's router: drop models whose
         keep-alive ended and say whether this replica is still live (see `autoscale`)."""
-        if not self.veil:
+        if not self.veil and not self.spec.prewarm:
             return {}
-        loop = asyncio.get_running_loop()
-        for model in self.models.expire():
-            await loop.run_in_executor(self._pool, self.unload_runtime, model)
+        if self.veil:  # (Serve's default router keeps its own LRU: nothing expires here)
+            loop = asyncio.get_running_loop()
+            for model in self.models.expire():
+                await loop.run_in_executor(self._pool, self.unload_runtime, model)
+            self.note_residency()
         return {"veil_live": 1.0 if self.models.live() else 0.0}
+
+    def note_residency(self) -> None:
+        """Record when the replica went from holding no model to holding one, or back."""
+        holding = bool(self.models.resident())
+        if holding != self._holding:
+            self._holding, self._holding_since = holding, time.time()
+
+    async def residency(self) -> dict[str, Any]:
+        """For the platform's pool billing (`handle.broadcast`): cheap, no runtime call."""
+        self.note_residency()
+        return {"replica_id": self.replica_id, "holding": self._holding, "since": self._holding_since}
 
     async def check_health(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self.supervisor.check)

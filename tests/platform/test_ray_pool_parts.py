@@ -1,0 +1,56 @@
+"""The Ray warm pool's pure parts (no Ray cluster): the autoscaling rule and the options a
+`prewarm` spec becomes. The pool on a real cluster: tests/e2e/test_ray_pool.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from veil.platform import FunctionSpec
+from veil.platform.protocol import Routing
+from veil.platform.ray_serve import deployment_options
+from veil.platform.ray_serve.autoscale import VeilPoolPolicy, pool_replicas
+
+
+def spec(**kw: object) -> FunctionSpec:
+    return FunctionSpec(name="f", command=["true"], concurrency=4, max_instances=3, **kw)
+
+
+def test_the_pool_rule_keeps_prewarm_replicas_beyond_demand():
+    assert pool_replicas(0.0, 3.2, 0, 1) == 1  # idle: only the spare
+    assert pool_replicas(0.5, 3.2, 1, 1) == 2  # one live replica (a model taken): one more spare
+    assert pool_replicas(9.0, 3.2, 1, 2) == 5  # load wants 3 (2.8 replicas of it), plus two spares
+    assert pool_replicas(6.4, 3.2, 0, 0) == 2  # no pool: what load needs
+    assert pool_replicas(0.3, 3.2, 0, 1) == 1  # a trickle of control-plane calls keeps no replica
+
+
+def test_the_pool_policy_counts_only_running_live_replicas():
+    ctx = SimpleNamespace(
+        current_num_replicas=3,
+        running_replicas=["a", "b", "c"],
+        aggregated_metrics={"veil_live": {"a": 1.0, "b": 0.0, "gone": 1.0}},
+        total_num_requests=0.2,
+        config=SimpleNamespace(get_target_ongoing_requests=lambda: 3.2),
+        policy_state={},
+        deployment_name="f",
+    )
+    desired, state = VeilPoolPolicy(prewarm=2)(ctx)
+    assert desired == 3.0 and state == {"veil_live": 1}
+
+
+@pytest.mark.parametrize("routing", [Routing("veil"), None], ids=["veil-router", "serve-router"])
+def test_prewarm_shifts_the_bounds_and_installs_the_pool_policy(routing):
+    a = deployment_options(spec(prewarm=2, min_instances=1), routing)["autoscaling_config"]
+    assert (a["min_replicas"], a["initial_replicas"], a["max_replicas"]) == (3, 3, 5)  # spares beyond max
+    assert a["policy"] == {
+        "policy_function": "veil.platform.ray_serve.autoscale:VeilPoolPolicy",
+        "policy_kwargs": {"prewarm": 2},
+    }
+
+
+def test_without_prewarm_nothing_changes():
+    a = deployment_options(spec(), Routing("veil"))["autoscaling_config"]
+    assert (a["min_replicas"], a["initial_replicas"], a["max_replicas"]) == (0, 0, 3)
+    assert a["policy"] == {"policy_function": "veil.platform.ray_serve.autoscale:veil_autoscaling_policy"}
+    assert "policy" not in deployment_options(spec(), None)["autoscaling_config"]
