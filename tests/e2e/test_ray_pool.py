@@ -91,6 +91,13 @@ def test_a_spare_serves_the_first_request_and_the_pool_refills(ray_platform):  #
         ray_platform.unload(name, "A")
         assert wait_until(lambda: ray_platform.metrics(name)["ready"] == 0, 20), ray_platform.metrics(name)
 
+        def recycled() -> dict | None:  # a fresh runtime: nothing of request A stays in the spare
+            mine = [r for r in ray_platform.replicas(name) if r["replica_id"] == spare["replica_id"]]
+            return mine[0] if mine and mine[0]["recycled"] == 1 and mine[0]["runtime_pid"] else None
+
+        back = wait_until(recycled, 20, interval=0.5)
+        assert back and back["runtime_pid"] != spare["runtime_pid"] and back["models"] == {}, back
+
         def one_spare_left() -> bool:
             m = ray_platform.metrics(name)
             return m["spares_ready"] == 1 and m["ready"] + m["starting"] + m["spares_starting"] + m["draining"] == 0

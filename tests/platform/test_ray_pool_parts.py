@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from veil.platform import FunctionSpec
 from veil.platform.protocol import Routing
 from veil.platform.ray_serve import deployment_options
 from veil.platform.ray_serve.autoscale import VeilPoolPolicy, pool_replicas
+from veil.platform.ray_serve.models import ReplicaModels
+from veil.platform.ray_serve.supervisor import RuntimeSupervisor
+
+ECHO = [sys.executable, str(Path(__file__).with_name("echo_action.py"))]
 
 
 def spec(**kw: object) -> FunctionSpec:
@@ -54,3 +61,31 @@ def test_without_prewarm_nothing_changes():
     assert (a["min_replicas"], a["initial_replicas"], a["max_replicas"]) == (0, 0, 3)
     assert a["policy"] == {"policy_function": "veil.platform.ray_serve.autoscale:veil_autoscaling_policy"}
     assert "policy" not in deployment_options(spec(), None)["autoscaling_config"]
+
+
+def test_a_spare_gets_a_fresh_runtime_with_nothing_of_earlier_requests(tmp_path: Path):
+    spec = FunctionSpec(name="echo", command=list(ECHO), start_timeout_s=10.0, prewarm=1)
+    sup = RuntimeSupervisor(spec, replica_id="r1", log_dir=tmp_path / "logs")
+    try:
+        assert sup.start() is None
+        first = sup.run({"model": "A"}, 10.0)["ok"]
+        old = sup.stats()["runtime_pid"]
+        assert sup.recycle() is None
+        after = sup.stats()
+        assert after["recycled"] == 1 and after["starts"] == 2 and after["runtime_pid"] != old
+        assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+        again = sup.run({"model": "A"}, 10.0)["ok"]
+        assert again["pid"] == after["runtime_pid"] != first["pid"]
+    finally:
+        sup.close()
+
+
+def test_replica_models_idle_only_with_no_model_and_nothing_in_flight():
+    models = ReplicaModels(5.0)
+    assert models.idle()
+    models.begin(None)
+    assert not models.idle()  # a request without a model in flight
+    models.end(None)
+    models.begin("A")
+    models.end("A")
+    assert not models.idle() and models.evict(["A"]) == ["A"] and models.idle()

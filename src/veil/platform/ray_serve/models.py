@@ -90,6 +90,11 @@ class ReplicaModels:
                 return True
             return any(now < e.last_used + e.keepalive_s for e in self._models.values())
 
+    def idle(self) -> bool:
+        """No model resident and no request in flight."""
+        with self._lock:
+            return not self._models and not self._inflight
+
     def resident(self) -> list[str]:
         with self._lock:
             return list(self._models)

@@ -161,10 +161,22 @@ class VeilReplica:
         return {"veil_live": 1.0 if self.models.live() else 0.0}
 
     def note_residency(self) -> None:
-        """Record when the replica went from holding no model to holding one, or back."""
+        """Record when the replica went from holding no model to holding one, or back. With a
+        warm pool, a replica whose last model left becomes a spare: its runtime is replaced by a
+        fresh one in the background (`RuntimeSupervisor.recycle`), so no model or key of earlier
+        requests stays in a spare."""
         holding = bool(self.models.resident())
         if holding != self._holding:
             self._holding, self._holding_since = holding, time.time()
+            if not holding and self.spec.prewarm:
+                self._pool.submit(self._recycle)
+
+    def _recycle(self) -> None:
+        if not self.models.idle():  # a request came in meanwhile: it is serving again
+            return
+        error = self.supervisor.recycle()
+        if error is not None:
+            log.warning("replica %s: the fresh runtime of a spare failed to start: %s", self.replica_id, error.message)
 
     async def residency(self) -> dict[str, Any]:
         """For the platform's pool billing (`handle.broadcast`): cheap, no runtime call."""

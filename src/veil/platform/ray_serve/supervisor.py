@@ -82,7 +82,7 @@ class RuntimeSupervisor:
         self._fail_streak = 0
         self._next_start = 0.0
         self._last_error: PlatformError | None = None
-        self.counters = {"starts": 0, "start_failures": 0, "crashes": 0, "retries": 0}
+        self.counters = {"starts": 0, "start_failures": 0, "crashes": 0, "retries": 0, "recycled": 0}
         self.cold_start_ms: list[float] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -105,6 +105,19 @@ class RuntimeSupervisor:
             self._drop(inst, crashed=True)
         log.warning("replica %s: runtime exited while idle (code %s); replacing it", self.replica_id, inst.exit_code())
         self.start()
+
+    def recycle(self) -> PlatformError | None:
+        """Replace the runtime with a fresh one (a warm-pool replica whose last model left: the
+        old process may still hold that model's decrypted weights and cached keys, so a spare
+        gets a new process that starts, initialises and attests with nothing secret in it)."""
+        with self._cond:
+            inst = self._instance
+            if inst is None or self._closed:
+                return None
+            self._drop(inst, crashed=False)
+            self.counters["recycled"] += 1
+        inst.terminate(grace=0.5)
+        return self.start()
 
     def close(self) -> None:
         with self._cond:
