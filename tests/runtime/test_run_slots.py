@@ -14,7 +14,7 @@ import pytest
 from runtime_support import MODEL, reference
 
 from veil.errors import BadRequest
-from veil.runtime.core import CoreConfig, run_slots
+from veil.runtime.core import CoreConfig, RunSlots, run_slots
 from veil.runtime.tee_action import core_config
 
 
@@ -75,3 +75,43 @@ def test_concurrent_requests_run_at_most_slots_at_once_and_all_are_served(make_h
     assert not errors and len(results) == 8
     assert all(np.array_equal(r["label"], want["label"]) for r in results)
     assert peak == slots, peak
+
+
+def test_slots_admit_waiters_in_arrival_order():
+    slots = RunSlots(1)
+    order: list[int] = []
+    with slots:  # hold the only slot while five waiters line up, one after another
+        threads = []
+        for i in range(5):
+            t = threading.Thread(target=lambda i=i: _take(slots, order, i))
+            t.start()
+            threads.append(t)
+            deadline = time.monotonic() + 5
+            while slots._next != i + 2 and time.monotonic() < deadline:  # waiter i holds its ticket
+                time.sleep(0.001)
+    for t in threads:
+        t.join(timeout=10)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def _take(slots: RunSlots, order: list, i: object) -> None:
+    with slots:
+        order.append(i)
+        time.sleep(0.005)
+
+
+def test_a_freed_slot_goes_to_the_waiter_not_to_a_newcomer():
+    """The releasing thread coming straight back (it holds the GIL) does not barge past a waiter."""
+    slots = RunSlots(1)
+    order: list[str] = []
+    slots.__enter__()
+    waiter = threading.Thread(target=lambda: _take(slots, order, "waiter"))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while slots._next != 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    slots.__exit__()
+    with slots:
+        order.append("newcomer")
+    waiter.join(timeout=10)
+    assert order == ["waiter", "newcomer"]

@@ -76,6 +76,37 @@ def run_slots(config: CoreConfig) -> int:
     return max(1, cpus // max(1, config.intra_op_threads))
 
 
+class RunSlots:
+    """A counting semaphore that admits waiters in arrival order. A plain semaphore lets a
+    newly arrived run take a freed slot ahead of one that has waited, so under a burst some
+    requests wait several turns and miss their deadlines; in order, each waits only for the
+    runs ahead of it."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._free = slots
+        self._next = 0  # the ticket the next arrival gets
+        self._turn = 0  # the ticket admitted next
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> RunSlots:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._turn or self._free == 0:
+                self._cond.wait()
+            self._turn += 1
+            self._free -= 1
+            if self._free:
+                self._cond.notify_all()  # the next ticket may go too
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify_all()
+
+
 class EncryptedError(VeilError):
     """An error answered after the request authenticated: code and a fixed message in clear, the
     detail only inside `envelope` (a response envelope holding `tensors.encode_error(...)`).
@@ -120,7 +151,7 @@ class RuntimeCore:
         self.he_models = ModelSet()  # hybrid models share SEAL contexts per parameter set
         self.he_keys = keyring_for(store, config.model_cache_bytes // 2)  # hybrid users' loaded eval keys
         self.run_slots = run_slots(config)
-        self._runs = threading.BoundedSemaphore(self.run_slots)
+        self._runs = RunSlots(self.run_slots)
         prepare_loader()  # at /init, not on the first model's request path
 
     # -- pieces -----------------------------------------------------------------------------------
