@@ -1,5 +1,5 @@
 """`veil up --prewarm N --fork-template`: the deployment it starts keeps N attested spares of the
-TEE function, forked from a template, and says so in the platform's metrics; the flags are
+TEE function, forked from a template, and says so in the platform's metrics; --fork-template is
 refused with Ray, whose replicas are not forked from a local template."""
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ def test_up_with_a_warm_pool_of_forked_spares(tmp_path: Path) -> None:
             proc.communicate()
 
 
-def test_prewarm_is_refused_with_ray(tmp_path: Path) -> None:
+def test_fork_template_is_refused_with_ray(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "veil.cli", "up", "--dir", str(tmp_path), "--platform", "ray", "--prewarm", "1"],
+        [sys.executable, "-m", "veil.cli", "up", "--dir", str(tmp_path), "--platform", "ray", "--fork-template"],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2 and "local-platform options" in result.stderr, result.stderr
+    assert result.returncode == 2 and "local-platform option" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

@@ -115,7 +115,7 @@ def network_options(command: click.Command) -> click.Command:
     default=0,
     show_default=True,
     type=click.IntRange(0, 64),
-    help="Local platform: spare TEE runtime instances kept started, measured and attested but holding no "
+    help="Spare TEE runtime instances (Ray: replicas) kept started, measured and attested but holding no "
     "model or key; a cold start takes one (off its request path) and the pool refills in the background. "
     "Their idle memory is billed apart (platform metrics: prewarm_gb_seconds).",
 )
@@ -157,8 +157,8 @@ def up(
         raise click.UsageError("--address, --ray-node-ip and --ray-resource need --platform ray")
     if platform_kind != "ray" and policy == "platform":
         raise click.UsageError("--policy platform (the platform's own router) needs --platform ray")
-    if platform_kind == "ray" and (prewarm or fork_template):
-        raise click.UsageError("--prewarm and --fork-template are local-platform options (not --platform ray)")
+    if platform_kind == "ray" and fork_template:
+        raise click.UsageError("--fork-template is a local-platform option (Ray starts each replica's own runtime)")
     if platform_kind == "ray" and policy in ("sesemi", "per-model"):
         raise click.UsageError(f"--policy {policy} cannot route on Ray: use 'veil' or 'platform'")
     ray_options = None
