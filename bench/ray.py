@@ -3,7 +3,9 @@ side with the local platform, in one run.
 
 1. warm p50 through the gateway, Ray vs local: the same user, model and inputs, the real TEE
    runtime and KeyService, requests alternating between the two gateways (`warm_p50_ratio`);
-2. cold start from zero replicas through the Ray gateway, median of `--cold-runs`;
+2. cold start from zero replicas through the Ray gateway, median of `--cold-runs`; with
+   `--prewarm N`, also the cold start of the same model on a spare of the warm pool (N model-free
+   replicas kept started and attested: `FunctionSpec.prewarm`) and the pool's idle cost;
 3. a `--models`-model trace (bench/workloads/tracegen, Azure-like) replayed in real time on Ray
    with Veil's router (and Veil's keep-alive autoscaling) and with Serve's default multiplex
    router (and its fixed keep-alive): GB-s (replica lifetimes x memory) and p99;
@@ -18,6 +20,7 @@ Everything stays on loopback; the cluster is stopped at the end (and on any fail
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import os
 import shutil
@@ -65,6 +68,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--warm", type=int, default=200, help="warm requests per platform")
     p.add_argument("--cold-runs", type=int, default=5)
+    p.add_argument("--prewarm", type=int, default=0, help="also measure the cold start with a warm pool of N spares")
     p.add_argument("--models", type=int, default=20)
     p.add_argument("--rate", type=float, default=2.0, help="trace: total requests per second (mean)")
     p.add_argument("--trace-seconds", type=float, default=180.0)
@@ -140,7 +144,9 @@ def warm_and_cold(args: argparse.Namespace, ray_platform: Any, root: Path) -> di
                 ray_user.infer(model.model_id, x)
                 cold.append((time.perf_counter() - t0) * 1000)
                 log(f"cold start from zero replicas #{run + 1}: {cold[-1]:.0f} ms")
+            pool = pool_cold_starts(args, ray_platform, stack, user, trust, model.model_id, x) if args.prewarm else {}
             return {
+                **pool,
                 "warm_p50_ratio": round(p50["ray"] / p50["local"], 3),
                 "warm_p50_ms": p50,
                 "warm_p90_ms": {k: round(percentile(v, 90), 3) for k, v in samples.items()},
@@ -155,6 +161,62 @@ def warm_and_cold(args: argparse.Namespace, ray_platform: Any, root: Path) -> di
             user.close()
             owner.close()
             ray_platform.remove(stack.tee_spec.name)
+
+
+def pool_cold_starts(
+    args: argparse.Namespace, ray_platform: Any, stack: Any, user: Any, trust: Any, model: str, x: Any
+) -> dict[str, Any]:
+    """The cold start of a model no replica holds, taken by a spare of a `--prewarm` pool: the
+    same stack, model and user as the cold start from zero, through a gateway of its own."""
+    from veil.ray_deployment import gateway_on_platform
+    from veil.sdk import Deployment, ModelUser
+
+    name = stack.tee_spec.name
+    ray_platform.remove(name)
+    plain = stack.tee_spec
+    # The stack's TEE function with a pool (the local platform deployed its own already).
+    stack.tee_spec = dataclasses.replace(plain, prewarm=args.prewarm)
+    gateway = gateway_on_platform(stack, ray_platform, policy="veil")
+    client = ModelUser(
+        Deployment(gateway_url=gateway.url, keyservice_url=stack.info.keyservice_url),
+        user.identity,
+        trust=trust,
+        timeout=120,
+    )
+    client.request_keys = user.request_keys
+
+    def spares_ready() -> bool:
+        """No replica holds the model, N spares are RUNNING with their runtime up (a spare
+        whose model left replaces its runtime first)."""
+        m = ray_platform.metrics(name)
+        if m["instances"] or m["spares_ready"] < args.prewarm or m["spares_starting"]:
+            return False
+        return all(r["runtime_pid"] and not r["models"] for r in ray_platform.replicas(name))
+
+    try:
+        cold: list[float] = []
+        for run in range(args.cold_runs):
+            if not _wait(spares_ready, 90):
+                raise RuntimeError(f"the pool of {name!r} was not back to {args.prewarm} clean spares within 90 s")
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            client.infer(model, x)
+            cold.append((time.perf_counter() - t0) * 1000)
+            log(f"cold start on a spare of the warm pool #{run + 1}: {cold[-1]:.0f} ms")
+        _wait(lambda: ray_platform.metrics(name)["spares_ready"] >= args.prewarm, 60)  # the pool refilled
+        m = ray_platform.metrics(name)
+        return {
+            "cold_start_pool_ms": round(statistics.median(cold), 1),
+            "cold_start_pool_samples_ms": [round(c, 1) for c in cold],
+            "prewarm": args.prewarm,
+            "prewarm_hits": m["prewarm_hits"],
+            "prewarm_gb_seconds": m["prewarm_gb_seconds"],
+            "prewarm_gb_s_per_hour": m["prewarm_gb_s_per_hour"],
+        }
+    finally:  # (the caller removes the function)
+        client.close()
+        gateway.close()
+        stack.tee_spec = plain
 
 
 # -- 3: the multi-model trace on both routers ----------------------------------------------------
@@ -379,7 +441,7 @@ def main(argv: list[str]) -> int:
     report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         write_json(args.json, report)
-    print({k: report.get(k) for k in ("warm_p50_ratio", "cold_start_ms", "throughput_rps")})
+    print({k: report.get(k) for k in ("warm_p50_ratio", "cold_start_ms", "cold_start_pool_ms", "throughput_rps")})
     if "router" in report:
         both = {k: report["router"][k] for k in ("veil", "ray_default")}
         print({k: {m: v.get(m) for m in ("gb_s", "p99_ms")} for k, v in both.items()})
