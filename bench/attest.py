@@ -56,13 +56,24 @@ def _time(fn: Callable[[], object], n: int, cold: bool) -> list[float]:
 
 def cases(vectors: Path) -> dict[str, Callable[[], object]]:
     """name -> a zero-argument call verifying that vector (checked once here to fail early)."""
-    sgx = Evidence(kind="sgx-dcap", raw=(vectors / "sgx/sgx_quote").read_bytes(), report_data=b"",
-                   collateral=(vectors / "sgx/sgx_quote_collateral.json").read_bytes())
-    tdx = Evidence(kind="tdx", raw=(vectors / "tdx/tdx_quote").read_bytes(), report_data=b"",
-                   collateral=(vectors / "tdx/tdx_quote_collateral.json").read_bytes())
+    sgx = Evidence(
+        kind="sgx-dcap",
+        raw=(vectors / "sgx/sgx_quote").read_bytes(),
+        report_data=b"",
+        collateral=(vectors / "sgx/sgx_quote_collateral.json").read_bytes(),
+    )
+    tdx = Evidence(
+        kind="tdx",
+        raw=(vectors / "tdx/tdx_quote").read_bytes(),
+        report_data=b"",
+        collateral=(vectors / "tdx/tdx_quote_collateral.json").read_bytes(),
+    )
     snp_ev = Evidence(kind="sev-snp", raw=(vectors / "snp/attestation.bin").read_bytes(), report_data=b"")
-    snp_trust = TrustConfig(options={"snp_certs": [(vectors / "snp/vcek.der").read_bytes(),
-                                                   (vectors / "snp/ask_ark_milan.pem").read_bytes()]})
+    snp_trust = TrustConfig(
+        options={
+            "snp_certs": [(vectors / "snp/vcek.der").read_bytes(), (vectors / "snp/ask_ark_milan.pem").read_bytes()]
+        }
+    )
     sgx_at = datetime.fromisoformat("2025-06-19T11:56:00+00:00")
     tdx_at = datetime.fromisoformat("2025-06-19T11:16:00+00:00")
     snp_at = datetime.fromisoformat("2025-06-19T12:00:00+00:00")

@@ -106,9 +106,7 @@ class SignedHeaders:
         raw_seq = get(HEADER_SEQ)
         if not _SEQ.match(raw_seq):
             raise MalformedError(HEADER_SEQ, "must be a positive decimal integer (at most 18 digits)")
-        return cls(
-            get(HEADER_PRINCIPAL), timestamp, nonce, int(raw_seq), b64d(get(HEADER_SIGNATURE), HEADER_SIGNATURE)
-        )
+        return cls(get(HEADER_PRINCIPAL), timestamp, nonce, int(raw_seq), b64d(get(HEADER_SIGNATURE), HEADER_SIGNATURE))
 
 
 class Identity:
