@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from veil.crypto.envelope import BINARY_CONTENT_TYPE
+
 B64 = {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"}
 HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 V1 = {"type": "integer", "enum": [1]}
@@ -68,5 +70,7 @@ ENVELOPE = json_body(
     },
     ["v", "model", "user", "request_id", "direction", "expires", "ct"],
 )
+# the zero-copy form of the same envelope (docs/protocol.md, "Binary form"), what the SDK sends
+ENVELOPE["requestBody"]["content"][BINARY_CONTENT_TYPE] = {"schema": {"type": "string", "format": "binary"}}
 HE_OBJECT = json_body({}, [])
 CARD = json_body({"v": V1, "signed_card": {"type": "object"}}, ["v", "signed_card"])
