@@ -115,3 +115,42 @@ def test_a_freed_slot_goes_to_the_waiter_not_to_a_newcomer():
         order.append("newcomer")
     waiter.join(timeout=10)
     assert order == ["waiter", "newcomer"]
+
+
+def test_a_waiter_past_its_deadline_leaves_the_line_and_the_next_one_still_runs():
+    slots = RunSlots(1)
+    order: list[str] = []
+    slots.acquire()
+    t0 = time.monotonic()
+    assert slots.acquire(deadline=time.time() + 0.05) is False  # gave up, holds nothing
+    assert 0.04 <= time.monotonic() - t0 < 2
+    late = threading.Thread(target=lambda: _take(slots, order, "behind"))
+    late.start()
+    deadline = time.monotonic() + 5
+    while slots._next != 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    slots.release()  # the turn skips the ticket that left
+    late.join(timeout=5)
+    assert order == ["behind"] and slots._free == 1
+    assert slots.acquire(deadline=time.time() + 1) is True  # the slot is free again at once
+
+
+def test_a_request_that_cannot_start_before_its_deadline_is_dropped_encrypted(make_harness, trained):
+    from runtime_support import refused
+
+    h = make_harness(CoreConfig(parallel_runs=1))
+    h.publish(MODEL, 1, trained.v1)
+    h.grant(MODEL, "u")
+    x = {"input": trained.x}
+    h.infer(MODEL, "u", x)  # load the model
+    h.core._runs.acquire()  # a long run holds the only slot
+    try:
+        env = h.request(MODEL, "u", x)
+        real_infer = h.core.infer
+        h.core.infer = lambda e: real_infer(e, deadline=time.time() + 0.05)
+        code, message, status = refused(h, env)
+    finally:
+        h.core._runs.release()
+    assert (code, status) == ("deadline_exceeded", 504) and "without running" in message
+    h.core.infer = real_infer
+    assert np.array_equal(h.infer(MODEL, "u", x)["label"], reference(trained.v1, trained.x)["label"])

@@ -77,34 +77,57 @@ def run_slots(config: CoreConfig) -> int:
 
 
 class RunSlots:
-    """A counting semaphore that admits waiters in arrival order. A plain semaphore lets a
-    newly arrived run take a freed slot ahead of one that has waited, so under a burst some
-    requests wait several turns and miss their deadlines; in order, each waits only for the
-    runs ahead of it."""
+    """A counting semaphore that admits waiters in arrival order, each until its deadline. A
+    plain semaphore lets a newly arrived run take a freed slot ahead of one that has waited, so
+    under a burst some requests wait several turns and miss their deadlines; in order, each waits
+    only for the runs ahead of it. A waiter whose caller has stopped waiting leaves the line
+    (its turn is skipped) instead of running for nobody."""
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._free = slots
         self._next = 0  # the ticket the next arrival gets
         self._turn = 0  # the ticket admitted next
+        self._left: set[int] = set()  # tickets whose waiters gave up before their turn
         self._cond = threading.Condition()
 
-    def __enter__(self) -> RunSlots:
+    def acquire(self, deadline: float | None = None) -> bool:
+        """Take a slot, waiting in line until `deadline` (Unix seconds; None: no limit). False
+        when the deadline passed first (nothing is held then)."""
         with self._cond:
             ticket = self._next
             self._next += 1
             while ticket != self._turn or self._free == 0:
-                self._cond.wait()
+                remaining = None if deadline is None else deadline - time.time()
+                if remaining is not None and remaining <= 0:
+                    self._left.add(ticket)
+                    self._skip_left()
+                    self._cond.notify_all()
+                    return False
+                self._cond.wait(remaining)
             self._turn += 1
             self._free -= 1
+            self._skip_left()
             if self._free:
                 self._cond.notify_all()  # the next ticket may go too
-        return self
+            return True
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
         with self._cond:
             self._free += 1
             self._cond.notify_all()
+
+    def __enter__(self) -> RunSlots:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _skip_left(self) -> None:
+        while self._turn in self._left:
+            self._left.discard(self._turn)
+            self._turn += 1
 
 
 class EncryptedError(VeilError):
@@ -240,16 +263,27 @@ class RuntimeCore:
         )
         return loaded, loaded.nbytes
 
-    def _run(self, model: str, release: Release, inputs: dict, timings: dict[str, Any], user: str) -> dict:
+    def _run(
+        self, model: str, release: Release, inputs: dict, timings: dict[str, Any], user: str, deadline: float | None
+    ) -> dict:
         key = (model, release.version)
         loaded, cached = self.models.acquire(key, lambda: self._load_model(model, release, timings))
         try:
             t_wait = time.perf_counter()
-            with self._runs:  # at most `run_slots` runs hold working memory at once
+            # at most `run_slots` runs hold working memory at once
+            if not self._runs.acquire(deadline):
+                raise VeilError(
+                    "the request's deadline passed while it waited for a model run; dropped without running",
+                    code="deadline_exceeded",
+                    status=504,
+                )
+            try:
                 first = loaded.take_first_run()
                 t0 = time.perf_counter()
                 outputs = loaded.run(inputs, user=user) if loaded.format == "he" else loaded.run(inputs)
                 timings["infer_ms"] = (time.perf_counter() - t0) * 1e3
+            finally:
+                self._runs.release()
             timings["run_wait_ms"] = (t0 - t_wait) * 1e3
             if first:
                 timings["first_run_ms"] = timings["infer_ms"]  # the session's warm-up run
@@ -259,9 +293,11 @@ class RuntimeCore:
         return outputs
 
     # -- requests -------------------------------------------------------------------------------
-    def infer(self, envelope_in: Any) -> dict[str, Any]:
+    def infer(self, envelope_in: Any, *, deadline: float | None = None) -> dict[str, Any]:
         """Decrypt, check, infer, encrypt. `envelope_in` is the JSON form (a dict) or the binary
-        form (bytes, read in place); returns {"envelope": ...} in the same form. Raises
+        form (bytes, read in place); returns {"envelope": ...} in the same form. `deadline`
+        (Unix seconds) is when the caller stops waiting: a run not started by then is dropped,
+        answered `deadline_exceeded` in the envelope. Raises
         `EncryptedError` for any failure after the request authenticated (its envelope in the
         JSON form), a plain `VeilError` before."""
         timings: dict[str, Any] = {}
@@ -269,7 +305,7 @@ class RuntimeCore:
         envelope = Envelope.from_binary(envelope_in) if binary else Envelope.from_json(envelope_in)
         if envelope.direction != "request":
             raise BadRequest("envelope.direction: must be 'request'", code="malformed")
-        deadline = self._check_window(envelope)
+        valid_until = self._check_window(envelope)
         release = self._release_for(envelope.model, envelope.user, timings)
         t0 = time.perf_counter()
         try:
@@ -282,12 +318,12 @@ class RuntimeCore:
             ) from None
         # authenticated: from here on every answer is a response envelope
         try:
-            if not self.replay.add((envelope.model, envelope.user, envelope.request_id), deadline):
+            if not self.replay.add((envelope.model, envelope.user, envelope.request_id), valid_until):
                 raise Conflict("request id already used within its validity window (replay)", code="replay")
             inputs, meta = tensors.decode_with_meta(plaintext)
             options = tensors.request_options(meta)
             timings["decrypt_ms"] = (time.perf_counter() - t0) * 1e3
-            outputs = self._run(envelope.model, release, inputs, timings, envelope.user)
+            outputs = self._run(envelope.model, release, inputs, timings, envelope.user, deadline)
             payload = tensors.encode(outputs, timings=timings if options.timings else None)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, encrypted
             raise self._sealed_error(envelope, release, exc) from None

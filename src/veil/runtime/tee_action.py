@@ -15,6 +15,7 @@ from veil.attest.sim import SimRoot
 from veil.crypto.errors import MalformedError
 from veil.errors import BadRequest
 from veil.keyservice.client import RuntimeKeyClient
+from veil.runtime.action_server import activation_deadline, current_activation
 from veil.runtime.core import CoreConfig, KeyReleaser, RuntimeCore
 from veil.store import open_reader
 
@@ -71,6 +72,12 @@ def load_sim_root(environ: Mapping[str, str]) -> SimRoot | None:
         raise BadRequest(f"{SIM_ROOT_ENV}={path}: not a simulation root ({exc})", code="bad_init") from None
 
 
+def _activation_deadline() -> float | None:
+    """When the platform stops waiting for this /run (its `deadline` field), if it said."""
+    activation = current_activation()
+    return None if activation is None else activation_deadline({"deadline": activation.deadline})
+
+
 class TeeAction:
     """Init value: {"kind": "tee", "keyservice_url", "store", optional model_cache_mb,
     intra_op_threads, parallel_runs (model runs at once; 0 or absent: one per CPU)}. `store` is
@@ -109,7 +116,7 @@ class TeeAction:
     def run(self, value: dict[str, Any]) -> dict[str, Any]:
         """`{"envelope": JSON form or binary bytes}` (answered in the same form) or `{"op": "stats"}`."""
         if "envelope" in value:
-            return self.core.infer(value["envelope"])
+            return self.core.infer(value["envelope"], deadline=_activation_deadline())
         if value.get("op") == "stats":
             return self.core.stats()
         raise BadRequest("value: expected an 'envelope' (or op 'stats')", code="malformed")
