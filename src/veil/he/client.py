@@ -11,8 +11,10 @@ through a gateway is the SDK's (`veil.sdk.ModelUser.infer`, with `veil.he.user`)
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,10 +43,24 @@ class EncryptedBatch:
     ciphertexts: list[bytes]
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` readable by this user only (created 0600, replaced atomically)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 class HEClient:
     """Key holder for one parameter set (one model's client spec)."""
 
-    def __init__(self, spec: dict[str, Any], secret_key: bytes | None = None) -> None:
+    def __init__(
+        self, spec: dict[str, Any], secret_key: bytes | None = None, eval_keys_file: Path | None = None
+    ) -> None:
+        """`eval_keys_file`: where the evaluation-key blob lives (written on first use when it is
+        absent). With it the blob is read from the file for each upload instead of being held in
+        memory: it is tens of MiB per model, needed once per (user, model version)."""
         if not isinstance(spec, dict) or spec.get("v") != 1:
             raise HEError("bad_spec", "not a v1 HE client spec")
         self.spec = spec
@@ -63,6 +79,7 @@ class HEClient:
         self.input_scale = np.asarray(spec["input_scale"], dtype=np.float64)
         self._blob: bytes | None = None
         self._key_id: str | None = None
+        self._eval_keys_file = Path(eval_keys_file) if eval_keys_file is not None else None
 
     def __repr__(self) -> str:
         return f"HEClient(model={self.spec.get('name')!r}, N={self.params.poly_modulus_degree})"
@@ -81,11 +98,19 @@ class HEClient:
 
     def eval_keys(self) -> bytes:
         """The evaluation-key blob (made once per client, reused for every upload)."""
-        if self._blob is None:
-            elements = [int(e) for e in self.spec["galois_elements"]]
-            relin, galois = self._secret.eval_keys(elements, bool(self.spec["relin"]))
-            self._blob = EvalKeyBlob(self.spec["params_digest"], elements, relin, galois).pack()
-        return self._blob
+        if self._blob is not None:
+            return self._blob
+        path = self._eval_keys_file
+        if path is not None and path.is_file():
+            return path.read_bytes()
+        elements = [int(e) for e in self.spec["galois_elements"]]
+        relin, galois = self._secret.eval_keys(elements, bool(self.spec["relin"]))
+        blob = EvalKeyBlob(self.spec["params_digest"], elements, relin, galois).pack()
+        if path is None:
+            self._blob = blob
+        else:
+            write_private(path, blob)
+        return blob
 
     @property
     def key_id(self) -> str:

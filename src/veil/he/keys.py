@@ -46,21 +46,21 @@ def key_id(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _framed(data: bytes, magic: bytes, what: str) -> tuple[object, int]:
+def _framed(data: bytes | memoryview, magic: bytes, what: str) -> tuple[object, int]:
     """(JSON header, offset of what follows it) of `magic | u32 length | JSON header | ...`."""
-    if len(data) < len(magic) + 4 or not data.startswith(magic):
+    if len(data) < len(magic) + 4 or bytes(data[: len(magic)]) != magic:
         raise HEError("bad_keys", f"not a Veil {what}")
     (hlen,) = struct.unpack_from(">I", data, len(magic))
     start = len(magic) + 4
     if hlen > MAX_HEADER or start + hlen > len(data):
         raise HEError("bad_keys", f"{what} header is truncated")
     try:
-        return json.loads(data[start : start + hlen]), start + hlen
+        return json.loads(bytes(data[start : start + hlen])), start + hlen
     except (ValueError, RecursionError):
         raise HEError("bad_keys", f"{what} header is not JSON") from None
 
 
-def unpack_eval_keys(blob: bytes) -> EvalKeyBlob:
+def unpack_eval_keys(blob: bytes | memoryview) -> EvalKeyBlob:
     """Parse untrusted bytes into the blob's parts; raises HEError("bad_keys") on any mismatch."""
     header, body = _framed(blob, MAGIC, "evaluation-key blob")
     if not isinstance(header, dict) or header.get("v") != 1:
@@ -116,9 +116,10 @@ def store_id(kid: str) -> str:
     return STORE_PREFIX + kid
 
 
-def open_record(data: bytes, kid: str, user: str, model: str) -> bytes:
+def open_record(data: bytes, kid: str, user: str, model: str) -> memoryview:
     """The eval-key blob inside a stored record, after checking it is the record `kid` names and
-    that it was uploaded by `user` for `model`; HEError otherwise (never the blob)."""
+    that it was uploaded by `user` for `model`; HEError otherwise (never the blob). A view, not a
+    copy: the record is tens of MiB and an instance fetching it should hold it once."""
     if hashlib.sha256(data).hexdigest() != kid:
         raise HEError("key_integrity", "the store's evaluation-key record does not match its id (tampered)", 403)
     header, body = _framed(data, RECORD_MAGIC, "evaluation-key record")
@@ -126,4 +127,4 @@ def open_record(data: bytes, kid: str, user: str, model: str) -> bytes:
         raise HEError(
             "key_not_yours", f"evaluation keys {kid[:12]}... were not uploaded by this principal for this model", 403
         )
-    return data[body:]
+    return memoryview(data)[body:]

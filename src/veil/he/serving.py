@@ -96,7 +96,7 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add(self, kid: str, user: str | None, model: str, server: ServerModel, blob: bytes) -> bool:
+    def add(self, kid: str, user: str | None, model: str, server: ServerModel, blob: bytes | memoryview) -> bool:
         """Parse, check and cache an eval-key blob; False when `kid` was already cached."""
         with self._lock:
             if kid in self._keys:
@@ -162,7 +162,7 @@ class KeyRing:
             raise HEError("wrong_parameters", "these evaluation keys belong to a model with other parameters")
         return keys
 
-    def _fetch(self, kid: str, user: str, model: str) -> bytes:
+    def _fetch(self, kid: str, user: str, model: str) -> memoryview:
         assert self._reader is not None
         reader = self._reader()
         try:

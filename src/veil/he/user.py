@@ -10,7 +10,6 @@ hold). A new model version with the same parameters reuses them; new parameters 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,22 +22,13 @@ import numpy as np
 from veil.crypto.encoding import b64e
 from veil.crypto.envelope import new_request_id
 from veil.crypto.identity import HEADER_PRINCIPAL, Identity
-from veil.he.client import HEClient
+from veil.he.client import HEClient, write_private
 from veil.he.errors import HEError
 from veil.he.keys import record_key_id
 from veil.he.wire import InferRequest, InferResponse
 from veil.wire import he as he_wire
 
 UPLOAD_PIECE = 1 << 20
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` readable by this user only (created 0600, replaced atomically)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -84,14 +74,14 @@ class HEKeyChain:
         directory = self.key_dir / model / digest[:32]
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         secret, blob = directory / "secret.key", directory / "evalkeys.bin"
-        if secret.is_file() and blob.is_file():
-            client = HEClient(spec, secret_key=secret.read_bytes())
-            client._blob = blob.read_bytes()  # the same public keys, hence the same key id
+        if secret.is_file() and blob.is_file():  # the same public keys, hence the same key id
+            client = HEClient(spec, secret_key=secret.read_bytes(), eval_keys_file=blob)
         else:
-            client = HEClient(spec)
-            _write_private(secret, client.export_secret_key())
-            _write_private(blob, client.eval_keys())
+            blob.unlink(missing_ok=True)  # keys of a lost secret key are of no use
+            client = HEClient(spec, eval_keys_file=blob)
+            write_private(secret, client.export_secret_key())
             (directory / "uploaded").unlink(missing_ok=True)
+        # the blob stays in its file, read again only for an upload (tens of MiB per model)
         return HEModelKeys(client, record_key_id(self.user, model, client.eval_keys()), directory)
 
 
