@@ -5,9 +5,10 @@ Tasks (veil.he.tasks): `lr` (scaler + logistic regression, breast_cancer), `mlp`
 square -> Dense, compiled from ONNX). The parent trains and compiles once (with the compiler's
 measured-precision check), then runs every side in its own subprocess:
 
-- **veil**: the latency path only (client keys/encrypt/decrypt + `HEAction.run`, wire format
-  included), so its peak RSS is measured exactly like the baselines'; `veil_batch` measures
-  throughput packing in another process.
+- **veil**: the latency path only, as served minus HTTP (the SDK's key chain and request
+  encryption, the eval-key record in the model store as the gateway's upload leaves it, the
+  instance fetching it on the first request, `HEAction.run` with the wire format), so its peak
+  RSS is measured like the baselines'; `veil_batch` measures throughput packing in another process.
 - **fair** (TenSEAL as its own tutorials configure it): the smallest ring the depth fits, the
   tutorials' chains (LR tutorial: N=4096, [40, 20, 40], scale 2^20; MNIST tutorial: N=8192,
   [31, 26 x depth, 31], scale 2^26), standardisation on the client, `dot` / `mm` for dense
@@ -81,47 +82,80 @@ def _prelude() -> None:
 # ----------------------------------------------------------------------------------- workers
 
 
-def worker_veil(workdir: Path, reps: int) -> dict:
-    from veil.crypto.encoding import b64e
-    from veil.he import store
-    from veil.he.action import HEAction
-    from veil.he.client import ActionTransport, HEClient, RemoteModel
+BENCH_USER = "5eed" * 16  # the principal id the gateway would have authenticated
 
+
+class _ServedModel:
+    """One user's model as the served path has it, minus HTTP: the SDK's key chain (keys made
+    once and kept in the user's key file), the eval-key record in the model store as the
+    gateway's streamed upload leaves it, and requests naming the authenticated user, so the
+    instance fetches the keys from the store as any instance lacking them does."""
+
+    def __init__(self, workdir: Path) -> None:
+        from veil.he import store
+        from veil.he.action import HEAction
+        from veil.he.keys import record_header, store_id
+        from veil.he.user import HEKeyChain
+        from veil.store.local import LocalModelStore
+
+        self.action = HEAction({"kind": "he", "store": str(workdir / "store")})
+        chain = HEKeyChain(BENCH_USER, workdir / "user-keys")
+        self.keys = chain.for_model("m", store.client_spec(workdir / "store", "m"))
+        self.client = self.keys.client
+        upload = LocalModelStore(workdir / "store", create=True).begin_upload(store_id(self.keys.key_id), 1)
+        try:
+            upload.write(record_header(BENCH_USER, "m"))
+            with (self.keys.directory / "evalkeys.bin").open("rb") as blob:
+                for piece in iter(lambda: blob.read(1 << 20), b""):
+                    upload.write(piece)
+            upload.commit()
+        finally:
+            upload.abort()
+
+    def infer(self, x: np.ndarray, packing: str) -> tuple[np.ndarray, float]:
+        """(scores, server-side evaluation ms) for samples `x`."""
+        from veil.he.user import decrypt_response, encrypt_request
+
+        req, batch = encrypt_request("m", self.keys, x, packing)
+        raw = self.action.run({**req.to_json(), "op": "infer", "model": "m", "user": BENCH_USER})
+        return decrypt_response(self.keys, raw, batch.packing, batch.batch)["scores"], float(raw["eval_ms"])
+
+
+def worker_veil(workdir: Path, reps: int) -> dict:
     x = np.load(workdir / "x_test.npy")
     plain_scores = np.load(workdir / "plain_scores.npy")
     plain_pred = np.load(workdir / "plain_pred.npy", allow_pickle=False)
-    action = HEAction({"kind": "he", "store": str(workdir / "store")})
-    client = HEClient(store.client_spec(workdir / "store", "m"))
-    remote = RemoteModel(client, ActionTransport(action), "m")
-    action.run({"op": "upload_keys", "v": 1, "model": "m", "keys": b64e(client.eval_keys())})
-    remote._uploaded = True
-    remote.infer(x[:1], packing="latency")  # warm instance: model loaded, plaintexts encoded
+    served = _ServedModel(workdir)
+    client = served.client
+    served.infer(x[:1], "latency")  # warm instance: model loaded, keys fetched, plaintexts encoded
     lat, evals = [], []
     for i in range(reps):
         row = x[i % len(x) : i % len(x) + 1]
         t0 = time.perf_counter()
-        res = remote.infer(row, packing="latency")
+        _, eval_ms = served.infer(row, "latency")
         lat.append((time.perf_counter() - t0) * 1e3)
-        evals.append(res.timings_ms["eval"])
+        evals.append(eval_ms)
     per = client.layout.samples_per_ciphertext
     full = []  # one ciphertext full of samples (coeff, conv and bsgs programs hold several)
     for i in range(max(3, reps // 3)):
         t0 = time.perf_counter()
-        remote.infer(np.resize(x[i:], (per, x.shape[1])), packing="latency")
+        served.infer(np.resize(x[i:], (per, x.shape[1])), "latency")
         full.append((time.perf_counter() - t0) * 1e3)
     single = client.encrypt(x[:1], "latency")
     # accuracy over the whole test set, one request per sample as a user would send them
-    scores = np.concatenate([remote.infer(x[i : i + 1], packing="latency").scores for i in range(len(x))])
+    scores = np.concatenate([served.infer(x[i : i + 1], "latency")[0] for i in range(len(x))])
     pred = client.predict(scores)
     cost = client.spec["cost"]
+    rss = _peak_rss_mb()
     return {
         "latency_ms": statistics.median(lat),
         "latency_ms_all": lat,
         "eval_ms": statistics.median(evals),
         "latency_full_ciphertext_ms": statistics.median(full),
         "samples_per_latency_ciphertext": per,
-        "rss_mb": _peak_rss_mb(),
+        "rss_mb": rss,
         "eval_keys_mb": len(client.eval_keys()) / 2**20,
+        "key_fetches": served.action.keys.fetches,
         "upload_kb_per_sample": sum(map(len, single.ciphertexts)) / 1024.0,
         "agreement": float(np.mean(pred == plain_pred)),
         "max_abs_error": float(np.max(np.abs(scores - plain_scores))),
@@ -136,26 +170,19 @@ def worker_veil(workdir: Path, reps: int) -> dict:
 
 
 def worker_veil_batch(workdir: Path, reps: int) -> dict:
-    from veil.crypto.encoding import b64e
-    from veil.he import store
-    from veil.he.action import HEAction
-    from veil.he.client import ActionTransport, HEClient, RemoteModel
     from veil.he.packing import throughput_group
 
     x = np.load(workdir / "x_test.npy")
     plain_scores = np.load(workdir / "plain_scores.npy")
-    action = HEAction({"kind": "he", "store": str(workdir / "store")})
-    client = HEClient(store.client_spec(workdir / "store", "m"))
-    remote = RemoteModel(client, ActionTransport(action), "m")
-    action.run({"op": "upload_keys", "v": 1, "model": "m", "keys": b64e(client.eval_keys())})
-    remote._uploaded = True
+    served = _ServedModel(workdir)
+    client = served.client
     group = throughput_group(client.params.slots)
     big = np.resize(x, (group, x.shape[1]))
-    remote.infer(big[:2], packing="throughput")
+    served.infer(big[:2], "throughput")
     rates, walls = [], []
     for _ in range(max(2, reps // 5)):
         t0 = time.perf_counter()
-        res = remote.infer(big, packing="throughput")
+        scores, _ = served.infer(big, "throughput")
         wall = time.perf_counter() - t0
         walls.append(wall * 1e3)
         rates.append(len(big) / wall)
@@ -163,7 +190,7 @@ def worker_veil_batch(workdir: Path, reps: int) -> dict:
         "throughput_samples_per_s": statistics.median(rates),
         "throughput_group_ms": statistics.median(walls),
         "throughput_batch": len(big),
-        "throughput_max_abs_error": float(np.max(np.abs(res.scores[: len(x)] - plain_scores))),
+        "throughput_max_abs_error": float(np.max(np.abs(scores[: len(x)] - plain_scores))),
         "cost_model_throughput_ms": client.spec["cost"]["throughput_per_group"],
         "rss_mb": _peak_rss_mb(),
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from veil.he.errors import HEError
-from veil.he.keys import EvalKeyBlob, key_id
+from veil.he.keys import eval_key_pieces, key_id
 from veil.he.packing import (
     LATENCY,
     THROUGHPUT,
@@ -43,12 +44,14 @@ class EncryptedBatch:
     ciphertexts: list[bytes]
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` readable by this user only (created 0600, replaced atomically)."""
+def write_private(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Write `data` (bytes, or pieces one after another) readable by this user only (created
+    0600, replaced atomically)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        for piece in (data,) if isinstance(data, bytes) else data:
+            f.write(piece)
     os.replace(tmp, path)
 
 
@@ -105,12 +108,14 @@ class HEClient:
             return path.read_bytes()
         elements = [int(e) for e in self.spec["galois_elements"]]
         relin, galois = self._secret.eval_keys(elements, bool(self.spec["relin"]))
-        blob = EvalKeyBlob(self.spec["params_digest"], elements, relin, galois).pack()
+        pieces = eval_key_pieces(self.spec["params_digest"], elements, relin, galois)
+        del relin, galois
         if path is None:
-            self._blob = blob
-        else:
-            write_private(path, blob)
-        return blob
+            self._blob = b"".join(pieces)
+            return self._blob
+        write_private(path, pieces)  # piece by piece: the parts are never joined in memory
+        del pieces
+        return path.read_bytes()
 
     @property
     def key_id(self) -> str:

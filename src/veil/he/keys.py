@@ -28,17 +28,25 @@ class EvalKeyBlob:
     galois: bytes | memoryview | None
 
     def pack(self) -> bytes:
-        header = json.dumps(
-            {
-                "v": 1,
-                "params_digest": self.params_digest,
-                "galois_elements": sorted(self.galois_elements),
-                "relin_len": len(self.relin or b""),
-                "galois_len": len(self.galois or b""),
-            },
-            sort_keys=True,
-        ).encode()
-        return MAGIC + struct.pack(">I", len(header)) + header + (self.relin or b"") + (self.galois or b"")
+        return b"".join(eval_key_pieces(self.params_digest, self.galois_elements, self.relin, [self.galois or b""]))
+
+
+def eval_key_pieces(
+    params_digest: str, galois_elements: list[int], relin: bytes | memoryview | None, galois: list[bytes]
+) -> list[bytes | memoryview]:
+    """The evaluation-key blob as the pieces to write one after another (`EvalKeyBlob.pack`
+    joined): the Galois part is tens of MiB, and a client writing its key file need not hold it twice."""
+    header = json.dumps(
+        {
+            "v": 1,
+            "params_digest": params_digest,
+            "galois_elements": sorted(galois_elements),
+            "relin_len": len(relin or b""),
+            "galois_len": sum(map(len, galois)),
+        },
+        sort_keys=True,
+    ).encode()
+    return [MAGIC + struct.pack(">I", len(header)) + header, relin or b"", *galois]
 
 
 def key_id(blob: bytes) -> str:

@@ -416,17 +416,19 @@ class SealSecretKey:
         """The secret key's bytes, for the client's own key file only."""
         return _save(self._secret, wipe=True)
 
-    def eval_keys(self, galois_elements: list[int], relin: bool) -> tuple[bytes | None, bytes | None]:
-        """Seeded (half-size) relinearization and Galois keys for the given Galois elements.
+    def eval_keys(self, galois_elements: list[int], relin: bool) -> tuple[bytes | None, list[bytes]]:
+        """Seeded (half-size) relinearization keys, and Galois keys for the given Galois elements
+        as one serialized GaloisKeys object per element (to be stored back to back).
 
-        One GaloisKeys object per element, serialized back to back: SEAL's memory pool keeps
-        whatever it once allocated, so making all keys in one object left a full uncompressed
-        copy of them (34 MiB for the digits MLP) in the client's memory for good; one at a
-        time it is one key's worth. The server loads them the same way (`load_eval_keys`).
+        One object per element: SEAL's memory pool keeps whatever it once allocated, so making
+        all keys in one object left a full uncompressed copy of them (34 MiB for the digits MLP)
+        in the client's memory for good; one at a time it is one key's worth. The parts are not
+        joined here, so a caller writing them to a file never holds a second copy. The server
+        loads them the same way (`load_eval_keys`).
         """
         relin_bytes = _save(self._keygen.create_relin_keys()) if relin else None
         parts = [_save(self._keygen.create_galois_keys([int(e)])) for e in sorted(galois_elements)]
-        return relin_bytes, (b"".join(parts) if parts else None)
+        return relin_bytes, parts
 
     def encrypt(self, values: np.ndarray, scale: float, level: int = 0) -> bytes:
         """Seeded symmetric encryption at `level`: the second polynomial travels as a 64-byte seed."""
