@@ -9,9 +9,13 @@ SEAL parses them. The key id is the hex SHA-256 of the whole blob.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import io
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from veil.he.errors import HEError
 from veil.wire.blobs import HE_KEYS_MAGIC, KEY_PREFIX
@@ -68,9 +72,8 @@ def _framed(data: bytes | memoryview, magic: bytes, what: str) -> tuple[object, 
         raise HEError("bad_keys", f"{what} header is not JSON") from None
 
 
-def unpack_eval_keys(blob: bytes | memoryview) -> EvalKeyBlob:
-    """Parse untrusted bytes into the blob's parts; raises HEError("bad_keys") on any mismatch."""
-    header, body = _framed(blob, MAGIC, "evaluation-key blob")
+def _blob_fields(header: object) -> tuple[str, list[int], int, int]:
+    """(params digest, Galois elements, relin length, Galois length) of an eval-key blob header."""
     if not isinstance(header, dict) or header.get("v") != 1:
         raise HEError("bad_keys", "unknown evaluation-key header version")
     try:
@@ -81,13 +84,47 @@ def unpack_eval_keys(blob: bytes | memoryview) -> EvalKeyBlob:
         raise HEError("bad_keys", "evaluation-key header lacks fields") from None
     if not all(0 < e < 1 << 32 for e in elements) or len(elements) > 1 << 16:
         raise HEError("bad_keys", "evaluation-key header: galois_elements out of range")
-    if relin_len < 0 or galois_len < 0 or body + relin_len + galois_len != len(blob):
+    if relin_len < 0 or galois_len < 0:
+        raise HEError("bad_keys", "evaluation-key header: negative lengths")
+    return digest, elements, relin_len, galois_len
+
+
+def unpack_eval_keys(blob: bytes | memoryview) -> EvalKeyBlob:
+    """Parse untrusted bytes into the blob's parts; raises HEError("bad_keys") on any mismatch."""
+    header, body = _framed(blob, MAGIC, "evaluation-key blob")
+    digest, elements, relin_len, galois_len = _blob_fields(header)
+    if body + relin_len + galois_len != len(blob):
         raise HEError("bad_keys", "evaluation-key blob is truncated or has trailing bytes")
     # views, not copies: the Galois part is most of a blob that can be tens of MiB
     view = memoryview(blob)
     relin = view[body : body + relin_len] if relin_len else None
     galois = view[body + relin_len :] if galois_len else None
     return EvalKeyBlob(digest, elements, relin, galois)
+
+
+@dataclass(frozen=True)
+class EvalKeyHeader:
+    """What an eval-key blob says of itself before its keys (read from a stream)."""
+
+    params_digest: str
+    galois_elements: list[int]
+    relin_len: int
+    galois_len: int
+
+
+def read_eval_key_header(read: Callable[[int], bytes]) -> EvalKeyHeader:
+    """The blob header from `read(n)` (exactly n bytes or HEError), leaving the stream at the keys."""
+    start = read(len(MAGIC) + 4)
+    if start[: len(MAGIC)] != MAGIC:
+        raise HEError("bad_keys", "not a Veil evaluation-key blob")
+    (hlen,) = struct.unpack_from(">I", start, len(MAGIC))
+    if hlen > MAX_HEADER:
+        raise HEError("bad_keys", "evaluation-key blob header is truncated")
+    try:
+        header = json.loads(read(hlen))
+    except (ValueError, RecursionError):
+        raise HEError("bad_keys", "evaluation-key blob header is not JSON") from None
+    return EvalKeyHeader(*_blob_fields(header))
 
 
 # --- evaluation keys in the model store ----------------------------------------------------------
@@ -124,15 +161,54 @@ def store_id(kid: str) -> str:
     return STORE_PREFIX + kid
 
 
-def open_record(data: bytes, kid: str, user: str, model: str) -> memoryview:
-    """The eval-key blob inside a stored record, after checking it is the record `kid` names and
-    that it was uploaded by `user` for `model`; HEError otherwise (never the blob). A view, not a
-    copy: the record is tens of MiB and an instance fetching it should hold it once."""
-    if hashlib.sha256(data).hexdigest() != kid:
-        raise HEError("key_integrity", "the store's evaluation-key record does not match its id (tampered)", 403)
-    header, body = _framed(data, RECORD_MAGIC, "evaluation-key record")
-    if not isinstance(header, dict) or header.get("user") != user or header.get("model") != model:
-        raise HEError(
-            "key_not_yours", f"evaluation keys {kid[:12]}... were not uploaded by this principal for this model", 403
-        )
-    return memoryview(data)[body:]
+def open_record(data: bytes, kid: str, user: str, model: str) -> bytes:
+    """The eval-key blob inside a whole stored record (`RecordStream`'s checks, for a record
+    already in memory); HEError otherwise (never the blob)."""
+    source = io.BytesIO(data)
+    record = RecordStream(source, kid, user, model)
+    blob = record.read(len(data) - source.tell())
+    record.finish()
+    return blob
+
+
+class RecordStream:
+    """A stored eval-key record read piece by piece: the header is checked first (this
+    principal's, this model's), every byte is hashed as it is read, and `finish` checks the
+    whole record was the one `kid` names. An instance loads the keys as they arrive and so never
+    holds the record (tens of MiB) as well as the keys; whatever it built from a record that
+    then fails `finish` must be thrown away."""
+
+    def __init__(self, source: BinaryIO, kid: str, user: str, model: str) -> None:
+        self._source, self._kid = source, kid
+        self._hash = hashlib.sha256()
+        start = self.read(len(RECORD_MAGIC) + 4)
+        if start[: len(RECORD_MAGIC)] != RECORD_MAGIC:
+            raise HEError("key_integrity", "the store's evaluation-key record is not one (tampered)", 403)
+        (hlen,) = struct.unpack_from(">I", start, len(RECORD_MAGIC))
+        if hlen > MAX_HEADER:
+            raise HEError("key_integrity", "the store's evaluation-key record header is too large (tampered)", 403)
+        try:
+            header = json.loads(self.read(hlen))
+        except (ValueError, RecursionError):
+            raise HEError("key_integrity", "the store's evaluation-key record header is not JSON", 403) from None
+        if not isinstance(header, dict) or header.get("user") != user or header.get("model") != model:
+            raise HEError(
+                "key_not_yours",
+                f"evaluation keys {kid[:12]}... were not uploaded by this principal for this model",
+                403,
+            )
+
+    def read(self, n: int) -> bytes:
+        """Exactly `n` bytes of the record (HEError when it ends first)."""
+        data = self._source.read(n)
+        if len(data) != n:
+            raise HEError("key_integrity", "the store's evaluation-key record is truncated", 403)
+        self._hash.update(data)
+        return data
+
+    def finish(self) -> None:
+        """Check nothing follows and the record hashes to its id; HEError otherwise."""
+        if self._source.read(1):
+            raise HEError("key_integrity", "the store's evaluation-key record has trailing bytes", 403)
+        if not hmac.compare_digest(self._hash.hexdigest(), self._kid):
+            raise HEError("key_integrity", "the store's evaluation-key record does not match its id (tampered)", 403)

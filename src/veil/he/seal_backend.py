@@ -157,26 +157,6 @@ class EvalKeys:
     nbytes: int = 0
 
 
-def split_objects(data: bytes, what: str, max_size: int) -> list[memoryview]:
-    """A concatenation of SEAL serializations, each checked by `check_header`, as views of its
-    parts (no copies: the Galois keys are the largest thing a server holds)."""
-    parts, offset = [], 0
-    view = memoryview(data)
-    while offset < len(data):
-        if len(data) - offset < _HEADER.size:
-            raise HEError(f"bad_{what}", f"{what} is truncated ({len(data) - offset} trailing bytes)")
-        size = _HEADER.unpack_from(data, offset)[-1]
-        if size < _HEADER.size or offset + size > len(data):
-            raise HEError(f"bad_{what}", f"{what} declares {size} bytes past the end of the blob (truncated?)")
-        part = view[offset : offset + size]
-        check_header(part, what, max_size)
-        parts.append(part)
-        offset += size
-    if not parts:
-        raise HEError(f"bad_{what}", f"{what} is empty")
-    return parts
-
-
 class _Context:
     """A SEAL context with its encoder and evaluator: read-only once built (SEAL's evaluator and
     encoder are const), so every backend for one parameter set in a process can share it."""
@@ -351,36 +331,92 @@ class SealBackend:
         k = len(self._primes[0])
         return count * k * 2 * self.n * (k + 1) * 8 + 4096 * (count + 1)
 
-    def load_eval_keys(self, relin: bytes | None, galois: bytes | None, elements: list[int]) -> EvalKeys:
+    def load_eval_keys(
+        self, relin: bytes | memoryview | None, galois: bytes | memoryview | None, elements: list[int]
+    ) -> EvalKeys:
+        """Evaluation keys from an uploaded blob's relin and Galois parts (see `read_eval_keys`)."""
+        chain = _ViewChain([memoryview(part) for part in (relin, galois) if part is not None])
+        return self.read_eval_keys(chain.read, len(relin or b""), len(galois or b""), elements)
+
+    def read_eval_keys(
+        self, read: Callable[[int], bytes | memoryview], relin_len: int, galois_len: int, elements: list[int]
+    ) -> EvalKeys:
+        """Evaluation keys read from `read(n)` (exactly n bytes or HEError): `relin_len` bytes of
+        relinearization keys, then `galois_len` bytes of serialized GaloisKeys objects, loaded
+        one at a time as they are read, so a caller streaming them from the store never holds
+        the serialized keys (tens of MiB) beside the loaded ones. Every part's SEAL header is
+        checked before SEAL parses it; keys for other parameters are refused."""
         key_parms = self.context.key_parms_id()
         relin_keys = galois_keys = None
         try:
-            if relin is not None:
+            if relin_len:
+                relin = read(relin_len)
                 check_header(relin, "keys", self.key_bound(1))
                 relin_keys = seal.RelinKeys()
                 _load(relin, lambda p: relin_keys.load(self.context, p))
                 if relin_keys.parms_id() != key_parms or not seal.is_valid_for(relin_keys, self.context):
                     raise HEError("wrong_parameters", "relinearization keys are for other parameters")
-            if galois is not None:
-                parts = split_objects(galois, "keys", self.key_bound(max(1, len(elements))))
-                if len(parts) > max(1, len(elements)):
-                    raise HEError("bad_keys", f"{len(parts)} Galois key objects for {len(elements)} elements")
-                galois_keys = {}
-                for part in parts:
-                    obj = seal.GaloisKeys()
-                    _load(part, lambda p, obj=obj: obj.load(self.context, p))
-                    if obj.parms_id() != key_parms or not seal.is_valid_for(obj, self.context):
-                        raise HEError("wrong_parameters", "Galois keys are for other parameters")
-                    for e in elements:
-                        if e not in galois_keys and obj.has_key(e):
-                            galois_keys[e] = obj
-                missing = [e for e in elements if e not in galois_keys]
-                if missing:
-                    raise HEError("bad_keys", f"Galois keys lack elements {missing}")
+            if galois_len:
+                galois_keys = self._read_galois(read, galois_len, elements, key_parms)
         except (RuntimeError, ValueError, MemoryError, TypeError) as exc:
             raise HEError("bad_keys", f"evaluation keys do not load for these parameters ({exc})") from None
-        size = len(relin or b"") + len(galois or b"")
-        return EvalKeys(relin_keys, galois_keys, frozenset(elements), size)
+        return EvalKeys(relin_keys, galois_keys, frozenset(elements), relin_len + galois_len)
+
+    def _read_galois(
+        self, read: Callable[[int], bytes | memoryview], left: int, elements: list[int], key_parms: Any
+    ) -> dict[int, Any]:
+        bound, most = self.key_bound(max(1, len(elements))), max(1, len(elements))
+        galois_keys: dict[int, Any] = {}
+        count = 0
+        while left > 0:
+            if left < _HEADER.size:
+                raise HEError("bad_keys", f"keys is truncated ({left} trailing bytes)")
+            head = bytes(read(_HEADER.size))
+            size = _HEADER.unpack_from(head)[-1]
+            if size < _HEADER.size or size > left:
+                raise HEError("bad_keys", f"keys declares {size} bytes past the end of the blob (truncated?)")
+            if size > bound:  # before reading it: a declared size is not yet a reason to read
+                raise HEError("bad_keys", f"keys is {size} bytes, larger than {bound} for these parameters")
+            count += 1
+            if count > most:
+                raise HEError("bad_keys", f"more Galois key objects than the {len(elements)} elements")
+            part = head + bytes(read(size - _HEADER.size))  # one key's worth
+            check_header(part, "keys", bound)
+            obj = seal.GaloisKeys()
+            _load(part, lambda p, obj=obj: obj.load(self.context, p))
+            del part
+            if obj.parms_id() != key_parms or not seal.is_valid_for(obj, self.context):
+                raise HEError("wrong_parameters", "Galois keys are for other parameters")
+            for e in elements:
+                if e not in galois_keys and obj.has_key(e):
+                    galois_keys[e] = obj
+            left -= size
+        missing = [e for e in elements if e not in galois_keys]
+        if missing:
+            raise HEError("bad_keys", f"Galois keys lack elements {missing}")
+        return galois_keys
+
+
+class _ViewChain:
+    """`read(n)` over pieces of memory one after another (views, no copies within a piece)."""
+
+    def __init__(self, pieces: list[memoryview]) -> None:
+        self._pieces, self._at = [p for p in pieces if len(p)], 0
+
+    def read(self, n: int) -> bytes | memoryview:
+        out: list[memoryview] = []
+        while n > 0 and self._pieces:
+            piece = self._pieces[0]
+            take = piece[self._at : self._at + n]
+            out.append(take)
+            n -= len(take)
+            self._at += len(take)
+            if self._at >= len(piece):
+                self._pieces.pop(0)
+                self._at = 0
+        if n > 0:
+            raise HEError("bad_keys", "evaluation keys are truncated")
+        return out[0] if len(out) == 1 else b"".join(out)
 
 
 class SealSecretKey:

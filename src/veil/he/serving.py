@@ -23,7 +23,14 @@ from typing import Any
 from veil.errors import NotFound, VeilError
 from veil.he.compiled import CompiledModel
 from veil.he.errors import HEError
-from veil.he.keys import MAX_KEY_BYTES, open_record, store_id, unpack_eval_keys
+from veil.he.keys import (
+    MAX_KEY_BYTES,
+    EvalKeyHeader,
+    RecordStream,
+    read_eval_key_header,
+    store_id,
+    unpack_eval_keys,
+)
 from veil.he.packing import LATENCY, throughput_group
 from veil.he.seal_backend import EvalKeys, SealBackend
 from veil.he.server import ServerModel
@@ -103,19 +110,26 @@ class KeyRing:
                 self._keys.move_to_end(kid)
                 return False
         parsed = unpack_eval_keys(blob)
-        if parsed.params_digest != server.params_digest:
-            raise HEError("wrong_parameters", "evaluation keys were made for other parameters than this model's")
-        if server.compiled.needs_relin() and parsed.relin is None:
-            raise HEError("missing_keys", "this model needs relinearization keys")
-        size = IN_MEMORY_FACTOR * len(blob)
-        self._make_room(size)  # before loading: the peak is the cache plus this one key set
+        header = EvalKeyHeader(parsed.params_digest, parsed.galois_elements, len(parsed.relin or b""), 0)
+        self._check_header(header, server)
+        self._make_room(IN_MEMORY_FACTOR * len(blob))  # before loading: the peak is the cache plus this one key set
         keys = server.backend.load_eval_keys(parsed.relin, parsed.galois, parsed.galois_elements)
-        keys.nbytes = size
+        self._insert(kid, user, model, server, keys, len(blob))
+        return True
+
+    @staticmethod
+    def _check_header(header: EvalKeyHeader, server: ServerModel) -> None:
+        if header.params_digest != server.params_digest:
+            raise HEError("wrong_parameters", "evaluation keys were made for other parameters than this model's")
+        if server.compiled.needs_relin() and not header.relin_len:
+            raise HEError("missing_keys", "this model needs relinearization keys")
+
+    def _insert(self, kid: str, user: str | None, model: str, server: ServerModel, keys: EvalKeys, size: int) -> None:
+        keys.nbytes = IN_MEMORY_FACTOR * size
         with self._lock:
             if kid not in self._keys:
                 self._keys[kid] = (user, model, server.params_digest, keys)
                 self._bytes += keys.nbytes
-        return True
 
     def _make_room(self, size: int) -> None:
         """Evict least recently used keys until `size` more bytes fit (an evicted user's next
@@ -150,7 +164,7 @@ class KeyRing:
             with lock:  # one fetch per key id, however many requests wait for it
                 entry = self._cached(kid)
                 if entry is None:
-                    self.add(kid, user, model, server, self._fetch(kid, user, model))
+                    self._fetch(kid, user, model, server)
                     self.fetches += 1
                     entry = self._cached(kid)
         if entry is None:
@@ -162,7 +176,10 @@ class KeyRing:
             raise HEError("wrong_parameters", "these evaluation keys belong to a model with other parameters")
         return keys
 
-    def _fetch(self, kid: str, user: str, model: str) -> memoryview:
+    def _fetch(self, kid: str, user: str, model: str, server: ServerModel) -> None:
+        """Stream the record `kid` from the store and cache its keys: each key is loaded as it
+        is read (the record is never held whole), and nothing is cached unless the whole record
+        hashes to `kid` and names this user and model."""
         assert self._reader is not None
         reader = self._reader()
         try:
@@ -170,13 +187,23 @@ class KeyRing:
             if info.size > MAX_KEY_BYTES + 4096:
                 raise HEError("too_large", f"evaluation-key record exceeds {MAX_KEY_BYTES} bytes", 413)
             with reader.open(store_id(kid), 1) as f:
-                data = f.read(info.size + 1)
+                record = RecordStream(f, kid, user, model)
+                header = read_eval_key_header(record.read)
+                self._check_header(header, server)
+                size = header.relin_len + header.galois_len
+                if size > info.size:
+                    raise HEError("key_integrity", "the store's evaluation-key record is truncated", 403)
+                self._make_room(IN_MEMORY_FACTOR * size)
+                keys = server.backend.read_eval_keys(
+                    record.read, header.relin_len, header.galois_len, header.galois_elements
+                )
+                record.finish()
         except NotFound:
             raise HEError("unknown_key", f"evaluation keys {kid[:12]}... are not in the model store", 404) from None
         except VeilError as exc:
             raise HEError(exc.code, exc.message, exc.status) from None
-        log.info("he keys %s fetched from the store (%d bytes)", kid[:12], len(data))
-        return open_record(data, kid, user, model)
+        self._insert(kid, user, model, server, keys, size)
+        log.info("he keys %s fetched from the store (%d bytes)", kid[:12], info.size)
 
 
 def expected_ciphertexts(req: InferRequest, server: ServerModel) -> int:
