@@ -237,7 +237,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--instances", type=int, default=4, help="Runtime instances at most per function.")
     parser.add_argument("--memory-mb", type=int, default=1536, help="Memory limit of each instance.")
     parser.add_argument("--split-reps", type=int, default=4, help="Repeats of the split batch (each way).")
-    parser.add_argument("--only", choices=["all", "split"], default="all", help="Measure only this part.")
+    parser.add_argument(
+        "--only",
+        choices=["all", "split", "latency"],
+        default="all",
+        help="Measure only this part (latency: the gateway/in-process and hybrid/HE p50s, nothing else).",
+    )
     parser.add_argument("--quick", action="store_true", help="Few repeats: a smoke run, not a figure.")
     args = parser.parse_args(argv)
     if args.quick:
@@ -252,6 +257,11 @@ def main(argv: list[str]) -> int:
                 return 0
             lat = {name: _latencies(stack, name, args.lr_reps if name == "lr" else args.reps) for name in ("lr", "mlp")}
             p50 = {name: {k: round(median(v), 3) for k, v in runs.items()} for name, runs in lat.items()}
+            if args.only == "latency":
+                ratios = {name: round(p["gateway"] / p["inprocess"], 3) for name, p in p50.items()}
+                hybrid = {name: round(p["hybrid"] / p["gateway"], 3) for name, p in p50.items()}
+                print(f"gateway/in-process p50: {ratios} | p50 ms: {p50} | hybrid/HE p50: {hybrid}")
+                return 0
             load = _load(stack, args.clients, args.requests)
             mlp3 = _mlp3(stack, max(3, args.reps // 5))
             split = _split(stack, args.split_reps)
