@@ -34,13 +34,17 @@ from pathlib import Path
 
 import psutil
 
+from veil.platform.ray_serve.workers import node_env
+
 #: The environment of every node (and so of every Ray worker, Serve replicas included).
 #: `RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`: a replica runs its (async, non-blocking)
 #: request handler on Serve's own event loop instead of handing each request to a second
 #: loop on another thread, which saves a thread hop per request (about 0.5-1 ms of a warm
 #: request on this machine). Set on the nodes, not per deployment: a `runtime_env` would give
 #: every replica a dedicated new worker process (no pooled worker), slowing cold starts.
-NODE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+#: `workers.node_env()`: every worker preloads Serve's and Veil's replica modules, so a prestarted
+#: idle worker takes a replica without importing them on the cold path.
+NODE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **node_env()}
 
 
 def free_port(host: str) -> int:

@@ -81,6 +81,11 @@ class RayOptions:
       object store: a few milliseconds less per request. Off: Ray's default transport.
     - `access_log`: Serve's per-request access log in each replica (off: it costs about 1 ms
       per warm request, and the platform's metrics count requests anyway).
+    - `prestart_workers`: idle Ray workers each replica asks its node's raylet to start once it
+      is up (`prestart_delay_s` after its constructor, so the new worker's own start does not
+      compete with the cold start it follows), kept at least `prestart_keepalive_s`: the next
+      replica started on that node, from zero or not, leases one instead of starting a process
+      (see `workers`). 0: off (every replica start then waits for a new worker).
     """
 
     num_cpus: float = 0.25
@@ -98,6 +103,9 @@ class RayOptions:
     router_backoff_s: tuple[float, float] = (0.002, 0.02)
     grpc_transport: bool = True
     access_log: bool = False
+    prestart_workers: int = 1
+    prestart_delay_s: float = 1.0
+    prestart_keepalive_s: float = 600.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

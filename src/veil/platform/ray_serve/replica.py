@@ -1,8 +1,10 @@
 """The Ray Serve deployment that runs Veil's runtime: one replica = one runtime subprocess.
 
 Each replica starts its runtime in its constructor (so Serve routes to it only once `/init`
-answered; the cold start is the Ray worker start plus the runtime's own), forwards each
-request to it, and answers with a `wire` dict. What the replica adds to the runtime:
+answered; the cold start is the replica's creation in a Ray worker plus the runtime's own
+start), forwards each request to it, and answers with a `wire` dict. The worker is normally one
+the node prestarted, with this module preloaded (`workers`): a deploy asks every node for one,
+and each replica, once up, asks its node for the next. What the replica adds to the runtime:
 
 - model multiplexing by model id (`handle.options(multiplexed_model_id=...)`): with Serve's
   default router, `serve.multiplexed` keeps an LRU of model ids per replica that Serve's
@@ -26,6 +28,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +43,7 @@ from veil.platform.ray_serve import wire
 from veil.platform.ray_serve.models import ReplicaModels
 from veil.platform.ray_serve.options import RayOptions, deployment_options, models_per_replica, uses_veil_router
 from veil.platform.ray_serve.supervisor import RuntimeSupervisor
+from veil.platform.ray_serve.workers import prestart, seed_nodes
 from veil.platform.spec import FunctionSpec
 
 log = logging.getLogger("veil.platform.ray_serve.replica")
@@ -99,6 +103,17 @@ class VeilReplica:
         error = self.supervisor.start()
         if error is not None:
             log.warning("replica %s has no runtime yet: %s", self.replica_id, error.message)
+        # This replica took a Ray worker (a prestarted one, or one started for it): ask the node
+        # for a fresh idle one, so the next replica here starts without a new process.
+        if self.options.prestart_workers > 0:
+            timer = threading.Timer(
+                self.options.prestart_delay_s,
+                prestart,
+                args=(self.options.prestart_workers,),
+                kwargs={"keep_alive_s": self.options.prestart_keepalive_s},
+            )
+            timer.daemon = True
+            timer.start()
 
     async def __call__(self, value: Any, veil: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
         """`value`: the JSON object's encoding (what the Ray platform sends) or the object."""
@@ -224,5 +239,6 @@ def build_app(
     """A Serve Application running `spec`'s command in every replica."""
     spec.validate()
     o = options or RayOptions()
+    seed_nodes(o.prestart_workers, keep_alive_s=o.prestart_keepalive_s)  # (once per node and process)
     deployment = serve.deployment(**deployment_options(spec, routing, o, **overrides))(VeilReplica)
     return deployment.bind(spec_json(spec), routing.to_json() if routing is not None else None, o.to_json())
