@@ -139,9 +139,9 @@ def instrument() -> None:
     packer.Packer.invoke = profiled_invoke  # type: ignore[method-assign]
     orig_run = instance.Instance.run
 
-    def capture(self: Any, body: bytes, timeout: float) -> Any:
+    def capture(self: Any, body: bytes, timeout: float, *a: Any, **k: Any) -> Any:
         LAST["run"] = (self, body)
-        return orig_run(self, body, timeout)
+        return orig_run(self, body, timeout, *a, **k)
 
     instance.Instance.run = capture  # type: ignore[method-assign]
     _wrap(he_user, "encrypt_request", "client: encrypt")

@@ -38,6 +38,7 @@ from veil.errors import BadRequest, Conflict, Forbidden, TooLarge, Unauthorized,
 from veil.gateway.he_split import Spreader, merge, part_count, split
 from veil.he.keys import MAX_KEY_BYTES, record_header, store_id
 from veil.http import error_response, parse_json_object, read_body
+from veil.jsonbytes import Encoded
 from veil.store import ModelStore
 from veil.wire import he as he_wire
 
@@ -286,9 +287,13 @@ def install_he_routes(
 
     @app.post("/v1/he/models/{model}:infer", openapi_extra=bodies.HE_OBJECT, response_class=Response)
     async def he_infer(model: str, request: Request) -> Response:
-        """An HE-mode request: see `serve_he`; the answer (ciphertexts in base64url) is encoded
-        once here, not walked by FastAPI's response encoder. Served by `InferFastPath`."""
+        """An HE-mode request: see `serve_he`; the answer (ciphertexts in base64url) is the
+        runtime's JSON as the platform received and parsed it (`veil.jsonbytes.Encoded`), or, for
+        a batch put together from parts, encoded once here; never walked by FastAPI's response
+        encoder. Served by `InferFastPath`."""
         answer = await serve_he(model, request)
+        if isinstance(answer, Encoded):  # the runtime's JSON answer, relayed as it came (parsed and checked)
+            return Response(answer.encoded, media_type="application/json")
         return Response(json.dumps(answer, separators=(",", ":")).encode(), media_type="application/json")
 
     app.add_middleware(InferFastPath, handler=he_infer)

@@ -27,6 +27,7 @@ from veil.he.keys import key_id as compute_key_id
 from veil.he.server import ServerModel
 from veil.he.serving import KeyRing, ModelSet, evaluate
 from veil.he.wire import InferRequest, UploadKeys, check_model_id
+from veil.jsonbytes import Encoded, dumps_object
 from veil.wire.he import ROUTING_SEPARATOR
 
 log = logging.getLogger("veil.he.action")
@@ -175,4 +176,6 @@ class HEAction:
         out = evaluate(server, keys, req)
         with self._lock:
             self.counters["infer"] += 1
-        return out.to_json()
+        answer = out.to_json()
+        # its ciphertexts are base64url text made here: encoded without per-character escaping
+        return Encoded(answer, dumps_object(answer, trusted=True))

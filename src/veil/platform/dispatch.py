@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from veil.jsonbytes import dumps_object
 from veil.platform.errors import ActionError, PlatformError
 from veil.platform.instance import InstanceGone
 from veil.platform.pool import FunctionPool, Lease
@@ -28,9 +29,10 @@ from veil.wire import run as run_wire
 
 def encode_value(spec: FunctionSpec, value: dict) -> bytes:
     """`value` as JSON, once per request (a retry reuses it); a value that is not JSON is the
-    caller's error."""
+    caller's error. Lists of base64url text (an HE request's ciphertexts) are written without the
+    standard encoder's per-character escaping (`veil.jsonbytes`)."""
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+        return dumps_object(value)
     except (TypeError, ValueError) as e:
         raise PlatformError(
             "bad_request",
@@ -115,7 +117,9 @@ def invoke(pool: FunctionPool, value: dict, timeout: float, instance_id: str | N
             if raw is not None:
                 result = lease.instance.run(raw, remaining, binary_headers(pool.spec, deadline))
             else:
-                result = lease.instance.run(activation_frame(pool.spec, value_json, deadline), remaining)
+                result = lease.instance.run(
+                    activation_frame(pool.spec, value_json, deadline), remaining, keep_encoding=True
+                )
         except InstanceGone as gone:
             why = pool.instance_gone(lease, gone)
             if why == "out_of_memory":

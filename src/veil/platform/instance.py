@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from veil.jsonbytes import Encoded
 from veil.keepalive import KeepAlive
 from veil.platform import lifeline
 from veil.platform.errors import ActionError, PlatformError
@@ -274,10 +275,13 @@ class Instance:
                 return
             raise self._start_failure(f"/init answered {resp.status_code}: {_error_text(resp)}")
 
-    def run(self, body: bytes, timeout: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    def run(
+        self, body: bytes, timeout: float, headers: dict[str, str] | None = None, *, keep_encoding: bool = False
+    ) -> dict[str, Any]:
         """POST one activation to `/run` and return the action's JSON object (`{"envelope":
         bytes}` for a binary envelope answer). `headers`: those of a binary-envelope body
-        (`veil.platform.dispatch.binary_headers`); JSON by default.
+        (`veil.platform.dispatch.binary_headers`); JSON by default. `keep_encoding`: a JSON
+        answer comes back as a `veil.jsonbytes.Encoded` holding the runtime's bytes too.
 
         Raises ActionError for `{"error": ...}`, InstanceGone if the process or connection died,
         and httpx.TimeoutException when no answer came within `timeout`.
@@ -297,7 +301,7 @@ class Instance:
             what = f"exited with code {code}" if code is not None else "connection lost"
             raise InstanceGone(f"{what} ({type(e).__name__})", code) from None
         content_type = next((v for k, v in answer_headers if k.lower() == "content-type"), None)
-        return parse_run(self.function, status, content, content_type)
+        return parse_run(self.function, status, content, content_type, keep_encoding=keep_encoding)
 
     async def run_async(self, client: httpx.AsyncClient, body: bytes, timeout: float) -> dict[str, Any]:
         """`run` on an event loop (`client` belongs to that loop): the same answers and errors,
@@ -417,10 +421,15 @@ def _rss_mb(pid: int) -> float | None:
         return None
 
 
-def parse_run(function: str, status: int, content: bytes, content_type: str | None = None) -> dict[str, Any]:
+def parse_run(
+    function: str, status: int, content: bytes, content_type: str | None = None, *, keep_encoding: bool = False
+) -> dict[str, Any]:
     """The action's result from a `/run` answer (HTTP status and body), or the ActionError it
     stands for. Shared by every caller of /run (this module's instances, Ray replicas' callers).
-    A successful binary envelope answer (`content_type`) is `{"envelope": content}`, untouched."""
+    A successful binary envelope answer (`content_type`) is `{"envelope": content}`, untouched.
+    `keep_encoding`: a JSON result is a `veil.jsonbytes.Encoded`, the parsed object with the
+    exact bytes it came as, so a caller that only relays it (the gateway's HE route) need not
+    encode it again."""
     if 200 <= status < 300 and is_binary(content_type):
         return {"envelope": content}
     try:
@@ -445,7 +454,7 @@ def parse_run(function: str, status: int, content: bytes, content_type: str | No
             {"code": "bad_response", "message": "the action did not return a JSON object"},
             502,
         )
-    return payload
+    return Encoded(payload, content) if keep_encoding else payload
 
 
 def _peak_rss_mb(pid: int) -> float | None:

@@ -46,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from veil.errors import BadRequest, Busy, VeilError, from_exception
+from veil.jsonbytes import Encoded
 from veil.wire import run as run_wire
 
 log = logging.getLogger("veil.runtime.action")
@@ -339,6 +340,8 @@ def make_handler(state: ActionState) -> type[BaseHTTPRequestHandler]:
             envelope = body.get("envelope")
             if isinstance(envelope, bytes) and len(body) == 1:  # a binary envelope answer, as it is
                 data, content_type = envelope, run_wire.BINARY_CONTENT_TYPE
+            elif isinstance(body, Encoded):  # the action encoded its answer itself (HE: base64url bulk)
+                data, content_type = body.encoded, "application/json"
             else:
                 data, content_type = json.dumps(body, separators=(",", ":")).encode(), "application/json"
             head = (
