@@ -28,7 +28,11 @@ class Window:
 
 
 class IdleHistogram:
-    """Fixed-width histogram of idle times with an out-of-bounds counter."""
+    """Fixed-width histogram of idle times with an out-of-bounds counter.
+
+    The sum and the sum of squares of the bin counts are kept as counts change, so `bin_cv`
+    (asked on every request the packer routes) costs nothing per bin; summing 240 bins twice
+    per request was a measurable part of the packer's time on each HE request."""
 
     def __init__(self, bin_s: float, bins: int) -> None:
         if bin_s <= 0 or bins < 2:
@@ -37,6 +41,8 @@ class IdleHistogram:
         self.counts = [0] * bins
         self.oob = 0
         self.total = 0
+        self._in_range = 0  # sum(counts)
+        self._squares = 0  # sum(c * c for c in counts)
 
     def observe(self, idle_s: float) -> None:
         self.total += 1
@@ -44,7 +50,10 @@ class IdleHistogram:
         if idx >= len(self.counts):
             self.oob += 1
         else:
-            self.counts[idx] += 1
+            count = self.counts[idx]
+            self.counts[idx] = count + 1
+            self._in_range += 1
+            self._squares += 2 * count + 1  # (c + 1)^2 - c^2
 
     def percentile(self, pct: float) -> float:
         """Upper edge of the bin holding the pct-th percentile; inf if it lies out of range."""
@@ -60,12 +69,11 @@ class IdleHistogram:
 
     def bin_cv(self) -> float:
         """Coefficient of variation of the bin counts (high = concentrated = predictable)."""
-        n = len(self.counts)
-        mean = sum(self.counts) / n
-        if mean == 0:
+        n, total = len(self.counts), self._in_range
+        if total == 0:
             return 0.0
-        var = sum((c - mean) ** 2 for c in self.counts) / n
-        return math.sqrt(var) / mean
+        # sqrt(var) / mean with var = squares/n - mean^2, mean = total/n: exact in integers
+        return math.sqrt(n * self._squares - total * total) / total
 
 
 class KeepAliveLearner:
