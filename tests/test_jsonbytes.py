@@ -1,5 +1,6 @@
-"""`veil.jsonbytes`: the same JSON text as `json.dumps` for every object (base64url bulk written
-as it is, anything else escaped as usual), and `Encoded` keeping an object's exact bytes."""
+"""`veil.jsonbytes`: the same JSON object as `json.dumps` for every object (base64url bulk written
+as it is, after the other fields; anything else escaped as usual; the same text when there is no
+bulk), and `Encoded` keeping an object's exact bytes."""
 
 from __future__ import annotations
 
@@ -31,8 +32,21 @@ def _b64(n: int) -> str:
         {},
     ],
 )
-def test_same_text_as_json_dumps(obj):
-    assert dumps_object(obj) == json.dumps(obj, separators=(",", ":")).encode()
+def test_same_object_as_json_dumps(obj):
+    want = json.dumps(obj, separators=(",", ":"))
+    got = dumps_object(obj)
+    assert json.loads(got) == json.loads(want) and len(got) == len(want.encode())
+    if not any(
+        isinstance(v, list) and v and all(isinstance(s, str) and len(s) >= 512 for s in v) for v in obj.values()
+    ):
+        assert got == want.encode()  # nothing to write as it is: json.dumps's own text
+    bulk = dumps_object({"ciphertexts": [_b64(900)], "v": 1})
+    assert bulk.startswith(b'{"v":1,"ciphertexts":["') and bulk.endswith(b'"]}')
+
+
+def test_trusted_strings_are_not_checked_but_the_rest_is_still_encoded():
+    out = dumps_object({"model": 'a"b', "ciphertexts": ["QUJD", "REVG"]}, trusted=True)
+    assert out == b'{"model":"a\\"b","ciphertexts":["QUJD","REVG"]}' and json.loads(out)["model"] == 'a"b'
 
 
 def test_nan_and_unencodable_values_are_refused_as_json_dumps_does():
@@ -86,4 +100,4 @@ def test_the_he_action_answer_is_its_json_encoded_once(tmp_path):
     req = InferRequest("lr", client.key_id, batch.packing, batch.batch, batch.features, batch.ciphertexts)
     answer = action.run({**req.to_json(), "op": "infer"})
     assert isinstance(answer, Encoded)
-    assert answer.encoded == json.dumps(dict(answer), separators=(",", ":")).encode()
+    assert json.loads(answer.encoded) == dict(answer) and answer["ciphertexts"]
