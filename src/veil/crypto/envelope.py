@@ -30,7 +30,6 @@ encoding and the AAD a receiver computes is the header it read.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import time
@@ -41,6 +40,8 @@ from typing import Any, Literal
 from veil.crypto import aead
 from veil.crypto.encoding import b64d, b64e, canonical_json
 from veil.crypto.errors import MalformedError
+from veil.crypto.fields import check_identifier as check_identifier  # re-exported: envelope fields
+from veil.crypto.fields import new_request_id as new_request_id  # re-exported: envelope fields
 from veil.crypto.kdf import derive_key
 from veil.crypto.keys import SymmetricKey
 
@@ -52,7 +53,6 @@ CLOCK_SKEW_S = 60  # tolerated difference between sender's and receiver's clocks
 MAX_EXPIRES = 1 << 53  # exactly representable in every JSON implementation
 Direction = Literal["request", "response"]
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
-_IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _FIELDS = {"v", "model", "user", "request_id", "direction", "expires", "ct"}
 _HEADER_FIELDS = _FIELDS - {"ct"}
 BINARY_CONTENT_TYPE = "application/vnd.veil.envelope"
@@ -61,11 +61,6 @@ _PREFIX = struct.Struct(">4sHI")  # magic, header length, ct length
 BINARY_PREFIX_BYTES = _PREFIX.size  # 10
 MAX_BINARY_HEADER = 1024
 MIN_CT = 12 + 16  # nonce and tag
-
-
-def new_request_id() -> str:
-    """128 random bits as 32 hex characters."""
-    return os.urandom(16).hex()
 
 
 def default_expires(now: float | None = None) -> int:
@@ -77,13 +72,6 @@ def check_expires(value: object) -> int:
     """`expires`: an integer number of Unix seconds in 1..2^53-1 (not a bool, not a float)."""
     if type(value) is not int or not 1 <= value < MAX_EXPIRES:
         raise MalformedError("expires", "must be an integer number of Unix seconds")
-    return value
-
-
-def check_identifier(value: object, field: str) -> str:
-    """Model and principal ids: 1-128 characters of [A-Za-z0-9._:-], starting alphanumeric."""
-    if not isinstance(value, str) or not _IDENT.match(value):
-        raise MalformedError(field, "must be 1-128 characters of A-Z a-z 0-9 . _ : - ")
     return value
 
 

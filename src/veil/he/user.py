@@ -15,18 +15,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from veil.crypto.encoding import b64e
-from veil.crypto.envelope import new_request_id
-from veil.crypto.identity import HEADER_PRINCIPAL, Identity
+from veil.crypto.fields import new_request_id
 from veil.he.client import HEClient, write_private
 from veil.he.errors import HEError
 from veil.he.keys import record_key_id
 from veil.he.wire import InferRequest, InferResponse
 from veil.wire import he as he_wire
+
+if TYPE_CHECKING:  # signing needs the cryptography library; encrypting and decrypting do not
+    from veil.crypto.identity import Identity
 
 UPLOAD_PIECE = 1 << 20
 
@@ -86,6 +88,8 @@ class HEKeyChain:
 
 
 def signed_headers(identity: Identity, payload: bytes) -> dict[str, str]:
+    from veil.crypto.identity import HEADER_PRINCIPAL
+
     return {HEADER_PRINCIPAL: identity.id, he_wire.HEADER_HE_SIGNATURE: b64e(identity.sign(payload))}
 
 

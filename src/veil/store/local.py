@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from veil.crypto.envelope import check_identifier
+from veil.crypto.fields import check_identifier
 from veil.errors import NotFound, Unavailable
 from veil.store.base import SUFFIX, BlobInfo, TalliedUpload, Tally, check_version, copy_into
 

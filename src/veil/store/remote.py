@@ -25,7 +25,7 @@ import re
 import urllib.parse
 from typing import Any
 
-from veil.crypto.envelope import check_identifier
+from veil.crypto.fields import check_identifier
 from veil.errors import NotFound, Unavailable, VeilError
 from veil.store.base import BlobInfo, check_version
 from veil.store.stream import ResumableBlob
