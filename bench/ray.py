@@ -133,7 +133,17 @@ def warm_and_cold(args: argparse.Namespace, ray_platform: Any, root: Path) -> di
                     client.infer(model.model_id, x)
                     samples[label].append((time.perf_counter() - t0) * 1000)
             p50 = {k: round(percentile(v, 50), 3) for k, v in samples.items()}
-            log(f"warm p50 through the gateway: local {p50['local']} ms, ray {p50['ray']} ms")
+            ray_m = ray_platform.metrics(stack.tee_spec.name)
+            direct = ray_m["direct_requests"]
+            # the platforms' own share (invoke to answer, warm-up included), beside the gateway's
+            at_platform = {
+                "local": stack.platform.metrics(stack.tee_spec.name)["exec_ms"]["p50"],
+                "ray": ray_m["exec_ms"]["p50"],
+            }
+            log(
+                f"warm p50 through the gateway: local {p50['local']} ms, ray {p50['ray']} ms ({direct} direct); "
+                f"at the platform: local {at_platform['local']} ms, ray {at_platform['ray']} ms"
+            )
 
             cold: list[float] = []
             for run in range(args.cold_runs):
@@ -151,6 +161,8 @@ def warm_and_cold(args: argparse.Namespace, ray_platform: Any, root: Path) -> di
                 "warm_p50_ms": p50,
                 "warm_p90_ms": {k: round(percentile(v, 90), 3) for k, v in samples.items()},
                 "warm_samples": len(samples["ray"]),
+                "warm_ray_direct_requests": direct,
+                "warm_platform_p50_ms": at_platform,
                 "cold_start_ms": round(statistics.median(cold), 1),
                 "cold_start_samples_ms": [round(c, 1) for c in cold],
                 "model": model.model_id,

@@ -28,6 +28,13 @@ when it finished or was refused (a full replica refuses under Serve's strict adm
 asks again for a request its chosen replica could not take (full, or refused); each time, the
 placement is released and made afresh without counting a second arrival, so capacity that
 appeared meanwhile (a replica the autoscaler added for a burst) is used at once.
+
+The direct path (`veil.platform.ray_serve.direct`): the platform asks `place_direct` from the
+caller's thread; a request the policy places on a running replica that holds its model with a
+free slot is sent to that replica without Serve's routing, and handed back with `direct_done`.
+Everything else (a load, a queue, no replica) takes the handle; a request whose arrival
+`place_direct` counted already says so (`veil={"arrived": True}`), and its first placement here
+does not count it again.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -49,6 +56,12 @@ log = logging.getLogger("veil.packer.ray_router")
 
 #: How often the policy's keep-alive clock runs (at most), in seconds.
 TICK_S = 0.1
+#: How long a completion Serve reported before the request's acceptance waits for the latter
+#: (seconds): then it is taken for a refusal whose retry never came (the caller gave up).
+SETTLE_S = 2.0
+#: How long a replica whose direct request found it gone gets no direct request (seconds):
+#: Serve's replica list drops a dead one within about this; a live one is trusted again.
+DIRECT_SUSPECT_S = 5.0
 
 
 @dataclass
@@ -56,12 +69,25 @@ class _Placement:
     """Where one request was placed. `route` is the policy's admission (None for a request
     without a model id, placed by load only, or once released after a refusal)."""
 
-    pending: PendingRequest
+    pending: PendingRequest | None  # None: a direct request (no Serve request behind it)
     replica: str
     route: Route | None
     accepted_at: float | None = None
     held: bool = True  # counted in the policy's (or the model-less) accounting
     waiting: bool = False  # held on a full replica, not offered to Serve (see `_wait`)
+    placed_at: float = field(default_factory=time.monotonic)
+    ended_at: float | None = None  # Serve said "completed" before it said "accepted" (see there)
+
+
+@dataclass
+class DirectPlacement:
+    """A warm request placed for the direct path: its replica, the key of its placement, and
+    the policy's hints for the replica (`veil=` of the request)."""
+
+    replica: RunningReplica
+    key: str
+    hints: dict[str, Any]
+    placement: _Placement
 
 
 class VeilRequestRouter(RequestRouter):
@@ -88,6 +114,8 @@ class VeilRequestRouter(RequestRouter):
         self._waiting: dict[str, int] = {}  # replica -> requests held on it, waiting for a slot
         self._lock = threading.Lock()
         self._last_tick = 0.0
+        self._live: dict[str, RunningReplica] = {}  # replicas as last synced (direct path)
+        self._suspect: dict[str, float] = {}  # replica -> until when no direct request goes there
 
     @property
     def policy(self) -> VeilPolicy | None:
@@ -118,11 +146,14 @@ class VeilRequestRouter(RequestRouter):
                 resident = tuple(sorted(replica.multiplexed_model_ids))
                 policy.adopt(rid, now, capacity=replica.max_ongoing_requests, resident=resident)
         policy.spec = dataclasses.replace(policy.spec, max_instances=len(live))
+        self._live = live
 
     def _forget(self, rid: str, now: float) -> None:
         self._policy.lost(rid, now)
         self._plain.pop(rid, None)
         self._waiting.pop(rid, None)
+        self._live.pop(rid, None)
+        self._suspect.pop(rid, None)
         for key in [k for k, p in self._placements.items() if p.replica == rid]:
             del self._placements[key]  # Serve fails or retries those requests; a retry re-places
 
@@ -152,7 +183,9 @@ class VeilRequestRouter(RequestRouter):
                 self._plain[rid] = self._plain.get(rid, 0) + 1
                 self._placements[key] = _Placement(pending_request, rid, None)
                 return [[by_id[rid]]]
-            decision = self._policy.reroute(model, now) if placed is not None else self._policy.route(model, now)
+            # (a request `place_direct` counted already, then sent here, is placed as a retry)
+            arrived = placed is not None or bool((pending_request.kwargs.get("veil") or {}).get("arrived"))
+            decision = self._policy.reroute(model, now) if arrived else self._policy.route(model, now)
             if isinstance(decision, Reject):
                 # No replica has room now: wait (Serve backs off and asks again). The arrival
                 # is recorded: the next attempt re-places without counting it again.
@@ -197,13 +230,81 @@ class VeilRequestRouter(RequestRouter):
         pending_request.routing_context.should_backoff = True
         return []
 
+    # -- the direct path (called from the caller's thread) ------------------------------------
+
+    def place_direct(self, model: str) -> tuple[DirectPlacement | None, bool]:
+        """Place a request for `model` for the direct path: (its placement, True) when the
+        policy puts it on a running replica that holds the model with a free slot; (None,
+        arrived) otherwise, `arrived` saying whether its arrival was counted (the handle's
+        placement then must not count it again). A warm replica is looked for first, so a
+        request that cannot go direct (no warm slot) is left to the handle uncounted."""
+        from veil.platform.ray_serve.direct import new_request_key  # (the platform's module)
+
+        if self.policy is None or not model:
+            return None, False
+        now = time.monotonic()
+        with self._lock:
+            self._housekeeping(now)
+            if not any(self._warm_slot(inst, model, now) for inst in self._policy.instances.values()):
+                return None, False
+            decision = self._policy.route(model, now)
+            if isinstance(decision, Reject):  # (cannot happen with a warm slot; kept safe)
+                return None, True
+            inst = self._policy.instances.get(decision.instance)
+            ok = (
+                inst is not None
+                and not (decision.start or decision.load or decision.cold or decision.evict)
+                and inst.total_inflight <= inst.capacity
+                and decision.instance in self._live
+                and self._suspect.get(decision.instance, 0.0) <= now
+            )
+            if not ok:
+                self._policy.complete(decision, now, 0.0, False)
+                return None, True
+            key = new_request_key()
+            placement = _Placement(None, decision.instance, decision, accepted_at=now)
+            self._placements[key] = placement
+            hints = {"evict": [], "keepalive_s": self._policy.keepalive.keepalive(model)}
+            return DirectPlacement(self._live[decision.instance], key, hints, placement), True
+
+    def _warm_slot(self, inst: Any, model: str, now: float) -> bool:
+        return (
+            model in inst.resident
+            and inst.ready
+            and inst.total_inflight < inst.capacity
+            and inst.id in self._live
+            and self._suspect.get(inst.id, 0.0) <= now
+        )
+
+    def direct_done(self, placed: DirectPlacement, ran_s: float | None) -> None:
+        """A direct request ended: `ran_s` is its run time, None if it failed or timed out."""
+        now = time.monotonic()
+        with self._lock:
+            if self._placements.get(placed.key) is not placed.placement:
+                return  # its replica was forgotten meanwhile, and its placements with it
+            del self._placements[placed.key]
+            self._release(placed.placement, now, ran_s=ran_s)
+
+    def direct_gone(self, rid: str) -> None:
+        """A direct request found replica `rid` gone: no direct request goes there for a while
+        (Serve's replica list, or a request through the handle, settles what it is)."""
+        with self._lock:
+            if rid in self._live:
+                self._suspect[rid] = time.monotonic() + DIRECT_SUSPECT_S
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         if self.policy is None:
             return
+        now = time.monotonic()
         with self._lock:
-            placed = self._placements.get(pending_request.metadata.internal_request_id)
-            if placed is not None:
-                placed.accepted_at = time.monotonic()
+            key = pending_request.metadata.internal_request_id
+            placed = self._placements.get(key)
+            if placed is None:
+                return
+            placed.accepted_at = now
+            if placed.ended_at is not None:  # it ran, and Serve's completion came first
+                del self._placements[key]
+                self._release(placed, now, ran_s=max(0.0, placed.ended_at - placed.placed_at))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self.policy is None:
@@ -213,8 +314,18 @@ class VeilRequestRouter(RequestRouter):
             placed = self._placements.get(internal_request_id)
             if placed is None or (placed.replica and placed.replica != replica_id.unique_id):
                 return  # (an unplaced request, replica "", went wherever Serve sent it)
-            if placed.accepted_at is None:  # refused (replica full): Serve will ask again
-                self._release(placed, now)
+            if not placed.held and not placed.replica:  # placed by Serve, not by the policy
+                del self._placements[internal_request_id]
+                return
+            if placed.accepted_at is None:
+                # Refused (the replica was full: Serve asks again, and the placement is released
+                # then), or accepted and done already: Serve registers its completion callback
+                # before it reads the replica's answer to "accepted?", and for a fast request the
+                # completion runs first. Which of the two it was, the next call says:
+                # `on_request_routed` (it ran) or `choose_replicas` (refused); `SETTLE_S` bounds
+                # the wait. (Releasing it as refused here had every fast request counted as
+                # failed, so the policy forgot each model it had just placed.)
+                placed.ended_at = now
                 return
             del self._placements[internal_request_id]
             self._release(placed, now, ran_s=now - placed.accepted_at)
@@ -255,7 +366,9 @@ class VeilRequestRouter(RequestRouter):
             return
         self._last_tick = now
         for key, placed in list(self._placements.items()):
-            if placed.accepted_at is None and placed.pending.future.cancelled():
+            if placed.accepted_at is not None or placed.pending is None:
+                continue
+            if placed.pending.future.cancelled() or (placed.ended_at is not None and now - placed.ended_at > SETTLE_S):
                 del self._placements[key]
                 self._release(placed, now)
         seqs = {i.id: i.seq for i in self._policy.instances.values()}

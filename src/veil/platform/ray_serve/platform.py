@@ -7,6 +7,11 @@ proxy is started: nothing listens for Serve beyond Ray's own ports). With `Routi
 the handle's request router is Veil's packing policy (`veil.packer.ray_router.VeilRequestRouter`), otherwise
 Serve's default multiplex-aware router: the baseline.
 
+Warm requests take a shorter way (`direct`): with Veil's router, a request that the policy places
+on a running replica holding its model with a free slot is sent to that replica's own gRPC
+method from the calling thread, skipping Serve's routing hop (counted in the handle's
+autoscaling metrics all the same); cold, queued and model-less requests take the handle.
+
 Errors are the local platform's: a replica answers plain dicts (`wire`), rebuilt here into the
 same `PlatformError` / `ActionError`; Ray's own failures are mapped to Veil codes (back-pressure
 -> `busy`, a replica that died under the request -> retried once, then `instance_crashed`, no
@@ -39,7 +44,8 @@ from veil.platform.errors import PlatformError
 from veil.platform.metrics import FunctionMetrics
 from veil.platform.protocol import Routing
 from veil.platform.ray_serve import wire
-from veil.platform.ray_serve.options import RayOptions
+from veil.platform.ray_serve.direct import DirectFailed, DirectPath, DirectReplicaGone, DirectTimeout, Miss
+from veil.platform.ray_serve.options import RayOptions, uses_veil_router
 from veil.platform.ray_serve.replica import build_app
 from veil.platform.spec import FunctionSpec
 
@@ -67,6 +73,7 @@ class _Function:
     removed: bool = False
     pooled: set[str] = field(default_factory=set)  # replicas billed as the warm pool (no model)
     residency_at: float = 0.0  # when the replicas last reported what they hold (monotonic)
+    direct: DirectPath | None = None  # warm requests straight to their replica (Veil's router)
 
 
 class RayPlatform:
@@ -85,14 +92,18 @@ class RayPlatform:
         poll_interval_s: float = 0.25,
         ray_init: dict[str, Any] | None = None,
         app_prefix: str = "",
+        direct_path: bool = True,
     ) -> None:
         """Connect to the Ray cluster at `address` (None: start a local one) as a driver on
         the node whose IP is `node_ip` (keep it inside 127.0.0.0/8 on a single machine: Ray
         otherwise replaces 127.0.0.1 with the host's own address). `app_prefix` goes before
         each function's name to make its Serve application's name, so that several
-        deployments can share one cluster (Serve's application names are cluster-wide)."""
+        deployments can share one cluster (Serve's application names are cluster-wide).
+        `direct_path`: send warm requests placed by Veil's router straight to their replica
+        (`direct`); False: every request through the handle (the comparison baseline)."""
         self.options = options or RayOptions()
         self.app_prefix = app_prefix
+        self.direct_path = direct_path
         self._on_close: list[Callable[[], None]] = []
         self.cluster: Any = None  # the LocalRayCluster this platform owns, if launch started one
         self._connected = False  # we called ray.init (disconnect on close)
@@ -147,9 +158,13 @@ class RayPlatform:
             fn = _Function(spec, routing, handle, metrics)
             if old is not None and not old.removed:
                 fn.replicas, fn.ever_running, fn.pooled = old.replicas, old.ever_running, old.pooled
+            if self.direct_path and uses_veil_router(routing):
+                fn.direct = old.direct if keep and old is not None and old.direct is not None else DirectPath(handle)
             self._functions[spec.name] = fn
         if old is not None and not keep:
             _shutdown_handle(old.handle)
+            if old.direct is not None:
+                old.direct.close()
         log.info(
             "deployed %r on Ray Serve (router %s, %d MB, concurrency %d, %d..%d replicas)",
             spec.name,
@@ -172,6 +187,8 @@ class RayPlatform:
     def remove(self, name: str) -> None:
         fn = self._fn(name)
         _shutdown_handle(fn.handle)
+        if fn.direct is not None:
+            fn.direct.close()
         with contextlib.suppress(RayServeException):
             serve.delete(self.app_name(name), _blocking=True)
         with self._lock:
@@ -209,7 +226,7 @@ class RayPlatform:
                 if remaining <= 0:
                     raise PlatformError("timeout", f"function {name!r}: no result within {timeout:.2f} s")
                 try:
-                    answer = self._call(handle, name, payload, remaining)
+                    answer = self._attempt(fn, handle, name, model, payload, remaining, retry=first is not None)
                 except _ReplicaDied as died:
                     if first is None:
                         first = died.reason
@@ -244,8 +261,33 @@ class RayPlatform:
                 fn.by_model[model] = handle
         return handle
 
-    def _call(self, handle: Any, name: str, value: bytes, remaining: float) -> Any:
-        response = handle.remote(value, timeout=remaining)
+    def _attempt(
+        self, fn: _Function, handle: Any, name: str, model: str | None, value: bytes, remaining: float, *, retry: bool
+    ) -> Any:
+        """One try: the direct path for a warm first try, else (or when it declines) the handle.
+        A retry always takes the handle: Serve's view settles where the replica that died is."""
+        arrived = retry and fn.direct is not None
+        if fn.direct is not None and model and not retry:
+            try:
+                got = fn.direct.call(model, value, remaining)
+            except DirectReplicaGone as e:
+                raise _ReplicaDied(e.reason) from None
+            except DirectTimeout:
+                raise PlatformError("timeout", f"function {name!r}: no result within {remaining:.2f} s") from None
+            except DirectFailed as e:
+                raise PlatformError("platform_error", f"function {name!r}: the replica failed ({e.what})") from None
+            if not isinstance(got, Miss):
+                return got
+            arrived = got.arrived
+        return self._call(handle, name, value, remaining, arrived=arrived)
+
+    def _call(self, handle: Any, name: str, value: bytes, remaining: float, *, arrived: bool = False) -> Any:
+        """Through the handle. `arrived`: Veil's router counted this request's arrival already
+        (the direct path placed it, or an earlier try), so its placement is made as a retry's."""
+        if arrived:
+            response = handle.remote(value, timeout=remaining, veil={"arrived": True})
+        else:
+            response = handle.remote(value, timeout=remaining)
         try:
             return response.result(timeout_s=remaining)
         except TimeoutError:
@@ -341,6 +383,9 @@ class RayPlatform:
                 "draining": sum(1 for s, _ in states if s == "STOPPING"),
                 "spares_ready": sum(1 for s, pool in states if s == "RUNNING" and pool),
                 "spares_starting": sum(1 for s, pool in states if s in starting and pool),
+                # answered over the direct path (`direct`), of `requests`
+                "direct_requests": fn.direct.sent if fn.direct is not None else 0,
+                "direct_replica_gone": fn.direct.gone if fn.direct is not None else 0,
             }
         )
         return out
@@ -442,6 +487,8 @@ class RayPlatform:
             names = [f.spec.name for f in live]
         for f in live:  # routers first: their metrics tasks must not outlive the connection
             _shutdown_handle(f.handle)
+            if f.direct is not None:
+                f.direct.close()
         for name in names:
             with contextlib.suppress(Exception):
                 serve.delete(self.app_name(name), _blocking=True)
