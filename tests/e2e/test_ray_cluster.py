@@ -15,10 +15,8 @@ the second node and read models from the network store (`veil store serve`); and
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from e2e_support import CLIENT_TIMEOUT_S, assert_matches_reference, error_of, gateway_post, wait_until  # noqa: E402
+from ray_support import local_cluster, platform_on  # noqa: E402
 
 from veil.crypto.encoding import b64d, b64e  # noqa: E402
 from veil.errors import VeilError  # noqa: E402
@@ -57,30 +56,14 @@ def echo_spec(name: str = "echo", **kw: object) -> FunctionSpec:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRayCluster]:
-    root = Path(tempfile.mkdtemp(prefix="vr-"))  # short: Ray's socket paths must fit 107 bytes
-    c = LocalRayCluster(root, workers=1, num_cpus=2)
-    saved: dict[str, str | None] = {}
-    try:
-        c.start()
-        saved = c.connect_here()
+    with local_cluster("vr-") as c:
         yield c
-    finally:
-        c.stop()
-        c.restore_env(saved)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def ray_platform(cluster: LocalRayCluster) -> Iterator[RayPlatform]:
-    p = RayPlatform(
-        address=cluster.address,
-        node_ip=cluster.head_ip,
-        options=RayOptions(num_cpus=0.25, log_dir=str(cluster.root / "runtime-logs")),
-    )
-    try:
+    with platform_on(cluster) as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,8 @@ retried once through the handle and answers; with `direct_path=False` nothing go
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from e2e_support import wait_until  # noqa: E402
+from ray_support import local_cluster, platform_on  # noqa: E402
 
 from veil.platform import FunctionSpec  # noqa: E402
 from veil.platform.protocol import Routing  # noqa: E402
@@ -46,30 +45,14 @@ def echo_spec(name: str, **kw: object) -> FunctionSpec:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRayCluster]:
-    root = Path(tempfile.mkdtemp(prefix="vrd-"))  # short: Ray's socket paths must fit 107 bytes
-    c = LocalRayCluster(root, workers=1, num_cpus=2)
-    saved: dict[str, str | None] = {}
-    try:
-        c.start()
-        saved = c.connect_here()
+    with local_cluster("vrd-") as c:
         yield c
-    finally:
-        c.stop()
-        c.restore_env(saved)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def ray_platform(cluster: LocalRayCluster) -> Iterator[RayPlatform]:
-    p = RayPlatform(
-        address=cluster.address,
-        node_ip=cluster.head_ip,
-        options=RayOptions(num_cpus=0.25, log_dir=str(cluster.root / "runtime-logs")),
-    )
-    try:
+    with platform_on(cluster) as p:
         yield p
-    finally:
-        p.close()
 
 
 def replica_of(answer: dict) -> str:
