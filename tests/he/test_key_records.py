@@ -84,3 +84,24 @@ def test_another_principal_cannot_use_the_record(setup, mlp_task) -> None:  # no
     with pytest.raises(HEError) as info:  # cached now: still the owner's alone
         _infer(action, keys, x, user=OTHER)
     assert info.value.code == "key_not_yours"
+
+
+def test_a_valid_record_of_other_keys_under_this_key_id_is_refused_by_its_hash(
+    setup, mlp_task, tmp_path: Path
+) -> None:  # noqa: ANN001
+    """The store swaps in another key set of the same user and model: every key parses and the
+    header is right, so only the record's hash against the key id can catch it."""
+    root, models, keys, record = setup
+    other = HEKeyChain(USER, tmp_path / "other-keys").for_model("mlp", store.client_spec(root, "mlp"))
+    assert other.key_id != keys.key_id
+    swapped = record_header(USER, "mlp") + other.client.eval_keys()
+    _put(models, keys.key_id, swapped)
+    action = HEAction({"kind": "he", "store": str(root)})
+    x = mlp_task.x_test[:2]
+    with pytest.raises(HEError) as info:
+        _infer(action, keys, x)
+    assert info.value.code == "key_integrity", info.value
+    assert len(action.keys) == 0
+    # the same bytes under their own id are a good record: it was the hash that refused them
+    _put(models, other.key_id, swapped)
+    assert np.array_equal(_infer(action, other, x), mlp_task.model.predict(x))
