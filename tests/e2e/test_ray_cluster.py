@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -29,7 +28,7 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from e2e_support import CLIENT_TIMEOUT_S, assert_matches_reference, error_of, gateway_post, wait_until  # noqa: E402
-from ray_support import local_cluster, platform_on  # noqa: E402
+from ray_support import echo_spec, local_cluster, platform_on  # noqa: E402
 
 from veil.crypto.encoding import b64d, b64e  # noqa: E402
 from veil.errors import VeilError  # noqa: E402
@@ -41,17 +40,10 @@ from veil.platform.ray_serve.platform import RayPlatform  # noqa: E402
 from veil.ray_deployment import GatewayServer, gateway_on_platform  # noqa: E402
 from veil.sdk import Deployment, ModelUser  # noqa: E402
 
-ECHO = [sys.executable, str(Path(__file__).resolve().parents[1] / "platform" / "echo_action.py")]
 VEIL = Routing("veil")
 SERVE_DEFAULT = Routing("platform")
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def echo_spec(name: str = "echo", **kw: object) -> FunctionSpec:
-    base: dict = dict(concurrency=2, max_instances=2, idle_timeout_s=2.0, start_timeout_s=15.0, memory_mb=256)
-    base.update(kw)
-    return FunctionSpec(name=name, command=list(ECHO), **base)
 
 
 @pytest.fixture(scope="module")

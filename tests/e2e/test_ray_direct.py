@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray.serve")
 
+import ray_support  # noqa: E402
 from e2e_support import wait_until  # noqa: E402
 from ray_support import local_cluster, platform_on  # noqa: E402
 
@@ -31,16 +30,14 @@ from veil.platform.ray_serve import RayOptions  # noqa: E402
 from veil.platform.ray_serve.cluster import LocalRayCluster  # noqa: E402
 from veil.platform.ray_serve.platform import RayPlatform  # noqa: E402
 
-ECHO = [sys.executable, str(Path(__file__).resolve().parents[1] / "platform" / "echo_action.py")]
 VEIL = Routing("veil")
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def echo_spec(name: str, **kw: object) -> FunctionSpec:
-    base: dict = dict(concurrency=2, max_instances=2, idle_timeout_s=30.0, start_timeout_s=15.0, memory_mb=256)
-    base.update(kw)
-    return FunctionSpec(name=name, command=list(ECHO), **base)
+    """The shared echo function, kept for 30 s (the direct path serves warm replicas)."""
+    return ray_support.echo_spec(name, **{"idle_timeout_s": 30.0, **kw})
 
 
 @pytest.fixture(scope="module")

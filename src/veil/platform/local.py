@@ -36,6 +36,7 @@ from veil.platform import dispatch
 from veil.platform.errors import ActionError, PlatformError
 from veil.platform.instance import InstanceInfo
 from veil.platform.memory import detect as detect_memory_enforcer
+from veil.platform.metrics import totals
 from veil.platform.pool import FunctionPool
 from veil.platform.protocol import Routing
 from veil.platform.spec import FunctionSpec
@@ -249,13 +250,7 @@ class LocalPlatform:
             "uptime_s": round(time.monotonic() - self._origin, 3),
             "functions": per,
             "memory_enforcement": self.memory_enforcement,
-            "totals": {
-                "gb_seconds": round(sum(m["gb_seconds"] for m in per.values()), 6),
-                "prewarm_gb_seconds": round(sum(m["prewarm_gb_seconds"] for m in per.values()), 6),
-                "cold_starts": sum(m["cold_starts"] for m in per.values()),
-                "requests": sum(m["requests"] for m in per.values()),
-                "instances": sum(m["instances"] for m in per.values()),
-            },
+            "totals": totals(per),
         }
 
     def _function_metrics(self, name: str, raw: bool) -> dict[str, Any]:

@@ -42,6 +42,20 @@ def summarize(samples: list[float] | deque[float]) -> dict[str, float | int | No
     }
 
 
+#: What a platform's `metrics()["totals"]` sums over its functions (the same on every platform).
+TOTALLED = ("gb_seconds", "prewarm_gb_seconds", "cold_starts", "requests", "instances")
+
+
+def totals(per_function: dict[str, dict[str, Any]]) -> dict[str, float | int]:
+    """The platform-wide totals of per-function metrics, so `veil bench` and the console read
+    one shape whichever platform produced them."""
+    out: dict[str, float | int] = {}
+    for key in TOTALLED:
+        total = sum(m[key] for m in per_function.values())
+        out[key] = round(total, 6) if isinstance(total, float) else total
+    return out
+
+
 class FunctionMetrics:
     """Counters and series of one function. Times are monotonic seconds; `t` in the timeline is
     seconds since `origin` (the platform's start), so timelines of functions line up."""

@@ -41,7 +41,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from veil.platform.errors import PlatformError
-from veil.platform.metrics import FunctionMetrics
+from veil.platform.metrics import FunctionMetrics, totals
 from veil.platform.protocol import Routing
 from veil.platform.ray_serve import wire
 from veil.platform.ray_serve.direct import DirectFailed, DirectPath, DirectReplicaGone, DirectTimeout, Miss
@@ -354,13 +354,7 @@ class RayPlatform:
             "platform": "ray",
             "uptime_s": round(time.monotonic() - self._origin, 3),
             "functions": per,
-            "totals": {
-                "gb_seconds": round(sum(m["gb_seconds"] for m in per.values()), 6),
-                "prewarm_gb_seconds": round(sum(m["prewarm_gb_seconds"] for m in per.values()), 6),
-                "cold_starts": sum(m["cold_starts"] for m in per.values()),
-                "requests": sum(m["requests"] for m in per.values()),
-                "instances": sum(m["instances"] for m in per.values()),
-            },
+            "totals": totals(per),
         }
 
     def _function_metrics(self, name: str, raw: bool) -> dict[str, Any]:
