@@ -28,9 +28,7 @@ def test_key_chain_reloads_the_same_keys_and_remakes_them_without_their_secret(h
     again = HEKeyChain("u1", tmp_path).for_model("mlp", spec)
     assert again.key_id == first.key_id
     assert again.key_id == record_key_id("u1", "mlp", again.client.eval_keys())
-    (
-        first.directory / "secret.key"
-    ).unlink()  # keys without their secret are of no use
+    (first.directory / "secret.key").unlink()  # keys without their secret are of no use
     fresh = HEKeyChain("u1", tmp_path).for_model("mlp", spec)
     assert fresh.key_id != first.key_id
     assert (fresh.directory / "secret.key").is_file()

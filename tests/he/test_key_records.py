@@ -86,9 +86,7 @@ def test_another_principal_cannot_use_the_record(setup, mlp_task) -> None:  # no
     assert info.value.code == "key_not_yours"
 
 
-def test_a_valid_record_of_other_keys_under_this_key_id_is_refused_by_its_hash(
-    setup, mlp_task, tmp_path: Path
-) -> None:  # noqa: ANN001
+def test_a_valid_record_of_other_keys_under_this_key_id_is_refused_by_its_hash(setup, mlp_task, tmp_path: Path) -> None:  # noqa: ANN001
     """The store swaps in another key set of the same user and model: every key parses and the
     header is right, so only the record's hash against the key id can catch it."""
     root, models, keys, record = setup

@@ -24,9 +24,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from veil.platform.errors import PlatformError
+from veil.wire.lines import read_json_line, send_json_line
+
+#: The fork server's answer is a pid or a short error; more than this is not one.
+MAX_ANSWER = 64 * 1024
 
 FORK_SERVER_ENV = "VEIL_FORK_SERVER"  # the runtime reads the same name (veil.runtime.template)
 
@@ -162,14 +165,8 @@ class Template:
         try:
             conn.settimeout(timeout)
             conn.connect(self.socket_path)
-            conn.sendall(json.dumps({"env": env, "log": str(log_path)}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            answer: Any = json.loads(data.split(b"\n", 1)[0] or b"{}")
+            send_json_line(conn, {"env": env, "log": str(log_path)})
+            answer, rest = read_json_line(conn, MAX_ANSWER)
         except (OSError, ValueError) as e:
             conn.close()
             raise PlatformError("start_failed", f"the fork template did not fork: {e}") from None
@@ -179,7 +176,6 @@ class Template:
             raise PlatformError("start_failed", f"the fork template refused: {str(answer)[:200]}")
         conn.settimeout(None)
         proc = ForkedProcess(pid, conn)
-        rest = data.split(b"\n", 1)[1] if b"\n" in data else b""
         proc._buf = rest
         return proc
 

@@ -28,7 +28,6 @@ that connection is how it waits for the instance like for a child of its own.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import select
@@ -36,6 +35,8 @@ import signal
 import socket
 import sys
 from typing import Any
+
+from veil.wire.lines import read_json_line, send_json_line
 
 log = logging.getLogger("veil.runtime.template")
 FORK_SERVER_ENV = "VEIL_FORK_SERVER"
@@ -88,15 +89,9 @@ def serve_template(path: str) -> None:
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:
     conn.settimeout(5.0)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise ValueError("fork request too large")
-    request = json.loads(data or b"{}")
+    request, _ = read_json_line(conn, MAX_REQUEST)
+    if not isinstance(request, dict):
+        raise ValueError("fork request: must be a JSON object")
     env, log_path = request.get("env"), request.get("log")
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ValueError("env: must map strings to strings")
@@ -107,7 +102,7 @@ def _read_request(conn: socket.socket) -> dict[str, Any]:
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
-        conn.sendall(json.dumps(message).encode() + b"\n")
+        send_json_line(conn, message)
 
 
 def _reap(children: dict[int, socket.socket]) -> None:
