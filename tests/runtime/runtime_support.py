@@ -10,6 +10,9 @@ stand-ins the core's own logic is tested against:
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from veil.crypto.keys import SymmetricKey
 from veil.errors import Forbidden
 from veil.keyservice.client import Release
 from veil.runtime import tensors
+from veil.runtime.action_server import ActionServer, ActionState, make_handler
 from veil.runtime.core import RuntimeCore
 from veil.store import LocalModelStore
 
@@ -184,3 +188,19 @@ def refused(h: Harness, env: dict[str, Any]) -> tuple[str, str, int]:
         assert code == clear["code"] == exc.code
         return code, message, exc.status
     raise AssertionError("the request was served")
+
+
+@contextmanager
+def action_server(action: Any, threads: int, queue: int) -> Iterator[int]:
+    """The real action server on a loopback port, serving `action` (any object with `run`)
+    from `threads` workers with `queue` waiting; yields the port and shuts it down after."""
+    state = ActionState(threads=threads, queue=queue)
+    state.action = action
+    srv = ActionServer(("127.0.0.1", 0), make_handler(state))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from runtime_support import action_server
 
 from veil.errors import VeilError
 from veil.runtime.action_server import (
@@ -42,16 +43,8 @@ class RecordingAction:
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    state = ActionState(threads=8, queue=8)
-    state.action = RecordingAction()
-    srv = ActionServer(("127.0.0.1", 0), make_handler(state))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with action_server(RecordingAction(), threads=8, queue=8) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def _activation(value: dict[str, Any]) -> dict[str, Any]:

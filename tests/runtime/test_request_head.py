@@ -7,18 +7,15 @@ from __future__ import annotations
 import io
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from runtime_support import action_server
 
 from veil.runtime.action_server import (
     MAX_HEADERS,
-    ActionServer,
-    ActionState,
     HeadError,
-    make_handler,
     read_head_fields,
 )
 
@@ -30,16 +27,8 @@ class Echo:
 
 @pytest.fixture
 def port() -> Iterator[int]:
-    state = ActionState(threads=2, queue=2)
-    state.action = Echo()
-    srv = ActionServer(("127.0.0.1", 0), make_handler(state))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv.server_address[1]
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with action_server(Echo(), threads=2, queue=2) as p:
+        yield p
 
 
 def _exchange(port: int, raw: bytes, *, answers: int = 1) -> list[tuple[str, dict[str, str], bytes]]:
